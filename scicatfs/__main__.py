@@ -1,0 +1,5 @@
+"""Allow ``python -m scicatfs``."""
+
+from scicatfs.cli import main
+
+raise SystemExit(main())

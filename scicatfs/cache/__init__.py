@@ -1,0 +1,1 @@
+"""The on-disk blob cache and the policy that fills it."""

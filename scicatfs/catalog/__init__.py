@@ -1,0 +1,1 @@
+"""Talking to SciCat: the only layer that speaks HTTP."""

@@ -1,0 +1,1 @@
+"""An embedded SciCat-compatible catalog and SFTP server for the demo and the tests."""

@@ -1,0 +1,1 @@
+"""The FUSE filesystem: the tree, inodes and the pyfuse3 operations."""

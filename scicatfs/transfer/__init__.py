@@ -1,0 +1,1 @@
+"""SFTP transfers: the only layer that knows asyncio and asyncssh exist."""

@@ -1,0 +1,5 @@
+"""Shared fixtures: each family lives in tests/support/ and is re-exported here."""
+
+from tests.support.catalog import *  # noqa: F401,F403  catalog server fixtures
+from tests.support.sshd import *  # noqa: F401,F403  OpenSSH sshd fixtures
+from tests.support.mounts import *  # noqa: F401,F403  FUSE mount fixtures
