@@ -1,0 +1,93 @@
+"""An asyncio event loop in its own thread, awaited from trio without parking threads.
+
+asyncssh runs only on asyncio and pyfuse3 only on trio. Rather than a thread per
+request (``trio.to_thread``), one daemon thread runs an asyncio loop forever; the
+trio side submits coroutines to it and sleeps on a ``trio.Event`` that the
+asyncio side sets through the trio token when the coroutine finishes. A waiting
+trio task therefore costs no thread, and thousands can wait at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import trio
+
+T = TypeVar("T")
+
+
+class AsyncioThread:
+    """Owns one asyncio loop running in one daemon thread, from ``start()`` to ``stop()``."""
+
+    def __init__(self, name: str = "scicatfs-asyncio") -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the loop thread and return once the loop is running."""
+        if self._thread is not None:
+            raise RuntimeError("asyncio thread already started")
+        loop = asyncio.new_event_loop()
+        running = threading.Event()
+        loop.call_soon(running.set)
+        self._loop = loop
+        self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+        self._thread.start()
+        running.wait()
+
+    def stop(self) -> None:
+        """Cancel whatever still runs on the loop, stop it, and join the thread."""
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._thread = None
+        self._loop = None
+
+    async def run(self, coro_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``coro_factory()`` on the asyncio loop and return its result to trio.
+
+        Exceptions propagate unchanged. Cancelling the calling trio task cancels
+        the asyncio task, and ``run`` returns only once that task has finished,
+        so no asyncio work outlives the trio scope that started it.
+        """
+        if self._loop is None:
+            raise RuntimeError("asyncio thread is not running")
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def wake(_: concurrent.futures.Future[T]) -> None:
+            # Runs in the asyncio thread (or right here if already done).
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(done.set)
+
+        future = asyncio.run_coroutine_threadsafe(coro_factory(), self._loop)
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except trio.Cancelled:
+            future.cancel()
+            with trio.CancelScope(shield=True):
+                await done.wait()
+            raise
+        return future.result()
+
+    def _main(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
