@@ -1,0 +1,219 @@
+"""The `filter` query parameter of SciCat list routes: parse, validate, match, sort, page.
+
+scicat-backend-next takes Mongo-style `where` clauses on v4 (whitelisted keys,
+`$regex`/`$options` allowed) and LoopBack-style ones on v3 (`inq`, `and`, `or`,
+`like`, ... mapped to Mongo). Both spellings are accepted here by one matcher,
+which evaluates a clause against a plain dict in Python: the demo catalog is
+small enough that a scan is the simplest correct implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+__all__ = ["FilterError", "parse_filter", "reject_unknown_keys", "matches", "project",
+           "sort_v4", "sort_v3", "limits"]
+
+
+class FilterError(ValueError):
+    """A filter the real server answers with 400 Bad Request; the message is its message."""
+
+
+_UNSET = object()
+
+_COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
+    "$gt": lambda a, b: a > b,
+    "$gte": lambda a, b: a >= b,
+    "$lt": lambda a, b: a < b,
+    "$lte": lambda a, b: a <= b,
+}
+
+#: LoopBack operator -> Mongo operator, as the v3 filter pipe maps them.
+_LOOPBACK = {"inq": "$in", "nin": "$nin", "neq": "$ne", "gt": "$gt", "gte": "$gte",
+             "lt": "$lt", "lte": "$lte", "like": "$regex", "ilike": "$regex",
+             "and": "$and", "or": "$or", "exists": "$exists", "regexp": "$regex"}
+
+
+def parse_filter(raw: str | None) -> dict[str, Any]:
+    """The decoded `filter` parameter ({} when absent); FilterError when it is not a JSON object."""
+    if raw is None or raw == "":
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise FilterError(f"Invalid JSON in filter: {exc}") from None
+    if not isinstance(value, dict):
+        raise FilterError("filter must be a JSON object")
+    return value
+
+
+def reject_unknown_keys(value: Mapping[str, Any], allowed: Iterable[str], *, prefix: str = "") -> None:
+    """Raise the v4 whitelist error for the first key of `value` not in `allowed`."""
+    allowed = set(allowed)
+    for key in value:
+        if key not in allowed:
+            raise FilterError(f"Property {prefix}{key} should not exist in the filter object")
+
+
+def _lookup(doc: Any, dotted: str) -> Any:
+    """The value at a dotted path; lists along the way fan out into a list of values."""
+    current = doc
+    for part in dotted.split("."):
+        if isinstance(current, list):
+            current = [item.get(part, _UNSET) for item in current if isinstance(item, dict)]
+            current = [item for item in current if item is not _UNSET]
+        elif isinstance(current, dict):
+            current = current.get(part, _UNSET)
+            if current is _UNSET:
+                return _UNSET
+        else:
+            return _UNSET
+    return current
+
+
+def _candidates(value: Any) -> list[Any]:
+    """Mongo semantics: a condition on an array field holds if it holds for any element."""
+    if value is _UNSET:
+        return []
+    return [value, *value] if isinstance(value, list) else [value]
+
+
+def _regex(pattern: Any, options: str = "") -> re.Pattern[str]:
+    if not isinstance(pattern, str):
+        raise FilterError("$regex has to be a string")
+    flags = re.IGNORECASE if "i" in options else 0
+    flags |= re.MULTILINE if "m" in options else 0
+    try:
+        return re.compile(pattern, flags)
+    except re.error as exc:
+        raise FilterError(f"Invalid regular expression: {exc}") from None
+
+
+def _like(pattern: str, ignore_case: bool) -> re.Pattern[str]:
+    return _regex(pattern, "i" if ignore_case else "")
+
+
+def _compare(op: Callable[[Any, Any], bool], a: Any, b: Any) -> bool:
+    try:
+        return op(a, b)
+    except TypeError:
+        return False
+
+
+def _field_matches(value: Any, condition: Any) -> bool:
+    if not isinstance(condition, dict) or not condition or not all(
+            isinstance(k, str) and (k.startswith("$") or k in _LOOPBACK) for k in condition):
+        return any(candidate == condition for candidate in _candidates(value))
+    for raw_op, operand in condition.items():
+        op = _LOOPBACK.get(raw_op, raw_op)
+        found = _candidates(value)
+        if op == "$eq":
+            ok = operand in found
+        elif op == "$ne":
+            ok = operand not in found
+        elif op in ("$in", "$nin"):
+            if not isinstance(operand, list):
+                raise FilterError(f"{raw_op} needs an array")
+            hit = any(candidate in operand for candidate in found)
+            ok = hit if op == "$in" else not hit
+        elif op == "$regex":
+            pattern = (_like(operand, raw_op == "ilike") if raw_op in ("like", "ilike")
+                       else _regex(operand, condition.get("$options", "")))
+            ok = any(isinstance(c, str) and pattern.search(c) for c in found)
+        elif op == "$options":
+            continue
+        elif op == "$exists":
+            ok = (value is not _UNSET) == bool(operand)
+        elif op in _COMPARISONS:
+            ok = any(_compare(_COMPARISONS[op], c, operand) for c in found)
+        else:
+            raise FilterError(f"Unsupported operator {raw_op}")
+        if not ok:
+            return False
+    return True
+
+
+def matches(doc: Mapping[str, Any], where: Any) -> bool:
+    """Whether `doc` satisfies a Mongo- or LoopBack-style `where` clause."""
+    if not isinstance(where, dict):
+        raise FilterError("where must be an object")
+    for key, condition in where.items():
+        op = _LOOPBACK.get(key, key)
+        if op in ("$and", "$or"):
+            if not isinstance(condition, list):
+                raise FilterError(f"{key} needs an array")
+            results = (matches(doc, clause) for clause in condition)
+            if not (all(results) if op == "$and" else any(results)):
+                return False
+        elif key.startswith("$"):
+            raise FilterError(f"Unsupported operator {key}")
+        elif not _field_matches(_lookup(doc, key), condition):
+            return False
+    return True
+
+
+def project(doc: Mapping[str, Any], fields: Any) -> dict[str, Any]:
+    """Only the listed top-level fields (all of them when `fields` is empty)."""
+    if not fields:
+        return dict(doc)
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise FilterError("fields must be an array of strings")
+    return {name: doc[name] for name in fields if name in doc}
+
+
+def _sort_key(field: str) -> Callable[[Mapping[str, Any]], tuple]:
+    def key(doc: Mapping[str, Any]) -> tuple:
+        value = _lookup(doc, field)
+        if value is _UNSET or value is None:
+            return (0, "", "")
+        if isinstance(value, (dict, list)):
+            return (1, "json", json.dumps(value, sort_keys=True))
+        return (1, type(value).__name__, value)
+    return key
+
+
+def _sorted(docs: list[dict[str, Any]], order: list[tuple[str, bool]]) -> list[dict[str, Any]]:
+    for field, descending in reversed(order):
+        docs = sorted(docs, key=_sort_key(field), reverse=descending)
+    return docs
+
+
+def sort_v4(docs: list[dict[str, Any]], sort: Any) -> list[dict[str, Any]]:
+    """Sort by a v4 `limits.sort` object: {"field": "asc" | "desc" | 1 | -1, ...}."""
+    if not isinstance(sort, dict):
+        raise FilterError("limits.sort must be an object")
+    order = []
+    for field, direction in sort.items():
+        if direction not in ("asc", "desc", 1, -1, "1", "-1"):
+            raise FilterError(f"Invalid sort direction {direction!r} for {field}")
+        order.append((field, direction in ("desc", -1, "-1")))
+    return _sorted(docs, order)
+
+
+def sort_v3(docs: list[dict[str, Any]], order: Any) -> list[dict[str, Any]]:
+    """Sort by a v3 `limits.order` string: "field:asc", "field:desc", comma separated."""
+    if not isinstance(order, str):
+        raise FilterError("limits.order must be a string like 'creationTime:desc'")
+    keys = []
+    for part in filter(None, (p.strip() for p in order.split(","))):
+        field, _, direction = part.replace(" ", ":").partition(":")
+        if direction.lower() not in ("", "asc", "desc"):
+            raise FilterError(f"Invalid order direction in {part!r}")
+        keys.append((field, direction.lower() == "desc"))
+    return _sorted(docs, keys)
+
+
+def limits(value: Any, *, default_limit: int) -> tuple[int, int]:
+    """(skip, limit) from a `limits` object; missing values take the route's defaults."""
+    if value is None:
+        return 0, default_limit
+    if not isinstance(value, dict):
+        raise FilterError("limits must be an object")
+    skip, limit = value.get("skip", 0), value.get("limit", default_limit)
+    for name, number in (("skip", skip), ("limit", limit)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise FilterError(f"limits.{name} must be a non-negative integer")
+    return skip, limit

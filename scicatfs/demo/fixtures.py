@@ -1,0 +1,255 @@
+"""The demo catalog: users, dataset records, origdatablocks and the bytes of every file.
+
+One `Catalog` feeds both sides of the demo and of the tests: `CatalogServer`
+answers REST calls from it, and `Catalog.materialize` writes the same files
+under an SFTP root, so every catalog entry has a real file of that size and,
+where the catalog states one, that checksum.
+
+The packaged fixtures (`catalog.json`, loaded by `Catalog.load_default`) hold:
+
+- users ``stibbons`` / ``demo`` (groups ``uu``, ``faculty``; the demo user) and
+  ``ridcully`` / ``wizzard`` (group ``archchancellor``);
+- the "Thaum flux" dataset of Scitacean's documentation, exactly
+  (``20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3``, no checksums);
+- datasets with md5, sha256 and the ``sha2`` alias, nested directories,
+  URL-encoded scientificMetadata keys, a PID with several slashes
+  (``20.500.12269/BRIGHTNESS/V200053``), a PID without a slash, a published
+  dataset, one only ``ridcully`` may see, one whose top level holds a data file
+  named ``metadata.json``, and a 9 MiB + 1 byte file.
+
+File contents that the fixture file does not spell out are deterministic
+pseudo-random bytes derived from (pid, path), generated on demand: a catalog
+with 100,000 files holds no file bytes in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import posixpath
+import random
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Catalog", "User", "hashlib_name", "resolve_remote_path"]
+
+#: chkAlg values seen in SciCat that hashlib does not know under that name.
+_CHECKSUM_ALIASES = {"sha2": "sha256", "sha-256": "sha256", "sha-1": "sha1", "blake2": "blake2b"}
+
+#: createdAt of datasets added without one: one second apart, in insertion order,
+#: so that the server's default "newest first" order is deterministic.
+_EPOCH = datetime(2023, 1, 1, tzinfo=timezone.utc)
+
+
+def hashlib_name(chk_alg: str) -> str:
+    """The hashlib name for a SciCat chkAlg value ("sha2" -> "sha256")."""
+    name = chk_alg.lower()
+    return _CHECKSUM_ALIASES.get(name, name)
+
+
+def resolve_remote_path(source_folder: str, path: str) -> str | None:
+    """Where a file entry lives on the file server, or None for a hostile entry.
+
+    Mirrors the rule scicatfs itself applies: a relative path is joined to
+    `source_folder`; an absolute path is accepted only if it lies inside it;
+    anything that escapes it, is empty or holds a NUL has no place on disk.
+    """
+    if not path or "\0" in path or "\0" in source_folder:
+        return None
+    folder = posixpath.normpath("/" + source_folder.lstrip("/"))
+    joined = posixpath.normpath(posixpath.join(folder, path))
+    if joined == folder or not joined.startswith(folder.rstrip("/") + "/"):
+        return None
+    return joined
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A local account of the catalog; groups decide what it may see."""
+
+    username: str
+    password: str
+    groups: tuple[str, ...]
+    email: str
+
+    @property
+    def id(self) -> str:
+        """A stable Mongo-style user id (the real server uses an ObjectId)."""
+        return hashlib.md5(self.username.encode()).hexdigest()[:24]
+
+    def profile(self) -> dict[str, Any]:
+        """The user document as the server returns it (no password, no groups)."""
+        return {"_id": self.id, "id": self.id, "username": self.username,
+                "email": self.email, "authStrategy": "local"}
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One dataset: its record, its origdatablocks and the explicit file contents."""
+
+    record: dict[str, Any]
+    blocks: list[dict[str, Any]]
+    contents: dict[str, bytes] = field(default_factory=dict)
+
+
+class Catalog:
+    """Users, datasets, origdatablocks and file bytes of a demo SciCat instance."""
+
+    def __init__(self, users: list[User] | None = None) -> None:
+        self.users: dict[str, User] = {user.username: user for user in users or []}
+        self._entries: dict[str, _Entry] = {}
+
+    @classmethod
+    def load_default(cls) -> Catalog:
+        """The packaged fixtures described in this module's docstring."""
+        text = resources.files(__package__).joinpath("catalog.json").read_text("utf-8")
+        return cls.from_json(json.loads(text))
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Catalog:
+        """Build a catalog from the layout of `catalog.json`."""
+        catalog = cls([User(u["username"], u["password"], tuple(u["groups"]), u["email"])
+                       for u in document.get("users", [])])
+        for item in document.get("datasets", []):
+            contents = {path: text.encode() for path, text in item.get("contents", {}).items()}
+            catalog.add_dataset(item["record"], item["files"], chk_alg=item.get("chkAlg"),
+                                blocks=item.get("blocks", 1), contents=contents)
+        return catalog
+
+    def add_user(self, username: str, password: str, groups: list[str], email: str) -> User:
+        """Add (or replace) a local account."""
+        user = User(username, password, tuple(groups), email)
+        self.users[username] = user
+        return user
+
+    def add_dataset(self, record: dict, files: list[dict], *, chk_alg: str | None = None,
+                    blocks: int = 1, contents: dict[str, bytes] | None = None,
+                    block_access: dict | None = None) -> None:
+        """Add a dataset whose `files` (DataFile dicts) are spread over `blocks` origdatablocks.
+
+        Missing contents are generated from (pid, path). With `chk_alg`, each file
+        without a `chk` gets the checksum of its real bytes; an explicit `chk` is
+        kept as given (that is how tests make wrong checksums). Entries with a
+        hostile path are stored as given and simply have no content.
+        `block_access` overrides the access fields the blocks copy from the record
+        (ownerGroup, accessGroups, isPublished), because SciCat filters blocks by
+        their own fields.
+        """
+        if blocks < 1:
+            raise ValueError("a dataset needs at least one origdatablock")
+        pid = record["pid"]
+        if pid in self._entries:
+            raise ValueError(f"duplicate pid {pid!r}")
+        moment = _iso(_EPOCH + timedelta(seconds=len(self._entries)))
+        full = {"type": "raw", "accessGroups": [], "isPublished": False,
+                "createdBy": "ingestor", "updatedBy": "ingestor", "createdAt": moment,
+                "updatedAt": moment, "version": "v3"} | copy.deepcopy(record)
+        entry = _Entry(full, [], dict(contents or {}))
+        self._entries[pid] = entry
+        data_files = [self._complete_file(entry, dict(f), chk_alg) for f in files]
+        access = {key: full[key] for key in ("ownerGroup", "accessGroups", "isPublished")}
+        access |= block_access or {}
+        per_block = -(-len(data_files) // blocks) if data_files else 0
+        for index in range(blocks):
+            chunk = data_files[index * per_block:(index + 1) * per_block]
+            block = {"_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{pid}#{index}")),
+                     "datasetId": pid, "size": sum(f["size"] for f in chunk),
+                     "dataFileList": chunk, **copy.deepcopy(access),
+                     "createdBy": full["createdBy"], "updatedBy": full["updatedBy"],
+                     "createdAt": full["createdAt"], "updatedAt": full["updatedAt"]}
+            if chk_alg is not None:
+                block["chkAlg"] = chk_alg
+            entry.blocks.append(block)
+        full["size"] = sum(block["size"] for block in entry.blocks)
+        full["numberOfFiles"] = sum(len(block["dataFileList"]) for block in entry.blocks)
+
+    def _complete_file(self, entry: _Entry, data_file: dict, chk_alg: str | None) -> dict:
+        path = data_file["path"]
+        if "size" not in data_file:
+            data_file["size"] = len(entry.contents.get(path, b""))
+        data_file.setdefault("time", entry.record["creationTime"])
+        if chk_alg is not None and "chk" not in data_file and self._has_content(entry, path):
+            digest = hashlib.new(hashlib_name(chk_alg))
+            digest.update(self._bytes(entry, path, data_file["size"]))
+            data_file["chk"] = digest.hexdigest()
+        return data_file
+
+    # -- reading ---------------------------------------------------------------
+
+    def pids(self) -> list[str]:
+        """All PIDs in insertion order."""
+        return list(self._entries)
+
+    def dataset(self, pid: str) -> dict[str, Any] | None:
+        """The stored dataset record (no origdatablocks), or None. Do not mutate."""
+        entry = self._entries.get(pid)
+        return entry.record if entry else None
+
+    def datasets(self) -> Iterator[dict[str, Any]]:
+        """Every dataset record in insertion order."""
+        return (entry.record for entry in self._entries.values())
+
+    def origdatablocks(self, pid: str) -> list[dict[str, Any]]:
+        """The origdatablocks of a dataset ([] when unknown). Do not mutate."""
+        entry = self._entries.get(pid)
+        return entry.blocks if entry else []
+
+    def all_origdatablocks(self) -> Iterator[dict[str, Any]]:
+        """Every origdatablock of every dataset."""
+        return (block for entry in self._entries.values() for block in entry.blocks)
+
+    def files(self, pid: str) -> Iterator[dict[str, Any]]:
+        """Every DataFile entry of a dataset, over all its blocks."""
+        return (f for block in self.origdatablocks(pid) for f in block["dataFileList"])
+
+    def content(self, pid: str, path: str) -> bytes:
+        """The exact bytes of a file entry; KeyError for unknown or hostile entries."""
+        entry = self._entries[pid]
+        if not self._has_content(entry, path):
+            raise KeyError((pid, path))
+        size = next(f["size"] for f in self.files(pid) if f["path"] == path)
+        return self._bytes(entry, path, size)
+
+    @staticmethod
+    def _has_content(entry: _Entry, path: str) -> bool:
+        return resolve_remote_path(entry.record["sourceFolder"], path) is not None
+
+    @staticmethod
+    def _bytes(entry: _Entry, path: str, size: int) -> bytes:
+        explicit = entry.contents.get(path)
+        if explicit is not None:
+            return explicit
+        return random.Random(f"{entry.record['pid']}\0{path}").randbytes(size)
+
+    # -- writing to disk -------------------------------------------------------
+
+    def materialize(self, root: Path) -> None:
+        """Write every file that has content to `root / sourceFolder / path`.
+
+        `root` itself is left alone (it is typically an sshd chroot, which must
+        stay root-owned and not group/world writable); file mtimes follow the
+        entries' `time`.
+        """
+        for entry in self._entries.values():
+            seen: set[str] = set()
+            for data_file in (f for block in entry.blocks for f in block["dataFileList"]):
+                remote = resolve_remote_path(entry.record["sourceFolder"], data_file["path"])
+                if remote is None or remote in seen:
+                    continue
+                seen.add(remote)
+                target = root / remote.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self._bytes(entry, data_file["path"], data_file["size"]))
+                mtime = datetime.fromisoformat(data_file["time"].replace("Z", "+00:00")).timestamp()
+                os.utime(target, (mtime, mtime))
