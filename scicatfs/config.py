@@ -272,9 +272,9 @@ _DROPPED = frozenset(
 )
 _DROPPED_PREFIXES = ("x-", "comment=", "user=", "uhelper=", "helper=")
 
-# scicatfs keys that -o accepts besides the MountOptions fields: the profile
-# (so an fstab line can name one) and nothing else.
-_EXTRA_O_KEYS = frozenset({"profile"})
+# scicatfs keys that -o accepts besides the MountOptions fields, so that an
+# fstab line can name a profile and the file it is in.
+_EXTRA_O_KEYS = frozenset({"profile", "config"})
 
 
 def _split_commas(text: str) -> list[str]:
@@ -308,7 +308,8 @@ def split_fuse_o(values: Iterable[str]) -> tuple[dict[str, str | bool], list[str
     ``["token_file=/x,sftp_host=h,ro,allow_other,xattrs,auto_unmount"]`` gives
     ``({"token_file": "/x", "sftp_host": "h", "allow_other": True,
     "xattrs": True}, ["auto_unmount"])``. A key is scicatfs's when it names a
-    :class:`MountOptions` field (``-`` or ``_``) or is ``profile``; a bare
+    :class:`MountOptions` field (``-`` or ``_``) or is ``profile`` or
+    ``config`` (the config file); a bare
     flag is ``True`` and ``flag=no`` is allowed. Mount-table bookkeeping
     (``rw``, ``ro``, ``defaults``, ``dev``, ``suid``, ``exec``, ``_netdev``,
     ``noauto``, ``nofail``, ``user``, ``x-*``, ``comment=``) is dropped;
