@@ -1,0 +1,505 @@
+"""Blobs on disk: sparse chunked files, the sqlite index of present chunks, eviction.
+
+Everything here is synchronous and thread-safe so that the fetcher can call cheap
+operations inline on the trio thread and push slow ones (fsync, hashing, eviction)
+to worker threads. One sqlite connection and the table of open blobs are guarded
+by one ``threading.Lock`` (``BlobStore._lock``); it is held for single index
+transactions and for the open/evict decisions, never during network I/O, chunk
+writes or hashing. The on-disk format and the cross-process rules are described
+in docs/cache-format.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from scicatfs.cache.errors import CacheError, IntegrityError
+
+if TYPE_CHECKING:
+    from scicatfs.catalog.models import Checksum
+
+__all__ = ["CHUNK_SIZE", "Blob", "BlobInfo", "BlobStore", "FileSpec", "blob_key", "is_disk_full"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 4 * 1024 * 1024
+SCHEMA_VERSION = 1
+# A one-byte region far beyond any real file offset: every process that has a
+# blob open holds a shared fcntl lock on it; an evictor needs the exclusive lock.
+PIN_OFFSET = 1 << 62
+OPEN_RETRIES = 50
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (
+    key      TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    checksum TEXT,
+    complete INTEGER NOT NULL DEFAULT 0,
+    atime    REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    key    TEXT NOT NULL REFERENCES blobs(key) ON DELETE CASCADE,
+    idx    INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    PRIMARY KEY (key, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS files (
+    pid  TEXT NOT NULL,
+    path TEXT NOT NULL,
+    key  TEXT NOT NULL REFERENCES blobs(key) ON DELETE CASCADE,
+    PRIMARY KEY (pid, path)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_by_key ON files(key);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpec:
+    """What the cache needs to know about one dataset file (see docs/architecture.md)."""
+
+    pid: str
+    path: str
+    host: str | None
+    remote_path: str
+    size: int
+    mtime: float
+    checksum: Checksum | None
+
+
+def blob_key(spec: FileSpec) -> str:
+    """The content key of a file: its checksum when the catalog has one, else its identity.
+
+    The size is part of both forms, so a catalog that pairs one checksum with two
+    sizes cannot make two different files share a blob.
+    """
+    if spec.checksum is not None:
+        return f"{spec.checksum.algorithm}:{spec.checksum.hexdigest.lower()}:{spec.size}"
+    identity = f"{spec.host or ''}\0{spec.remote_path}\0{spec.size}\0{spec.mtime!r}"
+    return f"id:{hashlib.sha256(identity.encode()).hexdigest()}:{spec.size}"
+
+
+@dataclass(eq=False)
+class Blob:
+    """One open blob file, shared by every reader of the same content in this process.
+
+    ``present`` mirrors the index for this process; chunks written by another
+    process appear after ``BlobStore.refresh_chunk``.
+    """
+
+    key: str
+    file: Path
+    fd: int
+    size: int
+    checksum: Checksum | None
+    chunk_size: int
+    present: set[int] = field(default_factory=set)
+    complete: bool = False
+    error: IntegrityError | None = None
+    pins: int = 0
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+    @property
+    def all_present(self) -> bool:
+        return len(self.present) == self.chunk_count
+
+    @property
+    def present_bytes(self) -> int:
+        return sum(self.chunk_length(index) for index in self.present)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """One (pid, path) -> blob mapping as the ``cache`` commands show it."""
+
+    pid: str
+    path: str
+    key: str
+    file: Path
+    size: int
+    present_bytes: int
+    complete: bool
+    atime: float
+
+
+class BlobStore:
+    """The persistent cache directory: ``index.sqlite3`` plus ``blobs/xx/<name>`` files."""
+
+    def __init__(self, directory: Path, budget: int, chunk_size: int = CHUNK_SIZE) -> None:
+        if budget < 0:
+            raise ValueError(f"cache budget must not be negative, got {budget}")
+        if chunk_size <= 0:
+            raise ValueError(f"chunk size must be positive, got {chunk_size}")
+        self.directory = Path(directory)
+        self.budget = budget
+        self.chunk_size = chunk_size
+        self._blobs_dir = self.directory / "blobs"
+        self._lock = threading.Lock()
+        self._open: dict[str, Blob] = {}
+        try:
+            _make_private_dir(self.directory)
+            _make_private_dir(self._blobs_dir)
+            self._db = self._connect(self.directory / "index.sqlite3")
+        except (OSError, sqlite3.Error) as error:
+            raise CacheError(f"cannot use cache directory {self.directory}: {error}") from error
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash; after power loss the
+        # newest transactions may be lost, which only forgets chunks (safe).
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise CacheError(
+                f"cache index {path} has format {version}, this scicatfs knows {SCHEMA_VERSION};"
+                " use another --cache-dir or delete this one"
+            )
+        db.executescript(SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(f"{path}{suffix}", 0o600)
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            for blob in self._open.values():
+                os.close(blob.fd)
+            self._open.clear()
+            self._db.close()
+
+    def __enter__(self) -> BlobStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction on the shared connection; caller holds ``_lock``."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def blob_file(self, key: str) -> Path:
+        name = hashlib.sha256(key.encode()).hexdigest()
+        return self._blobs_dir / name[:2] / name
+
+    # -- open / pin ------------------------------------------------------------
+
+    def open_blob(self, spec: FileSpec) -> Blob:
+        """Pin the blob for ``spec`` (creating it empty if new) and record (pid, path) -> blob."""
+        key = blob_key(spec)
+        now = time.time()
+        with self._lock:
+            blob = self._open.get(key)
+            if blob is None:
+                blob = self._open_file(key, spec)
+                self._open[key] = blob
+            blob.pins += 1
+            with self._transaction() as db:
+                db.execute("UPDATE blobs SET atime = ? WHERE key = ?", (now, key))
+                db.execute(
+                    "INSERT OR REPLACE INTO files (pid, path, key) VALUES (?, ?, ?)",
+                    (spec.pid, spec.path, key),
+                )
+            return blob
+
+    def _open_file(self, key: str, spec: FileSpec) -> Blob:
+        """Open and pin-lock the blob file, then load what the index says is present.
+
+        Order matters against an evictor in another process: we hold the shared
+        pin lock and have checked that the path still names our inode *before*
+        trusting any chunk rows, and the evictor deletes rows before unlinking.
+        """
+        path = self.blob_file(key)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        for _ in range(OPEN_RETRIES):
+            created = True
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                created = False
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PIN_OFFSET)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    raise FileNotFoundError(path)
+            except (BlockingIOError, PermissionError, FileNotFoundError):
+                os.close(fd)
+                time.sleep(0.01)
+                continue
+            os.fchmod(fd, 0o600)
+            return self._load(key, spec, path, fd, created)
+        raise CacheError(f"cannot open cache blob {path}: it keeps being evicted")
+
+    def _load(self, key: str, spec: FileSpec, path: Path, fd: int, created: bool) -> Blob:
+        checksum = str(spec.checksum) if spec.checksum is not None else None
+        with self._transaction() as db:
+            if created:  # rows without their file (deleted by hand?) describe nothing
+                db.execute("DELETE FROM chunks WHERE key = ?", (key,))
+            db.execute(
+                "INSERT OR IGNORE INTO blobs (key, size, checksum, atime) VALUES (?, ?, ?, ?)",
+                (key, spec.size, checksum, time.time()),
+            )
+            complete = db.execute("SELECT complete FROM blobs WHERE key = ?", (key,)).fetchone()[0]
+            present = {row[0] for row in db.execute("SELECT idx FROM chunks WHERE key = ?", (key,))}
+        blob = Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, present)
+        blob.complete = bool(complete) and blob.all_present
+        return blob
+
+    def release_blob(self, blob: Blob) -> None:
+        """Unpin; the last release closes the file (which drops this process's locks)."""
+        with self._lock:
+            blob.pins -= 1
+            if blob.pins > 0:
+                return
+            del self._open[blob.key]
+            os.close(blob.fd)
+            with self._transaction() as db:
+                db.execute("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), blob.key))
+
+    def retain(self, blob: Blob) -> None:
+        """One more pin on an already open blob (background work outliving a handle)."""
+        with self._lock:
+            blob.pins += 1
+
+    # -- chunks ----------------------------------------------------------------
+
+    def read(self, blob: Blob, offset: int, size: int) -> bytes:
+        """pread from the blob; the caller has checked that the chunks are present."""
+        return os.pread(blob.fd, size, offset)
+
+    def write_chunk(self, blob: Blob, index: int, data: bytes) -> None:
+        """Durably write one chunk, then record it: data first, index row second.
+
+        A crash between the two leaves bytes that no index row vouches for, which
+        the next start ignores. Raises OSError (e.g. ENOSPC) with nothing recorded.
+        """
+        if len(data) != blob.chunk_length(index):
+            raise ValueError(f"chunk {index} of {blob.key} must be {blob.chunk_length(index)} bytes")
+        view = memoryview(data)
+        offset = index * self.chunk_size
+        while view:
+            written = os.pwrite(blob.fd, view, offset)
+            view = view[written:]
+            offset += written
+        os.fdatasync(blob.fd)
+        with self._lock, self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)",
+                (blob.key, index, len(data)),
+            )
+        blob.present.add(index)
+
+    def refresh_chunk(self, blob: Blob, index: int) -> bool:
+        """Is the chunk present, also counting what other processes recorded meanwhile?"""
+        if index in blob.present:
+            return True
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM chunks WHERE key = ? AND idx = ?", (blob.key, index)
+            ).fetchone()
+        if row is not None:
+            blob.present.add(index)
+        return row is not None
+
+    def try_lock_chunk(self, blob: Blob, index: int) -> bool:
+        """Take the cross-process write lock on one chunk's byte range, without waiting.
+
+        fcntl locks belong to the process, so this only excludes other processes;
+        within a process the fetcher's single-flight table keeps one writer per chunk.
+        """
+        try:
+            fcntl.lockf(blob.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.chunk_size, index * self.chunk_size)
+        except (BlockingIOError, PermissionError):
+            return False
+        return True
+
+    def unlock_chunk(self, blob: Blob, index: int) -> None:
+        fcntl.lockf(blob.fd, fcntl.LOCK_UN, self.chunk_size, index * self.chunk_size)
+
+    # -- completion and verification -----------------------------------------
+
+    def complete(self, blob: Blob, spec: FileSpec) -> None:
+        """Mark a blob whose chunks are all present complete, after checking its checksum.
+
+        Hashes the whole blob: call it from a worker thread. On a mismatch the
+        blob's chunks are forgotten, ``blob.error`` is set and IntegrityError raised.
+        """
+        if blob.complete or not blob.all_present:
+            return
+        if blob.checksum is not None:
+            actual = self._digest(blob.file, blob.checksum.algorithm)
+            if actual != blob.checksum.hexdigest.lower():
+                # error first: a reader racing with the truncation sees it after its pread
+                blob.error = IntegrityError(
+                    f"checksum mismatch for {spec.pid} {spec.path}: catalog says"
+                    f" {blob.checksum.algorithm}:{blob.checksum.hexdigest.lower()},"
+                    f" server sent {blob.checksum.algorithm}:{actual}; cached copy discarded"
+                )
+                self.discard(blob)
+                raise blob.error
+        with self._lock, self._transaction() as db:
+            db.execute("UPDATE blobs SET complete = 1 WHERE key = ?", (blob.key,))
+        blob.complete = True
+
+    @staticmethod
+    def _digest(file: Path, algorithm: str) -> str:
+        with open(file, "rb") as stream:
+            return hashlib.file_digest(stream, algorithm).hexdigest()
+
+    def discard(self, blob: Blob) -> None:
+        """Forget every chunk of a blob (rows first) and punch the file back to a hole."""
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM chunks WHERE key = ?", (blob.key,))
+            db.execute("UPDATE blobs SET complete = 0 WHERE key = ?", (blob.key,))
+        blob.present.clear()
+        blob.complete = False
+        os.ftruncate(blob.fd, 0)
+
+    def verify(self) -> list[str]:
+        """Re-hash every complete blob that has a checksum; discard and report mismatches."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, checksum FROM blobs WHERE complete = 1 AND checksum IS NOT NULL"
+            ).fetchall()
+        problems = []
+        for key, checksum in rows:
+            algorithm, _, expected = checksum.partition(":")
+            try:
+                actual = self._digest(self.blob_file(key), algorithm)
+            except FileNotFoundError:
+                actual = "missing file"
+            if actual != expected.lower():
+                problems.append(f"{key}: expected {checksum}, found {algorithm}:{actual}")
+                with self._lock, self._transaction() as db:
+                    db.execute("DELETE FROM chunks WHERE key = ?", (key,))
+                    db.execute("UPDATE blobs SET complete = 0 WHERE key = ?", (key,))
+        return problems
+
+    # -- accounting ------------------------------------------------------------
+
+    def usage(self) -> int:
+        """Bytes of recorded chunks over all blobs (holes and torn writes not counted)."""
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(SUM(length), 0) FROM chunks").fetchone()[0]
+
+    def cached_bytes(self, spec: FileSpec) -> int:
+        key = blob_key(spec)
+        blob = self._open.get(key)
+        if blob is not None:
+            return blob.present_bytes
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(length), 0) FROM chunks WHERE key = ?", (key,)
+            ).fetchone()
+        return row[0]
+
+    def entries(self) -> list[BlobInfo]:
+        """Every (pid, path) the index knows, with how much of its blob is cached."""
+        with self._lock:
+            rows = self._db.execute(
+                """SELECT f.pid, f.path, b.key, b.size, b.complete, b.atime,
+                          (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
+                   FROM files f JOIN blobs b ON b.key = f.key ORDER BY f.pid, f.path"""
+            ).fetchall()
+        return [
+            BlobInfo(pid, path, key, self.blob_file(key), size, present, bool(complete), atime)
+            for pid, path, key, size, complete, atime, present in rows
+        ]
+
+    def where(self, pid: str, path: str) -> BlobInfo | None:
+        """The blob file behind one dataset file, if the index maps it."""
+        return next((e for e in self.entries() if e.pid == pid and e.path == path), None)
+
+    # -- eviction --------------------------------------------------------------
+
+    def evict(self, target: int | None = None) -> int:
+        """Delete least recently used blobs, never pinned ones, until usage <= target.
+
+        ``target`` defaults to the budget. Returns the bytes freed. Blobs open in
+        another process are recognised by their shared pin lock and skipped.
+        """
+        target = self.budget if target is None else target
+        freed = 0
+        with self._lock:
+            usage = self._db.execute("SELECT COALESCE(SUM(length), 0) FROM chunks").fetchone()[0]
+            if usage <= target:
+                return 0
+            candidates = self._db.execute(
+                """SELECT b.key, (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
+                   FROM blobs b ORDER BY b.atime"""
+            ).fetchall()
+            for key, size in candidates:
+                if usage - freed <= target:
+                    break
+                if key not in self._open and self._delete_unpinned(key):
+                    freed += size
+        if freed:
+            log.info("cache eviction freed %d bytes (budget %d bytes)", freed, target)
+        return freed
+
+    def _delete_unpinned(self, key: str) -> bool:
+        """Delete one blob unless another process has it open; caller holds ``_lock``."""
+        path = self.blob_file(key)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = None
+        try:
+            if fd is not None:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PIN_OFFSET)
+                except (BlockingIOError, PermissionError):
+                    return False
+            with self._transaction() as db:
+                db.execute("DELETE FROM blobs WHERE key = ?", (key,))
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            return True
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create ``path`` if needed and make it 0700 whatever the umask (cached data is private)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError as error:
+        raise CacheError(f"{path} exists and is not a directory") from error
+    if not path.is_dir():
+        raise CacheError(f"{path} exists and is not a directory")
+    os.chmod(path, 0o700)
+
+
+def is_disk_full(error: OSError) -> bool:
+    """Errors that mean "no room to cache", after which reads stream uncached."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

@@ -1,0 +1,251 @@
+"""The blob store alone, on real files: chunk bookkeeping, crash safety, eviction, permissions."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from scicatfs.cache.errors import CacheError, IntegrityError
+from scicatfs.cache.store import BlobStore, FileSpec, blob_key
+from scicatfs.catalog.models import Checksum
+
+CHUNK = 1024
+
+
+def spec_for(data: bytes, pid: str = "pid/1", path: str = "a.bin", checksum: bool = True) -> FileSpec:
+    digest = Checksum("md5", hashlib.md5(data).hexdigest()) if checksum else None
+    return FileSpec(pid, path, None, f"/data/{pid}/{path}", len(data), 1_700_000_000.0, digest)
+
+
+def fill(store: BlobStore, spec: FileSpec, data: bytes) -> None:
+    blob = store.open_blob(spec)
+    try:
+        for index in range(blob.chunk_count):
+            store.write_chunk(blob, index, data[index * CHUNK : (index + 1) * CHUNK])
+        store.complete(blob, spec)
+    finally:
+        store.release_blob(blob)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with BlobStore(tmp_path / "cache", budget=1 << 30, chunk_size=CHUNK) as store:
+        yield store
+
+
+def test_chunks_are_recorded_and_read_back(store: BlobStore) -> None:
+    data = os.urandom(3 * CHUNK + 10)
+    spec = spec_for(data)
+    blob = store.open_blob(spec)
+    assert blob.chunk_count == 4 and blob.present == set()
+    store.write_chunk(blob, 1, data[CHUNK : 2 * CHUNK])
+    store.write_chunk(blob, 3, data[3 * CHUNK :])
+    assert blob.present == {1, 3}
+    assert store.read(blob, CHUNK + 5, 100) == data[CHUNK + 5 : CHUNK + 105]
+    assert store.read(blob, 3 * CHUNK, 10) == data[3 * CHUNK :]
+    assert store.cached_bytes(spec) == CHUNK + 10
+    with pytest.raises(ValueError, match="must be 10 bytes"):
+        store.write_chunk(blob, 3, data[3 * CHUNK :] + b"x")
+    store.release_blob(blob)
+    assert store.cached_bytes(spec) == CHUNK + 10
+    [entry] = store.entries()
+    assert (entry.pid, entry.path, entry.present_bytes, entry.complete) == (
+        "pid/1", "a.bin", CHUNK + 10, False,
+    )  # fmt: skip
+    assert store.where("pid/1", "a.bin") == entry
+    assert store.where("pid/1", "other") is None
+
+
+def test_recorded_chunks_survive_reopen(tmp_path: Path) -> None:
+    data = os.urandom(2 * CHUNK)
+    spec = spec_for(data)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as first:
+        blob = first.open_blob(spec)
+        first.write_chunk(blob, 0, data[:CHUNK])
+        first.release_blob(blob)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as second:
+        blob = second.open_blob(spec)
+        assert blob.present == {0}
+        assert second.read(blob, 0, CHUNK) == data[:CHUNK]
+        second.write_chunk(blob, 1, data[CHUNK:])
+        second.complete(blob, spec)
+        assert blob.complete
+        second.release_blob(blob)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as third:
+        blob = third.open_blob(spec)
+        assert blob.complete and third.read(blob, 0, 2 * CHUNK) == data
+        third.release_blob(blob)
+
+
+def test_torn_write_is_not_trusted(tmp_path: Path) -> None:
+    """Bytes on disk without an index row (a crash before the commit) count for nothing."""
+    data = os.urandom(2 * CHUNK)
+    spec = spec_for(data)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        blob = store.open_blob(spec)
+        os.pwrite(blob.fd, b"\xff" * CHUNK, CHUNK)  # written, never recorded
+        store.write_chunk(blob, 0, data[:CHUNK])
+        store.release_blob(blob)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        blob = store.open_blob(spec)
+        assert blob.present == {0}
+        assert store.cached_bytes(spec) == CHUNK
+        store.write_chunk(blob, 1, data[CHUNK:])
+        store.complete(blob, spec)
+        assert store.read(blob, 0, 2 * CHUNK) == data
+        store.release_blob(blob)
+
+
+def test_rows_without_their_file_are_dropped(tmp_path: Path) -> None:
+    data = os.urandom(CHUNK)
+    spec = spec_for(data)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        fill(store, spec, data)
+        store.blob_file(blob_key(spec)).unlink()  # removed behind the cache's back
+        blob = store.open_blob(spec)
+        assert blob.present == set() and not blob.complete
+        store.release_blob(blob)
+
+
+def test_checksum_mismatch_discards_the_blob(store: BlobStore) -> None:
+    data = os.urandom(2 * CHUNK)
+    spec = spec_for(data)
+    blob = store.open_blob(spec)
+    store.write_chunk(blob, 0, data[:CHUNK])
+    store.write_chunk(blob, 1, bytes(CHUNK))  # what a corrupt server would send
+    with pytest.raises(IntegrityError) as caught:
+        store.complete(blob, spec)
+    message = str(caught.value)
+    assert "pid/1" in message and "a.bin" in message
+    assert f"md5:{hashlib.md5(data).hexdigest()}" in message
+    assert hashlib.md5(data[:CHUNK] + bytes(CHUNK)).hexdigest() in message
+    assert blob.error is caught.value
+    assert not blob.complete and blob.present == set()
+    assert store.cached_bytes(spec) == 0
+    assert os.fstat(blob.fd).st_size == 0
+    store.release_blob(blob)
+    assert not store.entries()[0].complete
+
+
+def test_blob_without_checksum_is_complete_when_all_chunks_are_present(store: BlobStore) -> None:
+    data = os.urandom(CHUNK + 1)
+    spec = spec_for(data, checksum=False)
+    fill(store, spec, data)
+    assert store.entries()[0].complete
+
+
+def test_identical_checksums_share_one_blob_and_identity_keys_track_versions(
+    store: BlobStore,
+) -> None:
+    data = os.urandom(CHUNK)
+    one, two = spec_for(data, pid="p/1"), spec_for(data, pid="p/2", path="copy.bin")
+    fill(store, one, data)
+    assert store.cached_bytes(two) == CHUNK
+    assert blob_key(one) == blob_key(two)
+    plain = spec_for(data, checksum=False)
+    touched = dataclasses.replace(plain, mtime=1.0)
+    assert blob_key(plain) != blob_key(touched) != blob_key(one)
+
+
+def test_eviction_is_lru_and_skips_open_blobs(tmp_path: Path) -> None:
+    blobs = [os.urandom(2 * CHUNK) for _ in range(4)]
+    specs = [spec_for(data, path=f"f{i}") for i, data in enumerate(blobs)]
+    with BlobStore(tmp_path, budget=5 * CHUNK, chunk_size=CHUNK) as store:
+        pinned = store.open_blob(specs[0])  # oldest, but open: must survive
+        for index in range(2):
+            store.write_chunk(pinned, index, blobs[0][index * CHUNK : (index + 1) * CHUNK])
+        for spec, data in zip(specs[1:], blobs[1:], strict=True):
+            fill(store, spec, data)
+        assert store.usage() == 8 * CHUNK
+        freed = store.evict()
+        assert freed == 4 * CHUNK and store.usage() == 4 * CHUNK
+        remaining = {entry.path for entry in store.entries()}
+        assert remaining == {"f0", "f3"}  # f1 and f2 were least recently used
+        assert not store.blob_file(blob_key(specs[1])).exists()
+        assert store.read(pinned, 0, 2 * CHUNK) == blobs[0]
+        store.release_blob(pinned)
+        assert store.evict(0) == 4 * CHUNK and store.entries() == []
+
+
+def test_eviction_skips_blobs_open_in_another_process(tmp_path: Path) -> None:
+    data = os.urandom(CHUNK)
+    spec = spec_for(data)
+    with BlobStore(tmp_path, budget=0, chunk_size=CHUNK) as store:
+        fill(store, spec, data)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pathlib import Path
+            from scicatfs.cache.store import BlobStore, FileSpec
+            from scicatfs.catalog.models import Checksum
+            spec = FileSpec(*{[spec.pid, spec.path, spec.host, spec.remote_path, spec.size,
+                               spec.mtime]!r}, Checksum(*{[spec.checksum.algorithm,
+                               spec.checksum.hexdigest]!r}))
+            store = BlobStore(Path({str(tmp_path)!r}), budget=0, chunk_size={CHUNK})
+            blob = store.open_blob(spec)
+            print("open", flush=True)
+            sys.stdin.readline()
+            store.release_blob(blob)
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "open\n"
+        with BlobStore(tmp_path, budget=0, chunk_size=CHUNK) as store:
+            assert store.evict() == 0
+            assert store.cached_bytes(spec) == CHUNK
+            holder.communicate("\n", timeout=10)
+            assert store.evict() == CHUNK
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_permissions_ignore_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        with BlobStore(tmp_path / "cache", budget=1 << 20, chunk_size=CHUNK) as store:
+            data = os.urandom(10)
+            fill(store, spec_for(data), data)
+            blob_file = store.blob_file(blob_key(spec_for(data)))
+            modes = {
+                path: stat.S_IMODE(path.stat().st_mode)
+                for path in [store.directory, blob_file.parent, blob_file]
+                + list(store.directory.glob("index.sqlite3*"))
+            }
+    finally:
+        os.umask(old)
+    assert modes[tmp_path / "cache"] == 0o700
+    assert modes[blob_file.parent] == 0o700
+    assert modes[blob_file] == 0o600
+    assert modes[tmp_path / "cache" / "index.sqlite3"] == 0o600
+
+
+def test_verify_finds_tampered_blobs(store: BlobStore) -> None:
+    data = os.urandom(CHUNK)
+    spec = spec_for(data)
+    fill(store, spec, data)
+    assert store.verify() == []
+    with open(store.blob_file(blob_key(spec)), "r+b") as tamper:
+        tamper.write(b"X")
+    [problem] = store.verify()
+    assert hashlib.md5(data).hexdigest() in problem
+    assert store.cached_bytes(spec) == 0 and not store.entries()[0].complete
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(CacheError, match="not a directory"):
+        BlobStore(tmp_path / "file", budget=1)
+    with pytest.raises(ValueError, match="budget"):
+        BlobStore(tmp_path / "c", budget=-1)
+    with pytest.raises(ValueError, match="chunk size"):
+        BlobStore(tmp_path / "c", budget=1, chunk_size=0)
