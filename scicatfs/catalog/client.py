@@ -1,0 +1,356 @@
+"""The SciCat client the filesystem uses: datasets, listings, prefixes, counts.
+
+Routes follow scicat-backend-next. v4 is preferred (one request gives a
+dataset with all its origdatablocks); a server whose v4 routes do not exist
+(Nest answers 404 "Cannot GET /api/v4/…", unlike a missing dataset's
+"dataset: … not found") is detected on the first such answer, and the client
+uses v3 for the rest of its life, paging v3's 100-origdatablock cap.
+Anonymous callers use v4's ``/public`` routes, where a missing dataset is a
+200 with an empty body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import quote
+
+from scicatfs.catalog.auth import Credentials, Secret, TokenKeeper
+from scicatfs.catalog.errors import (
+    AuthenticationError,
+    BadResponse,
+    CatalogUnavailable,
+    DatasetForbidden,
+    DatasetNotFound,
+)
+from scicatfs.catalog.models import Dataset, parse_dataset
+from scicatfs.catalog.singleflight import SingleFlightCache
+from scicatfs.catalog.transport import Reply, Transport
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: backend-next's v3 ``/datasets/{pid}/origdatablocks`` never returns more blocks than this.
+V3_BLOCK_CAP = 100
+_REGEX_SPECIAL = frozenset("\\^$.|?*+()[]{}")
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSettings:
+    """How to reach the catalog, and how patient and how cache-happy to be."""
+
+    url: str
+    credentials: Credentials = field(default_factory=Credentials)
+    record_ttl: float = 60.0
+    listing_ttl: float = 30.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    retries: int = 3
+    retry_backoff: float = 0.5
+    max_requests: int = 8
+    page_size: int = 1000
+
+
+class _NoV4(Exception):
+    """A v4 route does not exist on this server."""
+
+
+class CatalogClient:
+    """Async (trio) SciCat client; use as ``async with CatalogClient(settings) as catalog``."""
+
+    def __init__(self, settings: CatalogSettings) -> None:
+        self._settings = settings
+        self._transport = Transport(
+            settings.url,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            retries=settings.retries,
+            backoff=settings.retry_backoff,
+            max_requests=settings.max_requests,
+        )
+        self._tokens = TokenKeeper(settings.credentials, self._login)
+        self._v4 = True
+        self._datasets: SingleFlightCache[str, Dataset] = SingleFlightCache(1024, settings.record_ttl)
+        self._pages: SingleFlightCache[tuple[str, int], tuple[str, ...]] = SingleFlightCache(
+            16, settings.listing_ttl
+        )
+        self._prefixes: SingleFlightCache[str, bool] = SingleFlightCache(4096, settings.listing_ttl)
+        self._counts: SingleFlightCache[None, int] = SingleFlightCache(1, settings.listing_ttl)
+
+    @property
+    def base_url(self) -> str:
+        return self._transport.base_url
+
+    async def __aenter__(self) -> CatalogClient:
+        """Check credentials now, so a wrong password or an expired token stops the mount early.
+
+        An unreachable catalog does not: the mount can still serve its cache,
+        and the login is retried on first use.
+        """
+        try:
+            self._tokens.check_startup()
+            if self._settings.credentials.can_login:
+                try:
+                    await self._tokens.headers()
+                except CatalogUnavailable as error:
+                    log.warning("cannot log in yet, will retry on first use: %s", error)
+        except BaseException:
+            await self._transport.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._transport.aclose()
+
+    @property
+    def token_expiry(self) -> float | None:
+        """POSIX time the token in use expires (None: anonymous, or no expiry known)."""
+        return self._tokens.expiry
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: requests, retries, logins, and errors by kind."""
+        return dict(self._transport.stats)
+
+    async def get_dataset(self, pid: str) -> Dataset:
+        """The dataset with all its files; cached for ``record_ttl``, one request in flight per PID."""
+        if not pid:
+            raise DatasetNotFound("an empty PID names no dataset", pid)
+        return await self._datasets.get(pid, lambda: self._either(self._dataset_v4, self._dataset_v3, pid))
+
+    async def iter_pids(self, prefix: str = "") -> AsyncIterator[str]:
+        """PIDs visible to the caller that start with ``prefix``, in PID order, one page at a time."""
+        size = self._settings.page_size
+        skip = 0
+        while True:
+            page = await self._pages.get((prefix, skip), lambda: self._page(prefix, skip, size))
+            for pid in page:
+                if pid.startswith(prefix):  # never trust the server's filter with the tree's shape
+                    yield pid
+            if len(page) < size:
+                return
+            skip += size
+
+    async def is_pid_prefix(self, name: str) -> bool:
+        """True if some visible PID starts with ``name + "/"``; one small request, cached."""
+        return await self._prefixes.get(name, lambda: self._has_prefix(name + "/"))
+
+    async def count(self) -> int:
+        """Number of datasets visible to the caller (cached for ``listing_ttl``)."""
+        return await self._counts.get(None, self._count)
+
+    # -- routes ---------------------------------------------------------------
+
+    async def _dataset_v4(self, pid: str) -> Dataset:
+        public = "public/" if self._tokens.anonymous else ""
+        reply = await self._get(
+            f"/v4/datasets/{public}{quote(pid, safe='')}", {"include": "origdatablocks"}, pid=pid
+        )
+        if public and reply.status == 200 and not reply.body.strip():
+            self._fail_missing(pid)
+        return self._parse(self._json(reply, f"dataset {pid!r}", pid), pid)
+
+    async def _dataset_v3(self, pid: str) -> Dataset:
+        segment = quote(pid, safe="")
+        record = self._json(await self._get(f"/v3/datasets/{segment}", pid=pid), f"dataset {pid!r}", pid)
+        blocks = self._json(
+            await self._get(f"/v3/datasets/{segment}/origdatablocks", pid=pid),
+            f"origdatablocks of {pid!r}",
+            pid,
+        )
+        if not isinstance(blocks, list):
+            raise BadResponse(f"catalog sent origdatablocks of {pid!r} that are not a JSON list", pid)
+        if len(blocks) >= V3_BLOCK_CAP:
+            blocks = await self._all_blocks_v3(pid)
+        return self._parse(record, pid, blocks)
+
+    async def _all_blocks_v3(self, pid: str) -> list[Any]:
+        """Page ``/v3/origdatablocks`` past the cap; blocks are deduplicated by ``_id``."""
+        blocks: dict[Any, Any] = {}
+        skip = 0
+        while True:
+            query = {
+                "where": {"datasetId": pid},
+                "limits": {"limit": V3_BLOCK_CAP, "skip": skip, "order": "_id:asc"},
+            }
+            page = self._json(
+                await self._get("/v3/origdatablocks", _filter(query), pid=pid),
+                f"origdatablocks of {pid!r}",
+                pid,
+            )
+            if not isinstance(page, list):
+                raise BadResponse(f"catalog sent origdatablocks of {pid!r} that are not a JSON list", pid)
+            for index, block in enumerate(page):
+                key = block.get("_id") if isinstance(block, dict) else None
+                blocks[key if key is not None else (skip, index)] = block
+            if len(page) < V3_BLOCK_CAP:
+                return list(blocks.values())
+            skip += V3_BLOCK_CAP
+
+    async def _page(self, prefix: str, skip: int, limit: int) -> tuple[str, ...]:
+        where = {"pid": {"$regex": "^" + _regex_escape(prefix)}} if prefix else {}
+
+        async def v4(_: None) -> tuple[str, ...]:
+            public = "/public" if self._tokens.anonymous else ""
+            query = {"where": where, "fields": ["pid"], "limits": {"limit": limit, "skip": skip, "sort": {"pid": "asc"}}}
+            return self._pids(await self._get(f"/v4/datasets{public}", _filter(query)))
+
+        async def v3(_: None) -> tuple[str, ...]:
+            v3_where = {"pid": {"like": where["pid"]["$regex"]}} if prefix else {}
+            query = {"where": v3_where, "fields": ["pid"], "limits": {"limit": limit, "skip": skip, "order": "pid:asc"}}
+            return self._pids(await self._get("/v3/datasets", _filter(query)))
+
+        return await self._either(v4, v3, None)
+
+    async def _has_prefix(self, prefix: str) -> bool:
+        return any(pid.startswith(prefix) for pid in await self._page(prefix, 0, 1))
+
+    async def _count(self) -> int:
+        async def v4(_: None) -> int:
+            public = "/public" if self._tokens.anonymous else ""
+            return self._count_of(await self._get(f"/v4/datasets{public}/count"))
+
+        async def v3(_: None) -> int:
+            return self._count_of(await self._get("/v3/datasets/count"))
+
+        return await self._either(v4, v3, None)
+
+    async def _login(self, username: str, password: Secret) -> Secret:
+        self._transport.stats["logins"] += 1
+        reply = await self._transport.request(
+            "POST", "/v3/auth/login", json_body={"username": username, "password": password.reveal()}
+        )
+        if reply.status in (400, 401, 403):
+            self._transport.stats["auth_errors"] += 1
+            raise AuthenticationError(
+                f"SciCat at {self.base_url} refused the login as {username!r} "
+                f"(HTTP {reply.status}): check the username and the password file"
+            )
+        self._check(reply, "the login")
+        data = self._json(reply, "the login")
+        token = (data.get("access_token") or data.get("id")) if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            raise BadResponse(f"SciCat at {self.base_url} answered the login without an access_token")
+        return Secret(token)
+
+    # -- plumbing -------------------------------------------------------------
+
+    async def _either(
+        self, v4: Callable[[Any], Awaitable[T]], v3: Callable[[Any], Awaitable[T]], argument: Any
+    ) -> T:
+        """Run the v4 variant of an operation, or v3 once the server turned out to lack v4."""
+        if self._v4:
+            try:
+                return await v4(argument)
+            except _NoV4:
+                if self._v4:
+                    self._v4 = False
+                    log.info("SciCat at %s has no v4 API; using v3 routes from now on", self.base_url)
+        return await v3(argument)
+
+    async def _get(self, path: str, params: dict[str, str] | None = None, pid: str | None = None) -> Reply:
+        headers = await self._tokens.headers()
+        reply = await self._transport.request("GET", path, params=params, headers=headers, pid=pid)
+        log.debug("GET %s -> %d (%d bytes)", path, reply.status, len(reply.body))
+        if reply.status == 404 and path.startswith("/v4/") and _route_missing(reply):
+            raise _NoV4(path)
+        if reply.status == 404 and pid is not None:
+            self._fail_missing(pid)
+        self._check(reply, f"dataset {pid!r}" if pid is not None else path, pid)
+        return reply
+
+    def _check(self, reply: Reply, what: str, pid: str | None = None) -> None:
+        """Turn a non-2xx answer into the matching CatalogError."""
+        if 200 <= reply.status < 300:
+            return
+        stats = self._transport.stats
+        if reply.status == 403:
+            if self._tokens.expired:
+                stats["auth_errors"] += 1
+                raise AuthenticationError(self._tokens.expired_message(), pid)
+            stats["forbidden"] += 1
+            if pid is None:
+                raise DatasetForbidden(f"the catalog refused {what}: {reply.message}; log in or check the token")
+            raise DatasetForbidden(
+                f"dataset {pid!r} exists but the credentials in use "
+                f"({self._settings.credentials.source}) may not read it; "
+                "log in or check its ownerGroup/accessGroups",
+                pid,
+            )
+        if reply.status == 401:
+            stats["auth_errors"] += 1
+            raise AuthenticationError(f"the catalog wants authentication for {what}: {reply.message}", pid)
+        if 400 <= reply.status < 500:
+            stats["bad_responses"] += 1
+            raise BadResponse(f"the catalog rejected the request for {what} (HTTP {reply.status}): {reply.message}", pid)
+        stats["server_errors"] += 1
+        raise CatalogUnavailable(f"the catalog failed on {what} (HTTP {reply.status}): {reply.message}", pid)
+
+    def _fail_missing(self, pid: str) -> NoReturn:
+        self._transport.stats["not_found"] += 1
+        if self._tokens.expired:
+            raise AuthenticationError(f"dataset {pid!r} is not visible: {self._tokens.expired_message()}", pid)
+        hint = "; it may exist but not be public (log in to see more)" if self._tokens.anonymous else ""
+        raise DatasetNotFound(f"no dataset {pid!r} in the catalog at {self.base_url}{hint}", pid)
+
+    def _json(self, reply: Reply, what: str, pid: str | None = None) -> Any:
+        try:
+            return reply.json(what, pid)
+        except BadResponse:
+            self._transport.stats["bad_responses"] += 1
+            raise
+
+    def _parse(self, raw: Any, pid: str, blocks: list[Any] | None = None) -> Dataset:
+        try:
+            if isinstance(raw, dict) and raw.get("pid") != pid:
+                raise BadResponse(f"asked for dataset {pid!r}, the catalog sent {raw.get('pid')!r}", pid)
+            return parse_dataset(raw, blocks)
+        except BadResponse as error:
+            self._transport.stats["bad_responses"] += 1
+            error.pid = pid
+            log.warning("%s", error)
+            raise
+
+    def _pids(self, reply: Reply) -> tuple[str, ...]:
+        rows = self._json(reply, "the dataset list")
+        if not isinstance(rows, list):
+            self._transport.stats["bad_responses"] += 1
+            raise BadResponse("the catalog sent a dataset list that is not a JSON list")
+        pids = tuple(row["pid"] for row in rows if isinstance(row, dict) and isinstance(row.get("pid"), str))
+        if len(pids) != len(rows):
+            log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(pids))
+        return pids
+
+    def _count_of(self, reply: Reply) -> int:
+        data = self._json(reply, "the dataset count")
+        count = data.get("count") if isinstance(data, dict) else None
+        if isinstance(count, bool) or not isinstance(count, int):
+            self._transport.stats["bad_responses"] += 1
+            raise BadResponse(f"the catalog sent a dataset count without an integer 'count': {data!r:.100}")
+        return count
+
+
+def _filter(query: dict[str, Any]) -> dict[str, str]:
+    """The ``filter`` query parameter, compact (it travels in every list URL)."""
+    return {"filter": json.dumps(query, separators=(",", ":"))}
+
+
+def _route_missing(reply: Reply) -> bool:
+    """A 404 that means "no such route" (Nest: "Cannot GET /api/v4/…"), not "no such dataset"."""
+    try:
+        data = json.loads(reply.body)
+    except ValueError:
+        return True
+    if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+        return True
+    return data["message"].startswith("Cannot ")
+
+
+def _regex_escape(text: str) -> str:
+    """Escape only regex metacharacters: the result means the same to PCRE, JavaScript and Python."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
