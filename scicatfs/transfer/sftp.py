@@ -60,6 +60,14 @@ DEFAULT_CIPHERS = (
 SPLIT_THRESHOLD = 8 * MiB
 #: Smallest piece of a split read; smaller pieces cost more in overhead than they gain.
 SPLIT_PIECE = 4 * MiB
+#: What a dead connection raises mid-operation (the operation may be retried elsewhere).
+_CONNECTION_ERRORS = (
+    asyncssh.SFTPConnectionLost,
+    asyncssh.SFTPNoConnection,
+    asyncssh.DisconnectError,
+    asyncssh.ChannelOpenError,
+    OSError,
+)
 #: Reconnect backoff after a failed connect: first delay, growth factor, cap (seconds).
 BACKOFF_FIRST, BACKOFF_FACTOR, BACKOFF_MAX = 0.1, 2.0, 5.0
 
@@ -288,7 +296,7 @@ class _Pool:
                 ) from None
             except asyncssh.SFTPPermissionDenied:
                 raise TransferError(f"{self.host}:{path}: permission denied on the server") from None
-            except (asyncssh.SFTPConnectionLost, asyncssh.DisconnectError, OSError) as error:
+            except _CONNECTION_ERRORS as error:
                 slot.drop(conn)
                 raise _Dropped(error) from error
             except asyncssh.SFTPError as error:

@@ -94,6 +94,13 @@ class OpenSSHServer:
         self._signal_all(signal.SIGKILL)
         self._wait(STOP_TIMEOUT)
 
+    def signal_connections(self, signum: int) -> None:
+        """Signal the processes serving connections, not the listener (SIGSTOP: a stalled server)."""
+        if self._process is not None:
+            for pid in _descendants(self._process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
     def restart(self) -> None:
         """Stop and start again on the same port with the same keys."""
         self.stop()
