@@ -117,7 +117,7 @@ def parse_size(text: str) -> int:
     if match is None or (match.group(3) and not match.group(2) and match.group(3).lower() != "b"):
         raise ConfigError(
             f"invalid size {text!r}: expected a number of bytes with an optional unit "
-            "K, M, G, T, P (powers of 1024), e.g. 512M, 10G or 1.5T"
+            "K, M, G, T, P, E (powers of 1024), e.g. 512M, 10G or 1.5T"
         )
     number, unit = match.group(1), match.group(2).lower()
     # Decimal keeps "1.5T" exact where a float would round.
