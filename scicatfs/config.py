@@ -309,8 +309,8 @@ def split_fuse_o(values: Iterable[str]) -> tuple[dict[str, str | bool], list[str
     ``({"token_file": "/x", "sftp_host": "h", "allow_other": True,
     "xattrs": True}, ["auto_unmount"])``. A key is scicatfs's when it names a
     :class:`MountOptions` field (``-`` or ``_``) or is ``profile`` or
-    ``config`` (the config file); a bare
-    flag is ``True`` and ``flag=no`` is allowed. Mount-table bookkeeping
+    ``config`` (the config file); a bare flag is ``True`` and ``flag=no``
+    is allowed. Mount-table bookkeeping
     (``rw``, ``ro``, ``defaults``, ``dev``, ``suid``, ``exec``, ``_netdev``,
     ``noauto``, ``nofail``, ``user``, ``x-*``, ``comment=``) is dropped;
     everything else goes to FUSE unchanged, in order, where an unknown option
