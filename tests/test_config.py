@@ -107,6 +107,29 @@ def test_ess_example_profile_from_the_docs_parses(tmp_path: Path, monkeypatch: p
     assert options.sftp_host == "login.esss.dk"
     assert options.token_file == tmp_path / ".config" / "scicatfs" / "ess.token"
     assert options.cache_size == 50 * GiB
+    demo = mount_options({"mountpoint": str(tmp_path / "mnt")}, profile="demo", config_path=config)
+    assert (demo.sftp_port, demo.insecure_no_host_key_check) == (2222, True)
+
+
+FSTAB_DOCS = [DOCS, DOCS.parents[1] / "systemd" / "README.md"]
+
+
+@pytest.mark.parametrize("doc", FSTAB_DOCS, ids=lambda p: p.name)
+def test_fstab_lines_in_the_docs_map_to_valid_options(doc: Path) -> None:
+    """Each documented fstab line is what mount.fuse3 would hand over, minus bookkeeping."""
+    fields = (line.split() for line in doc.read_text().splitlines())
+    lines = [f for f in fields if len(f) >= 4 and f[1].startswith("/") and f[2] == "fuse.scicatfs"]
+    assert lines, f"{doc.name} lost its fstab example"
+    for source, where, _, opts, *_ in lines:
+        cli = helper_argv_to_cli([source, where, "-o", opts])
+        assert "x-systemd" not in " ".join(cli) and "_netdev" not in " ".join(cli)
+        scicat, fuse = split_fuse_o([cli[cli.index("-o") + 1]])
+        assert fuse == [], f"{doc.name}: {fuse} are no scicatfs options"
+        if "--url" in cli:
+            options = mount_options({"url": cli[cli.index("--url") + 1], "mountpoint": where, **scicat})
+            assert options.sftp_host == "login.esss.dk"
+        else:
+            assert cli[cli.index("--profile") + 1] == source and "config" in scicat
 
 
 def test_profile_values_are_typed_and_paths_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
