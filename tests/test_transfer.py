@@ -105,7 +105,8 @@ def test_large_file_random_offsets_and_whole(sshd: OpenSSHServer, remote_dir: st
     data = os.urandom(100 * MiB + 12345)
     path = sshd.put(f"{remote_dir}/big.bin", data)
     rng = random.Random(8)
-    ranges = [(rng.randrange(len(data)), rng.choice([1, 4 * KiB, 300 * KiB, 5 * MiB, 17 * MiB])) for _ in range(40)]
+    lengths = [1, 4 * KiB, 300 * KiB, 5 * MiB, 17 * MiB]
+    ranges = [(rng.randrange(len(data)), rng.choice(lengths)) for _ in range(40)]
 
     async def body(transfer: Transfer) -> tuple[bytes, list[bytes]]:
         whole = await transfer.read(None, path, 0, len(data))
@@ -278,7 +279,9 @@ def test_ssh_config_alias_port_user_and_identity(
         f"  User {sshd.username}\n"
         f"  IdentityFile {sshd.client_key}\n"
     )
-    settings = settings_for(sshd, host=None, port=None, username=None, identity_files=(), ssh_config=config)
+    settings = settings_for(
+        sshd, host=None, port=None, username=None, identity_files=(), ssh_config=config
+    )
 
     async def body(transfer: Transfer) -> bytes:
         return await transfer.read("fileserver", path, 0, 100)

@@ -45,6 +45,7 @@ __all__ = ["SFTPSettings", "Transfer"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Operation = Callable[["_Connection"], Awaitable[T]]  # one step run on one connection
 MiB = 1024 * 1024
 
 #: Hardware-accelerated AES first: at zero RTT one connection is cipher-bound
@@ -68,6 +69,8 @@ _CONNECTION_ERRORS = (
     asyncssh.ChannelOpenError,
     OSError,
 )
+#: What a failed connect raises: refused, unreachable, timed out, refused keys, bad options.
+_CONNECT_ERRORS = (OSError, TimeoutError, ValueError, asyncssh.Error, asyncssh.KeyImportError)
 #: Reconnect backoff after a failed connect: first delay, growth factor, cap (seconds).
 BACKOFF_FIRST, BACKOFF_FACTOR, BACKOFF_MAX = 0.1, 2.0, 5.0
 
@@ -261,7 +264,7 @@ class _Pool:
                 except BaseException:
                     ssh.close()
                     raise
-        except (OSError, TimeoutError, ValueError, asyncssh.Error, asyncssh.KeyImportError) as error:
+        except _CONNECT_ERRORS as error:
             self._backoff = min(max(self._backoff * BACKOFF_FACTOR, BACKOFF_FIRST), BACKOFF_MAX)
             self._retry_at = loop.time() + self._backoff
             raise self._connect_error(error) from error
@@ -269,7 +272,7 @@ class _Pool:
         self.stats.connects += 1
         return _Connection(ssh, sftp, self._settings)
 
-    async def _on_connection(self, path: str, operation: Callable[[_Connection], Awaitable[T]]) -> T:
+    async def _on_connection(self, path: str, operation: _Operation[T]) -> T:
         """Run ``operation`` on the least busy connection; retry once if that connection drops."""
         try:
             return await self._attempt(path, operation)
@@ -283,7 +286,7 @@ class _Pool:
                 "and again on a fresh connection"
             ) from dropped.cause
 
-    async def _attempt(self, path: str, operation: Callable[[_Connection], Awaitable[T]]) -> T:
+    async def _attempt(self, path: str, operation: _Operation[T]) -> T:
         slot = min(self._slots, key=_Slot.preference)
         with slot.lease():
             conn = await slot.connection()
@@ -295,7 +298,8 @@ class _Pool:
                     "file but the server does not have it (it may be archived)"
                 ) from None
             except asyncssh.SFTPPermissionDenied:
-                raise TransferError(f"{self.host}:{path}: permission denied on the server") from None
+                message = f"{self.host}:{path}: permission denied on the server"
+                raise TransferError(message) from None
             except _CONNECTION_ERRORS as error:
                 slot.drop(conn)
                 raise _Dropped(error) from error
@@ -502,4 +506,5 @@ def _split(offset: int, length: int, connections: int) -> list[tuple[int, int]]:
         return [(offset, length)]
     count = min(connections, max(1, length // SPLIT_PIECE))
     piece = math.ceil(length / count)
-    return [(start, min(piece, offset + length - start)) for start in range(offset, offset + length, piece)]
+    end = offset + length
+    return [(start, min(piece, end - start)) for start in range(offset, end, piece)]

@@ -95,7 +95,7 @@ class OpenSSHServer:
         self._wait(STOP_TIMEOUT)
 
     def signal_connections(self, signum: int) -> None:
-        """Signal the processes serving connections, not the listener (SIGSTOP: a stalled server)."""
+        """Signal the processes serving connections, not the listener (SIGSTOP: a stall)."""
         if self._process is not None:
             for pid in _descendants(self._process.pid):
                 with contextlib.suppress(ProcessLookupError):
