@@ -1,0 +1,144 @@
+"""The ``scicatfs`` command: mount, unmount, demo.
+
+Also accepts the form libfuse's ``mount.fuse3`` uses for ``mount -t
+fuse.scicatfs`` and fstab (``scicatfs SOURCE MOUNTPOINT -o key=value,...``),
+rewritten by :func:`scicatfs.config.helper_argv_to_cli`.
+
+Every failure a user can cause (bad option, unreadable token file, missing
+mountpoint, unreachable catalog) ends in one line on stderr and a non-zero
+exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from scicatfs import __version__
+from scicatfs.config import LOG_LEVELS, ConfigError, helper_argv_to_cli, mount_options, split_fuse_o
+
+__all__ = ["main"]
+
+COMMANDS = ("mount", "unmount", "demo")
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    # None (not False) when absent, so that a profile's value is not overridden.
+    parser.add_argument(name, action="store_const", const=True, default=None, help=help)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scicatfs",
+        description="Mount a SciCat data catalog as a read-only filesystem; "
+        "dataset files are fetched over SFTP on first read and cached.",
+    )
+    parser.add_argument("--version", action="version", version=f"scicatfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser("mount", help="mount a catalog", description="Mount a SciCat catalog at MOUNTPOINT.")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory you own")
+    mount.add_argument("--url", help="catalog URL, e.g. https://scicat.ess.eu/api/v3 (with or without /api/v3)")
+    mount.add_argument("--profile", help="named profile from the config file (command-line options override it)")
+    mount.add_argument("--config", type=Path, help="config file (default: ~/.config/scicatfs/config.toml)")
+    login = mount.add_argument_group("catalog credentials (default: $SCICAT_TOKEN, systemd credential, else anonymous)")
+    login.add_argument("--token-file", type=Path, help="file holding a SciCat token (must not be group/world-readable)")
+    login.add_argument("--username", help="log in with this user name (needs --password-file)")
+    login.add_argument("--password-file", type=Path, help="file holding the password (must not be group/world-readable)")
+    sftp = mount.add_argument_group("file server (SFTP)")
+    sftp.add_argument("--sftp-host", help="SFTP host for every dataset (default: each dataset's sourceFolderHost)")
+    sftp.add_argument("--sftp-port", help="SFTP port (default: ssh config, else 22)")
+    sftp.add_argument("--sftp-user", help="SFTP user name (default: ssh config, else your login name)")
+    sftp.add_argument("--identity-file", type=Path, help="SSH private key (default: ssh-agent and ~/.ssh keys)")
+    sftp.add_argument("--known-hosts", type=Path, help="known_hosts file (default: ~/.ssh/known_hosts)")
+    _flag(sftp, "--insecure-no-host-key-check", "accept any host key (INSECURE: only for throw-away test servers)")
+    sftp.add_argument("--sftp-connections", help="SSH connections per host (default 4)")
+    cache = mount.add_argument_group("cache")
+    cache.add_argument("--cache-dir", type=Path, help="persistent cache directory (default: ~/.cache/scicatfs)")
+    cache.add_argument("--cache-size", help="cache budget, e.g. 20G (default: min(10G, 10%% of its filesystem))")
+    tuning = mount.add_argument_group("behaviour")
+    tuning.add_argument("--record-ttl", help="seconds a dataset record is trusted before asking again (default 60)")
+    tuning.add_argument("--listing-ttl", help="seconds a listing or a 'no such name' is trusted (default 30)")
+    _flag(tuning, "--xattrs", "expose user.scicat.* extended attributes (costs ls -l a round trip per file)")
+    _flag(tuning, "--allow-other", "let other users read the mount (adds default_permissions)")
+    _flag(tuning, "--foreground", "stay in the foreground (default: return once the mount answers)")
+    tuning.add_argument("-f", dest="foreground", action="store_const", const=True, help=argparse.SUPPRESS)
+    tuning.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
+    tuning.add_argument(
+        "-o", dest="o", action="append", default=[], metavar="OPTS",
+        help="comma-separated key=value options: scicatfs keys (token_file=..., xattrs, allow_other, ...) "
+        "or FUSE mount options",
+    )
+
+    unmount = commands.add_parser("unmount", help="unmount (also cleans up a stale mount)")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+
+    demo = commands.add_parser(
+        "demo", help="mount a built-in demo catalog",
+        description="Start the demo catalog and SFTP server, mount them, and stay until Ctrl-C.",
+    )
+    demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", type=Path,
+                      help="an empty directory (default: a temporary one)")
+    demo.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="log verbosity (default warning)")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s scicatfs %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if level != "debug":
+        # Both log every request or connection at INFO; scicatfs logs what matters itself.
+        for chatty in ("httpx", "asyncssh"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def _mount(args: argparse.Namespace) -> int:
+    from scicatfs.mount import run  # imported late: the other commands need no FUSE
+
+    values = {key: value for key, value in vars(args).items() if key not in ("command", "o")}
+    scicat_keys, fuse = split_fuse_o(args.o)
+    for key, value in scicat_keys.items():
+        if values.get(key) is None:
+            values[key] = value
+    if fuse:
+        values["fuse_options"] = tuple(fuse)
+    options = mount_options(values)
+    _setup_logging(options.log_level)
+    return run(options)
+
+
+def _unmount(args: argparse.Namespace) -> int:
+    from scicatfs.mountpoint import MountpointError, unmount
+
+    try:
+        unmount(args.mountpoint)
+    except MountpointError as error:
+        print(f"scicatfs: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from scicatfs.demo_session import run_demo
+
+    _setup_logging(args.log_level)
+    return run_demo(args.mountpoint, args.log_level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if arguments and arguments[0] not in COMMANDS and not arguments[0].startswith("-"):
+            arguments = helper_argv_to_cli(arguments)
+        args = _parser().parse_args(arguments)
+        handler = {"mount": _mount, "unmount": _unmount, "demo": _demo}[args.command]
+        return handler(args)
+    except ConfigError as error:
+        print(f"scicatfs: {error}", file=sys.stderr)
+        return 2

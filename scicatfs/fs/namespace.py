@@ -1,0 +1,463 @@
+"""The tree the mount shows, built from catalog answers.
+
+Layout::
+
+    /                                   PID level "" (datasets and PID prefixes)
+    /20.500.12269/                      PID level "20.500.12269/"
+    /20.500.12269/72fe.../              a dataset
+        metadata.json                   the catalog record (unless a data file has that name)
+        .scicat/metadata.json           the catalog record, always
+        .scicat/files.json              remote path, size, checksum, cached bytes of each file
+        flux.dat, logs/measurement.log  the dataset's files in their directories
+
+PIDs nest by ``/``: a PID level lists the next component of every visible PID
+that starts with its prefix. A name that is both a dataset and the prefix of
+longer PIDs shows as the dataset.
+
+The metadata.json rule: a real data file called ``metadata.json`` at the top
+of a dataset keeps its name (data is never hidden); the record is then only at
+``.scicat/metadata.json``, which exists in every dataset. ``.scicat`` itself
+is reserved: a data file or directory of that name at the top level is not
+shown (logged once).
+
+Everything here is independent of FUSE: nodes are plain hashable values (their
+identity is their inode key, see :mod:`scicatfs.fs.inodes`), and the methods
+answer "what is under this name", "what are the attributes", "what are the
+children" and "what are the bytes of this generated file".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+from cachetools import LRUCache, TTLCache
+
+from scicatfs.cache.store import FileSpec
+from scicatfs.catalog.client import CatalogClient
+from scicatfs.catalog.errors import CatalogUnavailable, DatasetForbidden, DatasetNotFound
+from scicatfs.catalog.models import DataFile, Dataset, metadata_json
+from scicatfs.fs.errors import NoEntry
+
+__all__ = [
+    "Attributes",
+    "ControlDir",
+    "DataFileNode",
+    "DatasetDir",
+    "Entry",
+    "Namespace",
+    "Node",
+    "PidLevel",
+    "ROOT",
+    "RecordFile",
+]
+
+log = logging.getLogger(__name__)
+
+CONTROL_DIR = ".scicat"
+METADATA = "metadata.json"
+FILES = "files.json"
+
+
+@dataclass(frozen=True, slots=True)
+class PidLevel:
+    """A directory of PID components: the root (prefix ``""``) or a PID prefix ending in ``/``."""
+
+    prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetDir:
+    """A dataset (``path == ""``) or a directory inside it."""
+
+    pid: str
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlDir:
+    """``<dataset>/.scicat``."""
+
+    pid: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFile:
+    """A generated file: ``metadata.json`` (either place) or ``.scicat/files.json``.
+
+    ``version`` is a digest of metadata.json's bytes, so a changed record is a
+    new node (and a new inode, whose page cache cannot hold the old text).
+    files.json changes whenever the cache fills; it has no version and is read
+    with direct I/O instead.
+    """
+
+    pid: str
+    path: str
+    version: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.path.endswith(FILES)
+
+
+@dataclass(frozen=True, slots=True)
+class DataFileNode:
+    """A dataset file; the spec holds everything that identifies its version."""
+
+    spec: FileSpec
+
+
+Node = PidLevel | DatasetDir | ControlDir | RecordFile | DataFileNode
+ROOT = PidLevel("")
+
+
+@dataclass(frozen=True, slots=True)
+class Attributes:
+    """What ``stat`` shows, plus how long the kernel may trust it (``ttl`` seconds)."""
+
+    is_dir: bool
+    size: int
+    mtime: float
+    nlink: int
+    ttl: float
+    cached: int | None = None
+
+
+Entry = tuple[str, Node, Attributes]
+
+
+class _DatasetView:
+    """One version of a dataset as a tree: directory path -> {name: file or None (a directory)}."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.metadata = metadata_json(dataset)
+        self.version = hashlib.sha256(self.metadata).hexdigest()[:16]
+        self.dirs: dict[str, dict[str, DataFile | None]] = {"": {}}
+        for datafile in dataset.files:
+            parent, _, name = datafile.path.rpartition("/")
+            self._directory(parent)[name] = datafile
+        top = self.dirs[""]
+        if CONTROL_DIR in top:
+            log.warning(
+                "dataset %r: its top-level %r is hidden by the reserved %s/ directory",
+                dataset.pid, CONTROL_DIR, CONTROL_DIR,
+            )
+            del top[CONTROL_DIR]
+        self.metadata_shadowed = METADATA in top
+
+    def _directory(self, path: str) -> dict[str, DataFile | None]:
+        entries = self.dirs.get(path)
+        if entries is None:
+            parent, _, name = path.rpartition("/")
+            self._directory(parent)[name] = None
+            entries = self.dirs[path] = {}
+        return entries
+
+    def subdirectories(self, path: str) -> int:
+        return sum(1 for child in self.dirs[path].values() if child is None)
+
+
+class Namespace:
+    """Resolves names and attributes for the filesystem, backed by the catalog.
+
+    ``cached_bytes`` reports how much of a file the local cache holds (for
+    ``st_blocks``, files.json and xattrs). ``sftp_host`` is None when the user
+    named a file server (every file is then read from that default host);
+    otherwise each dataset's ``sourceFolderHost`` is used.
+    ``on_change(pid)`` is called when a dataset's record or file list changed
+    since it was last seen, so the caller can invalidate the kernel's caches.
+    """
+
+    def __init__(
+        self,
+        catalog: CatalogClient,
+        cached_bytes: Callable[[FileSpec], int],
+        *,
+        use_source_folder_host: bool = False,
+        record_ttl: float = 60.0,
+        listing_ttl: float = 30.0,
+        on_change: Callable[[str], None] | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._cached_bytes = cached_bytes
+        self._use_source_folder_host = use_source_folder_host
+        self.record_ttl = record_ttl
+        self.listing_ttl = listing_ttl
+        self.on_change = on_change
+        self._started = time.time()
+        self._views: LRUCache[str, _DatasetView] = LRUCache(maxsize=64)
+        # Names a listing showed, so a lookup right after `ls` needs no request
+        # to tell a PID prefix from a dataset.
+        self._seen_prefixes: TTLCache[str, bool] = TTLCache(maxsize=65536, ttl=max(listing_ttl, 1e-3))
+        self._reported: LRUCache[str, bool] = LRUCache(maxsize=4096)
+
+    # -- lookup ------------------------------------------------------------------
+
+    async def lookup(self, parent: Node, name: str) -> Node:
+        """The child ``name`` of ``parent``; :class:`NoEntry` if there is none."""
+        if isinstance(parent, PidLevel):
+            return await self._lookup_pid(parent.prefix + name)
+        if isinstance(parent, DatasetDir):
+            view = await self._view(parent.pid)
+            entries = view.dirs.get(parent.path)
+            if entries is None:
+                raise NoEntry(f"{parent.path} is no longer a directory of {parent.pid}")
+            if name in entries:
+                return self._child(view, parent.path, name, entries[name])
+            if parent.path == "" and name == CONTROL_DIR:
+                return ControlDir(parent.pid)
+            if parent.path == "" and name == METADATA:
+                return RecordFile(parent.pid, METADATA, view.version)
+        if isinstance(parent, ControlDir):
+            if name == METADATA:
+                view = await self._view(parent.pid)
+                return RecordFile(parent.pid, f"{CONTROL_DIR}/{METADATA}", view.version)
+            if name == FILES:
+                return RecordFile(parent.pid, f"{CONTROL_DIR}/{FILES}")
+        raise NoEntry(name)
+
+    async def _lookup_pid(self, candidate: str) -> Node:
+        """A dataset if ``candidate`` is a PID, a PID level if it is a prefix of some."""
+        if self._seen_prefixes.get(candidate):
+            return PidLevel(candidate + "/")
+        try:
+            await self._view(candidate)
+        except DatasetNotFound:
+            if await self._catalog.is_pid_prefix(candidate):
+                return PidLevel(candidate + "/")
+            raise NoEntry(candidate) from None
+        except DatasetForbidden:
+            # A prefix of visible PIDs is still browsable; a dataset we may not
+            # read is EACCES (see docs: the catalog itself says it exists).
+            if await self._catalog.is_pid_prefix(candidate):
+                return PidLevel(candidate + "/")
+            raise
+        return DatasetDir(candidate)
+
+    def _child(self, view: _DatasetView, directory: str, name: str, child: DataFile | None) -> Node:
+        path = f"{directory}/{name}" if directory else name
+        if child is None:
+            return DatasetDir(view.dataset.pid, path)
+        return DataFileNode(self._spec(view.dataset, child))
+
+    def _spec(self, dataset: Dataset, datafile: DataFile) -> FileSpec:
+        return FileSpec(
+            pid=dataset.pid,
+            path=datafile.path,
+            host=dataset.source_folder_host if self._use_source_folder_host else None,
+            remote_path=datafile.remote_path,
+            size=datafile.size,
+            mtime=datafile.mtime,
+            checksum=datafile.checksum,
+        )
+
+    # -- attributes ----------------------------------------------------------------
+
+    async def attributes(self, node: Node) -> Attributes:
+        """``stat`` of ``node``; dataset-backed nodes may ask the catalog (TTL-cached)."""
+        if isinstance(node, PidLevel):
+            return self._level_attributes()
+        if isinstance(node, DataFileNode):
+            return self._file_attributes(node.spec)
+        view = await self._view(node.pid)
+        created = view.dataset.creation_time
+        if isinstance(node, DatasetDir):
+            if node.path not in view.dirs:
+                raise NoEntry(f"{node.path} is no longer a directory of {node.pid}")
+            extra = 1 if node.path == "" else 0  # .scicat
+            return Attributes(True, 0, created, 2 + extra + view.subdirectories(node.path), self.record_ttl)
+        if isinstance(node, ControlDir):
+            return Attributes(True, 0, created, 2, self.record_ttl)
+        if node.live:
+            return Attributes(False, len(self._files_json(view)), time.time(), 1, ttl=1.0)
+        return Attributes(False, len(self._record_bytes(view, node)), created, 1, self.record_ttl)
+
+    def _level_attributes(self) -> Attributes:
+        # nlink 1 means "subdirectory count unknown" to find(1) and friends.
+        return Attributes(True, 0, self._started, 1, self.listing_ttl)
+
+    def _file_attributes(self, spec: FileSpec) -> Attributes:
+        return Attributes(False, spec.size, spec.mtime, 1, self.record_ttl, self._cached_bytes(spec))
+
+    # -- listings --------------------------------------------------------------------
+
+    async def listing(self, node: Node) -> Callable[[], AsyncIterator[Entry]]:
+        """A restartable source of the entries of directory ``node``.
+
+        A dataset directory is fixed now, at opendir: every restart replays
+        the same version. A PID level is streamed page by page from the
+        catalog on each (re)start, so no listing of the whole catalog is ever
+        held in memory.
+        """
+        if isinstance(node, PidLevel):
+            return lambda: self._pid_entries(node.prefix)
+        if isinstance(node, (DatasetDir, ControlDir)):
+            view = await self._view(node.pid)
+            if isinstance(node, ControlDir):
+                return lambda: _replay(self._control_entries(view))
+            if node.path not in view.dirs:
+                raise NoEntry(f"{node.path} is no longer a directory of {node.pid}")
+            return lambda: _replay(self._dataset_entries(view, node.path))
+        raise NotADirectoryError(str(node))
+
+    def _dataset_entries(self, view: _DatasetView, path: str) -> Iterator[Entry]:
+        pid = view.dataset.pid
+        created = view.dataset.creation_time
+        if path == "":
+            if not view.metadata_shadowed:
+                record = RecordFile(pid, METADATA, view.version)
+                yield METADATA, record, Attributes(False, len(view.metadata), created, 1, self.record_ttl)
+            yield CONTROL_DIR, ControlDir(pid), Attributes(True, 0, created, 2, self.record_ttl)
+        for name, child in view.dirs[path].items():
+            node = self._child(view, path, name, child)
+            if isinstance(node, DataFileNode):
+                yield name, node, self._file_attributes(node.spec)
+            else:
+                nlink = 2 + view.subdirectories(node.path)
+                yield name, node, Attributes(True, 0, created, nlink, self.record_ttl)
+
+    def _control_entries(self, view: _DatasetView) -> Iterator[Entry]:
+        pid = view.dataset.pid
+        created = view.dataset.creation_time
+        record = RecordFile(pid, f"{CONTROL_DIR}/{METADATA}", view.version)
+        yield METADATA, record, Attributes(False, len(view.metadata), created, 1, self.record_ttl)
+        files = RecordFile(pid, f"{CONTROL_DIR}/{FILES}")
+        yield FILES, files, Attributes(False, len(self._files_json(view)), time.time(), 1, 1.0)
+
+    async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
+        """Next PID components below ``prefix``, from the catalog's PID-ordered stream.
+
+        In PID order every PID that starts with a name follows it without a
+        gap, so remembering the names that are prefixes of the current PID is
+        enough to list each name once while holding almost nothing.
+        """
+        open_names: list[str] = []
+        async for pid in self._catalog.iter_pids(prefix):
+            rest = pid[len(prefix):]
+            name, slash, _ = rest.partition("/")
+            if not _valid_component(name):
+                self._report_once(pid, f"PID {pid!r} cannot be shown: {name!r} is not a usable file name")
+                continue
+            open_names = [n for n in open_names if rest.startswith(n)]
+            if name in open_names:
+                continue
+            open_names.append(name)
+            if slash:
+                self._seen_prefixes[prefix + name] = True
+                yield name, PidLevel(f"{prefix}{name}/"), self._level_attributes()
+            else:
+                yield name, DatasetDir(pid), self._listed_dataset_attributes(pid)
+
+    def _listed_dataset_attributes(self, pid: str) -> Attributes:
+        """Attributes for a dataset seen only as a PID in a listing.
+
+        Its creation time is unknown without fetching the record, which a
+        listing must not do for every entry; so unless the record is already
+        at hand the entry gets provisional attributes with a zero TTL, and the
+        kernel's next access looks it up (and gets the real ones).
+        """
+        view = self._views.get(pid)
+        if view is None:
+            return Attributes(True, 0, self._started, 1, ttl=0.0)
+        return Attributes(True, 0, view.dataset.creation_time, 3 + view.subdirectories(""), self.record_ttl)
+
+    # -- contents ------------------------------------------------------------------
+
+    async def content(self, node: RecordFile) -> bytes:
+        """The bytes of a generated file."""
+        view = await self._view(node.pid)
+        return self._files_json(view) if node.live else self._record_bytes(view, node)
+
+    def _record_bytes(self, view: _DatasetView, node: RecordFile) -> bytes:
+        if node.version != view.version:
+            raise NoEntry(f"{node.path} of {node.pid} changed in the catalog; look it up again")
+        return view.metadata
+
+    def _files_json(self, view: _DatasetView) -> bytes:
+        dataset = view.dataset
+        files = []
+        for datafile in dataset.files:
+            if datafile.path.partition("/")[0] == CONTROL_DIR:
+                continue
+            files.append(
+                {
+                    "path": datafile.path,
+                    "remote_path": datafile.remote_path,
+                    "size": datafile.size,
+                    "checksum": None if datafile.checksum is None else str(datafile.checksum),
+                    "cached": self._cached_bytes(self._spec(dataset, datafile)),
+                }
+            )
+        document = {"pid": dataset.pid, "sourceFolder": dataset.source_folder, "files": files}
+        return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+
+    async def xattrs(self, node: Node) -> dict[str, bytes]:
+        """``user.scicat.*`` attributes of ``node`` (only with ``-o xattrs``)."""
+        if isinstance(node, DataFileNode):
+            spec = node.spec
+            values = {
+                "user.scicat.pid": spec.pid,
+                "user.scicat.remote_path": spec.remote_path,
+                "user.scicat.cached": str(self._cached_bytes(spec)),
+            }
+            if spec.checksum is not None:
+                values["user.scicat.checksum"] = str(spec.checksum)
+        elif isinstance(node, DatasetDir):
+            view = await self._view(node.pid)
+            folder = view.dataset.source_folder.rstrip("/") or "/"
+            remote = f"{folder}/{node.path}" if node.path else folder
+            values = {"user.scicat.pid": node.pid, "user.scicat.remote_path": remote}
+        elif isinstance(node, (ControlDir, RecordFile)):
+            values = {"user.scicat.pid": node.pid}
+        else:
+            values = {}
+        return {key: value.encode("utf-8", "surrogateescape") for key, value in values.items()}
+
+    # -- datasets ------------------------------------------------------------------
+
+    async def _view(self, pid: str) -> _DatasetView:
+        """The tree of dataset ``pid``, rebuilt only when the catalog returns a new record.
+
+        When the catalog cannot be reached, the last version seen keeps being
+        served, so browsing what was already open survives a network outage.
+        """
+        previous = self._views.get(pid)
+        try:
+            dataset = await self._catalog.get_dataset(pid)
+        except CatalogUnavailable as error:
+            if previous is None:
+                raise
+            self._report_once(f"offline:{pid}", f"dataset {pid!r}: catalog unreachable, serving the last version seen ({error})")
+            return previous
+        if previous is not None and previous.dataset is dataset:
+            return previous
+        view = _DatasetView(dataset)
+        self._views[pid] = view
+        if previous is not None and (previous.version, previous.dataset.files) != (view.version, dataset.files):
+            log.info("dataset %r changed in the catalog", pid)
+            if self.on_change is not None:
+                self.on_change(pid)
+        return view
+
+    def _report_once(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported[key] = True
+            log.warning("%s", message)
+
+
+def _valid_component(name: str) -> bool:
+    return (
+        name not in ("", ".", "..")
+        and "\0" not in name
+        and len(name.encode("utf-8", "surrogatepass")) <= 255
+    )
+
+
+async def _replay(entries: Iterator[Entry]) -> AsyncIterator[Entry]:
+    for entry in entries:
+        yield entry

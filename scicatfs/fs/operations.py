@@ -1,0 +1,278 @@
+"""pyfuse3 request handlers: FUSE call -> namespace / fetcher call -> errno.
+
+Rules this module keeps (the numbers behind them are in
+../shared/research/fuse-anchors.md and docs/architecture.md):
+
+* Never a zero timeout for things that have attributes: each answer carries
+  the namespace's TTL (catalog record or listing TTL). Unknown names are
+  answered with ``st_ino = 0`` and the listing TTL, which the kernel caches as
+  a negative entry, so repeated probes for ``.git`` or ``__pycache__`` do not
+  reach the catalog.
+* Data files are opened with ``keep_cache`` (their inode is their version, see
+  :mod:`scicatfs.fs.inodes`) and never with ``direct_io``, so re-reads come
+  from the page cache and shared ``mmap`` works. Only ``.scicat/files.json``,
+  whose content follows the cache, is read with direct I/O.
+* Reads are capped (``max_reads``) below pyfuse3's worker count, so however
+  many readers wait for the network, some workers are always free to answer
+  ``stat``, ``lookup`` and ``readdir``.
+* Without ``-o xattrs`` getxattr/listxattr answer ENOSYS, which the kernel
+  remembers for the whole mount, so ``ls -l`` costs no xattr round trips.
+* Every write-type request answers EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+import os
+import stat
+from collections.abc import Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from scicatfs.cache.fetcher import Fetcher, Handle
+from scicatfs.fs.dirstream import DirectoryStream
+from scicatfs.fs.errors import NoEntry, fuse_errors
+from scicatfs.fs.inodes import InodeTable
+from scicatfs.fs.namespace import (
+    ROOT,
+    Attributes,
+    ControlDir,
+    DataFileNode,
+    DatasetDir,
+    Entry,
+    Namespace,
+    Node,
+    PidLevel,
+    RecordFile,
+)
+
+__all__ = ["FsOptions", "ScicatOperations"]
+
+log = logging.getLogger(__name__)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+_BLOCK = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class FsOptions:
+    """Knobs of the filesystem itself (the mount's other options live elsewhere).
+
+    ``max_reads`` must stay below the ``max_tasks`` given to ``pyfuse3.main``
+    so that metadata requests always find a free worker.
+    """
+
+    xattrs: bool = False
+    max_reads: int = 48
+    uid: int = os.getuid()
+    gid: int = os.getgid()
+    negative_ttl: float = 30.0
+
+
+def _name(raw: bytes) -> str:
+    """Names in the catalog are JSON text; a name that is not UTF-8 cannot be in it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+
+def _where(node: Node) -> tuple[str | None, str | None]:
+    """(pid, path) of ``node`` for log lines."""
+    if isinstance(node, PidLevel):
+        return None, node.prefix or "/"
+    if isinstance(node, DataFileNode):
+        return node.spec.pid, node.spec.path
+    if isinstance(node, ControlDir):
+        return node.pid, ".scicat"
+    return node.pid, node.path
+
+
+class ScicatOperations(pyfuse3.Operations):
+    """The read-only filesystem over a :class:`Namespace` and a :class:`Fetcher`."""
+
+    supports_dot_lookup = False  # no NFS export: "." and ".." are the kernel's business
+
+    def __init__(self, namespace: Namespace, fetcher: Fetcher, options: FsOptions) -> None:
+        super().__init__()
+        self.namespace = namespace
+        self.fetcher = fetcher
+        self.options = options
+        self.inodes: InodeTable[Node] = InodeTable(ROOT)
+        self._handles = itertools.count(1)
+        self._files: dict[int, Handle] = {}
+        self._records: dict[int, bytes] = {}
+        self._dirs: dict[int, DirectoryStream[Entry]] = {}
+        self._reads = trio.CapacityLimiter(options.max_reads)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.inodes.node(ino)
+        except KeyError:
+            # The kernel asked about an inode it had forgotten: a bug somewhere,
+            # but the caller should get an error, not a crash.
+            log.error("request for unknown inode %d", ino)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _entry(self, ino: int, attributes: Attributes) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = ino
+        entry.generation = 0
+        entry.entry_timeout = attributes.ttl
+        entry.attr_timeout = attributes.ttl
+        entry.st_mode = (stat.S_IFDIR | 0o555) if attributes.is_dir else (stat.S_IFREG | 0o444)
+        entry.st_nlink = attributes.nlink
+        entry.st_uid = self.options.uid
+        entry.st_gid = self.options.gid
+        entry.st_size = attributes.size
+        entry.st_blksize = _BLOCK
+        stored = attributes.size if attributes.cached is None else attributes.cached
+        entry.st_blocks = math.ceil(stored / 512)
+        mtime_ns = int(attributes.mtime * 1e9)
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime_ns
+        return entry
+
+    # -- names and attributes ------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        text = _name(name)
+        if isinstance(parent, PidLevel):
+            pid, path = parent.prefix + text, None
+        else:
+            pid, path = _where(parent)
+            path = f"{path}/{text}" if path else text
+        try:
+            with fuse_errors("lookup", pid, path):
+                node = await self.namespace.lookup(parent, text)
+                attributes = await self.namespace.attributes(node)
+        except pyfuse3.FUSEError as error:
+            if error.errno != errno.ENOENT:
+                raise
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = self.options.negative_ttl
+            return negative
+        return self._entry(self.inodes.acquire(node), attributes)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        with fuse_errors("stat", *_where(node)):
+            return self._entry(inode, await self.namespace.attributes(node))
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """Read-only and network-backed: nothing free, sizes unknown (like sshfs without a quota)."""
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = _BLOCK
+        data.f_blocks = data.f_bfree = data.f_bavail = 0
+        data.f_files = data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    # -- directories --------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        with fuse_errors("opendir", *_where(node)):
+            if isinstance(node, (RecordFile, DataFileNode)):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            source = await self.namespace.listing(node)
+        fh = next(self._handles)
+        self._dirs[fh] = DirectoryStream(source)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        stream = self._dirs[fh]
+        replied = 0
+        try:
+            async with aclosing(stream.entries_from(start_id)) as entries:
+                async for index, (name, node, attributes) in entries:
+                    ino = self.inodes.acquire(node)
+                    if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._entry(ino, attributes), index + 1):
+                        self.inodes.forget(ino, 1)  # not delivered: the kernel holds no reference
+                        return
+                    replied += 1
+        except Exception as error:
+            if replied:
+                # Hand over what we have; the kernel's next readdir retries the rest.
+                log.warning("listing interrupted after %d entries: %s", replied, error)
+                return
+            with fuse_errors("readdir", None, None):
+                raise
+
+    async def releasedir(self, fh: int) -> None:
+        stream = self._dirs.pop(fh)
+        await stream.aclose()
+
+    # -- files --------------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        fh = next(self._handles)
+        with fuse_errors("open", *_where(node)):
+            if isinstance(node, DataFileNode):
+                self._files[fh] = await self.fetcher.open(node.spec)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            if isinstance(node, RecordFile):
+                self._records[fh] = await self.namespace.content(node)
+                if node.live:
+                    return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+                return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        record = self._records.get(fh)
+        if record is not None:
+            return record[off:off + size]
+        handle = self._files[fh]
+        with fuse_errors("read", handle.spec.pid, handle.spec.path):
+            async with self._reads:
+                return await self.fetcher.read(handle, off, size)
+
+    async def release(self, fh: int) -> None:
+        if self._records.pop(fh, None) is not None:
+            return
+        handle = self._files.pop(fh)
+        with fuse_errors("release", handle.spec.pid, handle.spec.path):
+            await self.fetcher.release(handle)
+
+    # -- extended attributes ---------------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        values = await self._xattrs(inode)
+        try:
+            return values[name.decode("utf-8", "surrogateescape")]
+        except KeyError:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [key.encode("utf-8") for key in await self._xattrs(inode)]
+
+    async def _xattrs(self, inode: int) -> dict[str, bytes]:
+        if not self.options.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        node = self._node(inode)
+        with fuse_errors("getxattr", *_where(node)):
+            return await self.namespace.xattrs(node)
+
+    # -- everything that would write -------------------------------------------------
+
+    async def _read_only(self, *args: object) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only  # type: ignore[assignment]
+    write = create = setxattr = removexattr = _read_only  # type: ignore[assignment]

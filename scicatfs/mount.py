@@ -1,0 +1,279 @@
+"""One mount's life: connect the layers, mount, serve, unmount.
+
+Order of events, and why:
+
+1. Cheap local checks (FUSE usable, mountpoint empty and not stale,
+   credentials readable) and one catalog request, *before* mounting: a mount
+   that cannot work must fail with one clear line, not leave a directory that
+   answers EIO.
+2. ``pyfuse3.init`` mounts; ``pyfuse3.main`` serves requests.
+3. Readiness is "the root answers ``stat``" (checked from a thread, since the
+   loop that answers runs in this one). Only then: the bdi read-ahead is
+   raised, systemd is told READY=1, and a parent waiting in :func:`run`
+   (background mode) is released with exit status 0, as sshfs does.
+4. SIGINT/SIGTERM/SIGHUP end the loop; ``pyfuse3.close(unmount=True)`` then
+   detaches the mount (lazily, so a busy mount cannot keep a stopped process
+   around), also when something failed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pyfuse3
+import trio
+
+from scicatfs.cache.errors import CacheError
+from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.store import BlobStore
+from scicatfs.catalog.auth import resolve_credentials
+from scicatfs.catalog.client import CatalogClient, CatalogSettings
+from scicatfs.catalog.errors import CatalogError
+from scicatfs.config import MountOptions
+from scicatfs.fs.namespace import Namespace
+from scicatfs.fs.operations import FsOptions, ScicatOperations
+from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
+from scicatfs.notify import notify_ready, notify_stopping
+from scicatfs.transfer.sftp import SFTPSettings, Transfer
+
+__all__ = ["MountError", "fuse_options", "run", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: pyfuse3 workers; reads may use READS of them, the rest stay free for metadata.
+MAX_TASKS = 64
+READS = 48
+#: The root must answer stat within this time after mounting, or the mount is abandoned.
+READY_TIMEOUT = 30.0
+READ_AHEAD_KB = 1024
+DEFAULT_CACHE_BUDGET = 10 * 1024**3
+
+
+class MountError(Exception):
+    """The mount could not be set up; the message is the one line the user sees."""
+
+
+def fuse_options(options: MountOptions) -> set[str]:
+    """libfuse mount options: read-only, named ``scicat:<host>`` of type ``fuse.scicatfs``."""
+    parts = urlsplit(options.url)
+    host = parts.hostname or "catalog"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    result = {f"fsname=scicat:{host}", "subtype=scicatfs", "ro", "nosuid", "nodev", "noatime"}
+    if options.allow_other:
+        # Other users' access must then be checked by the kernel against our modes.
+        result |= {"allow_other", "default_permissions"}
+    result.update(options.fuse_options)
+    return result
+
+
+def cache_budget(options: MountOptions) -> int:
+    """The cache size: as configured, else min(10 GiB, 10 % of the filesystem holding it)."""
+    if options.cache_size is not None:
+        return options.cache_size
+    existing = options.cache_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    stats = os.statvfs(existing)
+    return min(DEFAULT_CACHE_BUDGET, stats.f_blocks * stats.f_frsize // 10)
+
+
+def _catalog_settings(options: MountOptions) -> CatalogSettings:
+    credentials = resolve_credentials(options.token_file, options.username, options.password_file)
+    return CatalogSettings(
+        url=options.url,
+        credentials=credentials,
+        record_ttl=options.record_ttl,
+        listing_ttl=options.listing_ttl,
+    )
+
+
+def _sftp_settings(options: MountOptions) -> SFTPSettings:
+    return SFTPSettings(
+        host=options.sftp_host,
+        port=options.sftp_port,
+        username=options.sftp_user,
+        identity_files=() if options.identity_file is None else (options.identity_file,),
+        known_hosts=options.known_hosts,
+        check_host_keys=not options.insecure_no_host_key_check,
+        connections=options.sftp_connections,
+    )
+
+
+async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
+    """Mount according to ``options`` and serve until unmounted or signalled.
+
+    ``ready`` is called once the mount answers. Raises :class:`MountError`
+    for every failure before that point.
+    """
+    try:
+        check_fuse()
+        check_mountpoint(options.mountpoint)
+        catalog_settings = _catalog_settings(options)
+    except (MountpointError, CatalogError) as error:
+        raise MountError(str(error)) from None
+
+    async with CatalogClient(catalog_settings) as catalog:
+        try:
+            await catalog.count()
+        except CatalogError as error:
+            raise MountError(f"catalog at {options.url}: {error}") from None
+        try:
+            store = BlobStore(options.cache_dir, cache_budget(options))
+        except (CacheError, OSError) as error:
+            raise MountError(str(error)) from None
+        with store:
+            async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
+                namespace = Namespace(
+                    catalog,
+                    fetcher.cached_bytes,
+                    use_source_folder_host=options.sftp_host is None,
+                    record_ttl=options.record_ttl,
+                    listing_ttl=options.listing_ttl,
+                )
+                fs_options = FsOptions(xattrs=options.xattrs, max_reads=READS, negative_ttl=options.listing_ttl)
+                operations = ScicatOperations(namespace, fetcher, fs_options)
+                await _mount_and_serve(operations, options, ready)
+
+
+async def _mount_and_serve(operations: ScicatOperations, options: MountOptions, ready: Callable[[], None]) -> None:
+    mountpoint = str(options.mountpoint)
+    try:
+        pyfuse3.init(operations, mountpoint, fuse_options(options))
+    except RuntimeError:
+        raise MountError(f"mounting {mountpoint} failed (libfuse's message above says why)") from None
+    log.info("mounted %s at %s", options.url, mountpoint)
+    failures: list[str] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal)
+            nursery.start_soon(_announce, options.mountpoint, ready, failures)
+            await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+    if failures:
+        raise MountError(failures[0])
+
+
+async def _announce(mountpoint: Path, ready: Callable[[], None], failures: list[str]) -> None:
+    """Wait until the mount answers, then tell everyone; on failure, record why and stop."""
+    try:
+        with trio.fail_after(READY_TIMEOUT):
+            status = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except (trio.TooSlowError, OSError) as error:
+        failures.append(f"the mount at {mountpoint} did not answer: {error or 'timeout'}")
+        pyfuse3.terminate()
+        return
+    _raise_read_ahead(status.st_dev)
+    notify_ready()
+    ready()
+
+
+def _raise_read_ahead(device: int) -> None:
+    """Let the kernel ask for 1 MiB at a time instead of 128 KiB (doubles first-read speed).
+
+    Only root may write the bdi setting; anyone else keeps the default.
+    """
+    path = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    try:
+        if int(path.read_text()) < READ_AHEAD_KB:
+            path.write_text(str(READ_AHEAD_KB))
+    except (OSError, ValueError) as error:
+        log.debug("read-ahead left at the default: %s", error)
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for number in signals:
+            log.info("%s received, unmounting", signal.Signals(number).name)
+            notify_stopping()
+            pyfuse3.terminate()
+            return
+
+
+# -- foreground and background ----------------------------------------------------
+
+
+def run(options: MountOptions, ready: Callable[[], None] = lambda: None) -> int:
+    """Mount; in the background unless ``options.foreground``. Returns the exit status.
+
+    Background mode forks before any thread exists. The parent waits on a
+    pipe and exits 0 only when the child reports that the mount answers, or
+    prints the child's one-line error and exits 1, like sshfs.
+    """
+    if options.foreground:
+        try:
+            trio.run(serve, options, ready)
+        except MountError as error:
+            print(f"scicatfs: {error}", file=sys.stderr)
+            return 1
+        return 0
+
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode("utf-8", "replace").strip()
+        if message == "ready":
+            return 0
+        if not message:
+            _, status = os.waitpid(child, 0)
+            message = f"the mount process exited before the mount was ready (status {os.waitstatus_to_exitcode(status)})"
+        print(f"scicatfs: {message}", file=sys.stderr)
+        return 1
+
+    os.close(read_end)
+    os.setsid()
+    pipe = os.fdopen(write_end, "wb", buffering=0)
+
+    def detach() -> None:
+        pipe.write(b"ready")
+        pipe.close()
+        _detach_from_terminal()
+        ready()
+
+    status = 0
+    try:
+        trio.run(serve, options, detach)
+    except MountError as error:
+        if not pipe.closed:
+            pipe.write(str(error).encode())
+        status = 1
+    except BaseException:
+        log.exception("scicatfs stopped by an unexpected error")
+        status = 1
+    os._exit(status)
+
+
+def _detach_from_terminal() -> None:
+    """Send logs to syslog (the journal) and let go of the terminal's stdio."""
+    root = logging.getLogger()
+    level = root.level
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    if os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("scicatfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    else:
+        root.addHandler(logging.NullHandler())
+    root.setLevel(level)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        try:
+            os.dup2(null, fd)
+        except OSError as error:
+            if error.errno != errno.EBADF:
+                raise
+    os.close(null)
