@@ -417,3 +417,36 @@ def test_bridge_cancellation_reaches_asyncio() -> None:
     finally:
         thread.stop()
     assert seen == ["cancelled"]
+
+
+# -- remote handles -------------------------------------------------------------
+
+
+def test_chunked_reader_keeps_one_remote_handle(make_sshd: Callable[[], OpenSSHServer]) -> None:
+    server = make_sshd()
+    data = payload(8 * MiB)
+    path = server.put("/d/f.bin", data)
+
+    async def body(transfer: Transfer) -> list[Path]:
+        for offset in range(0, len(data), MiB):
+            assert await transfer.read(None, path, offset, MiB) == data[offset : offset + MiB]
+        return server.open_files()
+
+    still_open = with_transfer(settings_for(server, connections=1), body)
+    assert still_open == [server.local_path(path)]
+
+
+def test_evicted_handles_are_closed(make_sshd: Callable[[], OpenSSHServer]) -> None:
+    server = make_sshd()
+    paths = [server.put(f"/d/f{i}.bin", payload(100, seed=i)) for i in range(10)]
+
+    async def body(transfer: Transfer) -> list[Path]:
+        for path in paths:
+            await transfer.read(None, path, 0, 100)
+        with trio.fail_after(5):
+            while len(server.open_files()) > 3:  # closes of evicted handles are in flight
+                await trio.sleep(0.02)
+        return server.open_files()
+
+    still_open = with_transfer(settings_for(server, connections=1, open_files=3), body)
+    assert sorted(still_open) == [server.local_path(path) for path in paths[-3:]]

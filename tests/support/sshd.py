@@ -131,6 +131,22 @@ class OpenSSHServer:
             raise ValueError(f"remote path escapes the chroot: {remote_path!r}")
         return self.root / relative
 
+    def open_files(self) -> list[Path]:
+        """Files under ``root`` that the SFTP server processes hold open right now.
+
+        Lets a test see remote handles from the server side: an SFTP open is an
+        open file descriptor in the process serving that connection.
+        """
+        found = []
+        for pid in _descendants(self._process.pid) if self._process else []:
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        target = Path(os.readlink(fd))
+                        if target.is_relative_to(self.root):
+                            found.append(target)
+        return found
+
     def ssh_options(self) -> list[str]:
         """Command-line options for OpenSSH clients (sftp, sshfs, ssh) to reach this server."""
         return [
