@@ -199,10 +199,24 @@ class BlobStore:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+
+    def _touch(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        """Bookkeeping (access times, the (pid, path) map) that must not fail a read.
+
+        On a full disk the index may refuse even these rows; reads go on.
+        Caller holds ``_lock``.
+        """
+        try:
+            with self._transaction() as db:
+                for sql, parameters in statements:
+                    db.execute(sql, parameters)
+        except sqlite3.OperationalError as error:
+            log.debug("cache index not updated: %s", error)
 
     def blob_file(self, key: str) -> Path:
         name = hashlib.sha256(key.encode()).hexdigest()
@@ -220,12 +234,15 @@ class BlobStore:
                 blob = self._open_file(key, spec)
                 self._open[key] = blob
             blob.pins += 1
-            with self._transaction() as db:
-                db.execute("UPDATE blobs SET atime = ? WHERE key = ?", (now, key))
-                db.execute(
-                    "INSERT OR REPLACE INTO files (pid, path, key) VALUES (?, ?, ?)",
-                    (spec.pid, spec.path, key),
-                )
+            self._touch(
+                [
+                    ("UPDATE blobs SET atime = ? WHERE key = ?", (now, key)),
+                    (
+                        "INSERT OR REPLACE INTO files (pid, path, key) VALUES (?, ?, ?)",
+                        (spec.pid, spec.path, key),
+                    ),
+                ]
+            )
             return blob
 
     def _open_file(self, key: str, spec: FileSpec) -> Blob:
@@ -261,7 +278,7 @@ class BlobStore:
 
     def _load(self, key: str, spec: FileSpec, path: Path, fd: int, created: bool) -> Blob:
         checksum = str(spec.checksum) if spec.checksum is not None else None
-        with self._transaction() as db:
+        with self._transaction() as db:  # may fail on a full disk: then open fails (EIO)
             if created:  # rows without their file (deleted by hand?) describe nothing
                 db.execute("DELETE FROM chunks WHERE key = ?", (key,))
             db.execute(
@@ -282,8 +299,7 @@ class BlobStore:
                 return
             del self._open[blob.key]
             os.close(blob.fd)
-            with self._transaction() as db:
-                db.execute("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), blob.key))
+            self._touch([("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), blob.key))])
 
     def retain(self, blob: Blob) -> None:
         """One more pin on an already open blob (background work outliving a handle)."""
@@ -311,11 +327,15 @@ class BlobStore:
             view = view[written:]
             offset += written
         os.fdatasync(blob.fd)
-        with self._lock, self._transaction() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)",
-                (blob.key, index, len(data)),
-            )
+        try:
+            with self._lock, self._transaction() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)",
+                    (blob.key, index, len(data)),
+                )
+        except sqlite3.Error as error:  # the index shares the disk: it fills up too
+            full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}") from error
         blob.present.add(index)
 
     def refresh_chunk(self, blob: Blob, index: int) -> bool:

@@ -1,0 +1,390 @@
+"""What to fetch and when: single-flight chunk fetches, growing read-ahead, deadlines.
+
+Runs on the trio thread. Reads of cached chunks are served inline with ``pread``
+(a thread hop per small read halves throughput); chunk writes, index commits,
+hashing and eviction run in worker threads. Fetches run as tasks in the
+fetcher's own nursery, not in the reader's task, so a reader that gives up (its
+deadline passed, FUSE interrupted it) does not cancel a transfer that other
+readers share.
+
+Concurrency bounds:
+- ``max_in_flight`` bytes of chunk data are being transferred at once: a
+  ``trio.CapacityLimiter`` with one token per chunk. Only network fetches take a
+  token, so cache hits never queue behind the network.
+- Read-ahead only starts a fetch when a token is free, so demand reads are not
+  queued behind speculative ones.
+- Every transfer attempt has a deadline, and every reader waits at most
+  ``read_timeout`` before getting ``FetchTimeout`` (EIO): never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
+from scicatfs.cache.store import Blob, BlobStore, FileSpec, is_disk_full
+from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
+
+if TYPE_CHECKING:
+    from scicatfs.transfer.sftp import Transfer
+
+__all__ = ["Fetcher", "Handle"]
+
+log = logging.getLogger(__name__)
+
+LOCK_POLL_INTERVAL = 0.02
+Progress = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open file: its blob (pinned while the handle lives) and its read-ahead state."""
+
+    spec: FileSpec
+    blob: Blob
+    next_offset: int = 0
+    last_chunk: int = -1
+    window: int = 0
+
+
+@dataclass(eq=False)
+class _Flight:
+    """One chunk being fetched; every reader of that chunk waits on the same flight.
+
+    ``data`` holds the chunk's bytes once fetched, so waiters need not re-read
+    them from disk, and so that they can be served when the chunk could not be
+    cached (disk full).
+    """
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+class Fetcher:
+    """Serves reads of dataset files from the blob store, fetching missing chunks.
+
+    Use as ``async with Fetcher(store, transfer) as fetcher:``; leaving the block
+    cancels background fetches (chunks already written stay valid).
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        transfer: Transfer,
+        *,
+        max_in_flight: int = 32 * 1024 * 1024,
+        readahead_max: int = 64 * 1024 * 1024,
+        read_timeout: float = 60.0,
+        transfer_timeout: float = 20.0,
+        attempts: int = 2,
+    ) -> None:
+        if read_timeout <= 0 or transfer_timeout <= 0 or attempts < 1:
+            raise ValueError("timeouts must be positive and attempts at least 1")
+        self.store = store
+        self.transfer = transfer
+        chunk = store.chunk_size
+        self._limiter = trio.CapacityLimiter(max(1, max_in_flight // chunk))
+        self._readahead_chunks = max(1, readahead_max // chunk)
+        self.read_timeout = read_timeout
+        self.transfer_timeout = transfer_timeout
+        self.attempts = attempts
+        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._verifications: dict[str, trio.Event] = {}
+        self._evicting = False
+        self._cannot_cache = False  # the last chunk write failed (disk full?)
+        self._nursery: trio.Nursery | None = None
+        self._nursery_manager = trio.open_nursery()
+        self.stats = {"chunks_fetched": 0, "chunks_uncached": 0, "reads_from_cache": 0}
+
+    async def __aenter__(self) -> Fetcher:
+        self._nursery = await self._nursery_manager.__aenter__()
+        self._nursery.start_soon(self._evict)  # start-up eviction, in the background
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        self._nursery = None
+        return await self._nursery_manager.__aexit__(exc_type, exc, traceback)
+
+    # -- the contract used by fs ----------------------------------------------
+
+    async def open(self, spec: FileSpec) -> Handle:
+        """Pin the file's blob for reading; nothing is fetched yet."""
+        if spec.size < 0:
+            raise CacheError(f"{spec.pid} {spec.path}: negative size {spec.size} in the catalog")
+        blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
+        return Handle(spec, blob)
+
+    async def release(self, handle: Handle) -> None:
+        await self._unpin(handle.blob)
+
+    def cached_bytes(self, spec: FileSpec) -> int:
+        return self.store.cached_bytes(spec)
+
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
+        blob = handle.blob
+        if blob.error is not None:
+            raise blob.error
+        if offset < 0 or size < 0:
+            raise CacheError(f"invalid read of {size} bytes at offset {offset}")
+        end = min(offset + size, blob.size)
+        if offset >= end:
+            return b""
+        chunk = self.store.chunk_size
+        first, last = offset // chunk, (end - 1) // chunk
+        missing = [index for index in range(first, last + 1) if index not in blob.present]
+        flights = {index: self._flight(handle, index) for index in missing}
+        self._read_ahead(handle, offset, end, last)
+        if flights:
+            await self._wait(handle, flights)
+        else:
+            self.stats["reads_from_cache"] += 1
+        parts = []
+        for index in range(first, last + 1):
+            start = max(offset, index * chunk)
+            stop = min(end, (index + 1) * chunk)
+            data = flights[index].data if index in flights else None
+            if data is not None:
+                parts.append(data[start - index * chunk : stop - index * chunk])
+            else:
+                parts.append(self.store.read(blob, start, stop - start))
+        if blob.error is not None:  # verification failed (and truncated the blob) meanwhile
+            raise blob.error
+        return b"".join(parts)
+
+    async def _wait(self, handle: Handle, flights: dict[int, _Flight]) -> None:
+        """Wait for a reader's flights, at most ``read_timeout`` in all."""
+        with trio.move_on_after(self.read_timeout):
+            for flight in flights.values():
+                await flight.done.wait()
+        for index, flight in flights.items():
+            if not flight.done.is_set():
+                raise FetchTimeout(
+                    f"{handle.spec.pid} {handle.spec.path}: chunk {index} not fetched"
+                    f" within {self.read_timeout:g} s"
+                )
+            if flight.error is not None:
+                raise flight.error
+
+    async def prefetch(self, spec: FileSpec, progress: Progress | None = None) -> None:
+        """Fetch and verify a whole file; ``progress(cached_bytes, size)`` after each chunk."""
+        handle = await self.open(spec)
+        try:
+            blob = handle.blob
+            if blob.error is not None:
+                raise blob.error
+            pending: deque[tuple[int, _Flight]] = deque()
+            for index in range(blob.chunk_count):
+                if index not in blob.present:
+                    pending.append((index, self._flight(handle, index)))
+                while pending and (
+                    len(pending) >= self._limiter.total_tokens or index == blob.chunk_count - 1
+                ):
+                    await self._wait(handle, dict([pending.popleft()]))
+                    if progress is not None:
+                        progress(blob.present_bytes, blob.size)
+            await self._verify(handle)
+            if blob.error is not None:
+                raise blob.error
+            if not blob.complete:
+                raise CacheError(f"{spec.pid} {spec.path}: could not cache the whole file")
+        finally:
+            await self.release(handle)
+
+    # -- fetching ----------------------------------------------------------------
+
+    def _flight(self, handle: Handle, index: int) -> _Flight:
+        """The flight for one chunk: joined if under way, else started in the background."""
+        key = (handle.blob.key, index)
+        flight = self._flights.get(key)
+        if flight is None:
+            if self._nursery is None:
+                raise CacheError("the fetcher is not running (use it as an async context manager)")
+            flight = self._flights[key] = _Flight()
+            self.store.retain(handle.blob)
+            self._nursery.start_soon(self._run_flight, flight, handle.spec, handle.blob, index)
+        return flight
+
+    async def _run_flight(self, flight: _Flight, spec: FileSpec, blob: Blob, index: int) -> None:
+        try:
+            flight.data = await self._fetch_chunk(spec, blob, index)
+        except (Exception, trio.Cancelled) as error:
+            flight.error = error if isinstance(error, Exception) else CacheError("fetch cancelled")
+            if isinstance(error, trio.Cancelled):
+                raise
+        finally:
+            del self._flights[(blob.key, index)]
+            flight.done.set()
+            await self._unpin(blob)
+
+    async def _fetch_chunk(self, spec: FileSpec, blob: Blob, index: int) -> bytes | None:
+        """Fetch, write and record one chunk; None if another process cached it meanwhile."""
+        with trio.move_on_after(self.read_timeout) as waiting:
+            while not self.store.try_lock_chunk(blob, index):
+                if self.store.refresh_chunk(blob, index):
+                    return None
+                await trio.sleep(LOCK_POLL_INTERVAL)
+        if waiting.cancelled_caught:
+            raise FetchTimeout(
+                f"{spec.pid} {spec.path}: chunk {index} stayed locked by another process"
+            )
+        try:
+            if self.store.refresh_chunk(blob, index):
+                return None
+            async with self._limiter:
+                data = await self._download(spec, blob, index)
+            self.stats["chunks_fetched"] += 1
+            try:
+                await trio.to_thread.run_sync(self.store.write_chunk, blob, index, data)
+            except OSError as error:
+                self.stats["chunks_uncached"] += 1
+                if not self._cannot_cache:
+                    log.warning(
+                        "cannot cache %s %s (%s): serving reads uncached, read-ahead off",
+                        spec.pid, spec.path, error,
+                    )  # fmt: skip
+                self._cannot_cache = True
+                if is_disk_full(error):
+                    self._start(self._evict, self.store.budget // 2)
+                return data
+            if self._cannot_cache:
+                log.warning("caching works again")
+                self._cannot_cache = False
+        finally:
+            self.store.unlock_chunk(blob, index)
+        self._start(self._evict)
+        if blob.all_present and not blob.complete and self._nursery is not None:
+            self.store.retain(blob)  # now, not when the task starts: the flight unpins first
+            self._nursery.start_soon(self._verify_in_background, spec, blob)
+        return data
+
+    async def _download(self, spec: FileSpec, blob: Blob, index: int) -> bytes:
+        """One chunk from the server, checking it against the catalog's size.
+
+        The last chunk is asked for with one byte more, so that a server file
+        longer than the catalog says is noticed, not silently truncated.
+        """
+        offset = index * blob.chunk_size
+        length = blob.chunk_length(index)
+        ask = length + 1 if index == blob.chunk_count - 1 else length
+        data = await self._with_deadline(
+            lambda: self.transfer.read(spec.host, spec.remote_path, offset, ask), spec
+        )
+        if len(data) != length:
+            actual = await self._with_deadline(
+                lambda: self.transfer.size(spec.host, spec.remote_path), spec
+            )
+            blob.error = IntegrityError(
+                f"{spec.pid} {spec.path}: catalog says {spec.size} bytes,"
+                f" server has {actual} ({spec.remote_path})"
+            )
+            log.error("%s", blob.error)
+            raise blob.error
+        return data
+
+    async def _with_deadline(self, call: Callable[[], Awaitable[T]], spec: FileSpec) -> T:
+        """Run one transfer call under ``transfer_timeout``, retrying ``attempts`` times.
+
+        Only timeouts and dropped connections are retried; the transfer layer
+        reconnects, so a retry may use a fresh connection.
+        """
+        problem: str = ""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                with trio.move_on_after(self.transfer_timeout):
+                    return await call()
+                problem = f"no answer within {self.transfer_timeout:g} s"
+            except (TransferTimeout, ConnectionLost) as error:
+                problem = str(error)
+            log.warning(
+                "fetching %s %s failed (attempt %d of %d): %s",
+                spec.pid, spec.path, attempt, self.attempts, problem,
+            )  # fmt: skip
+        raise FetchTimeout(f"{spec.pid} {spec.path}: {problem}")
+
+    def _start(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(function, *args)
+
+    def _read_ahead(self, handle: Handle, offset: int, end: int, last: int) -> None:
+        """Grow the window on sequential access (x2 per new chunk), drop it on a seek.
+
+        "Sequential" tolerates a chunk of disorder, because the kernel issues
+        its own read-ahead requests concurrently and they may arrive reordered.
+        Speculative fetches only take free tokens of the network limiter.
+        """
+        blob = handle.blob
+        if self._cannot_cache:  # speculative chunks could not be kept anyway
+            return
+        if abs(offset - handle.next_offset) <= self.store.chunk_size:
+            if last > handle.last_chunk:
+                handle.window = min(max(1, handle.window * 2), self._readahead_chunks)
+            handle.next_offset = max(handle.next_offset, end)
+        else:
+            handle.window = 0
+            handle.next_offset = end
+        handle.last_chunk = max(handle.last_chunk, last) if handle.window else last
+        for index in range(last + 1, min(last + 1 + handle.window, blob.chunk_count)):
+            if len(self._flights) >= self._limiter.total_tokens:
+                break
+            if index not in blob.present and (blob.key, index) not in self._flights:
+                self._flight(handle, index)
+
+    # -- completion and eviction ---------------------------------------------
+
+    async def _verify(self, handle: Handle) -> None:
+        """Verify a blob whose chunks are all present, at most once at a time per blob."""
+        blob = handle.blob
+        running = self._verifications.get(blob.key)
+        if running is not None:
+            await running.wait()
+            return
+        if blob.complete or not blob.all_present:
+            return
+        done = self._verifications[blob.key] = trio.Event()
+        try:
+            await trio.to_thread.run_sync(self.store.complete, blob, handle.spec)
+        except IntegrityError as error:
+            log.error("%s", error)
+        finally:
+            del self._verifications[blob.key]
+            done.set()
+
+    async def _verify_in_background(self, spec: FileSpec, blob: Blob) -> None:
+        """Verify and then drop the pin that the starter took for this task."""
+        try:
+            await self._verify(Handle(spec, blob))
+        finally:
+            await self._unpin(blob)
+
+    async def _unpin(self, blob: Blob) -> None:
+        """Drop one pin (even while cancelled: a leaked pin would keep the blob forever)."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.store.release_blob, blob)
+        self._start(self._evict)  # the blob may now be evictable
+
+    async def _evict(self, target: int | None = None) -> None:
+        """Shrink the cache to ``target`` (default: the budget); one eviction at a time."""
+        if self._evicting:
+            return
+        self._evicting = True
+        try:
+            await trio.to_thread.run_sync(self.store.evict, target)
+        finally:
+            self._evicting = False

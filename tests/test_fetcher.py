@@ -1,0 +1,424 @@
+"""The fetcher against a real OpenSSH sshd, the real Transfer and a real cache directory."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import trio
+
+from scicatfs.cache.errors import CacheError, IntegrityError
+from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.store import BlobStore, FileSpec
+from scicatfs.catalog.models import Checksum
+from scicatfs.transfer.errors import TransferError
+from scicatfs.transfer.sftp import SFTPSettings, Transfer
+from tests.support.sshd import OpenSSHServer
+
+T = TypeVar("T")
+KiB, MiB = 1024, 1024 * 1024
+SMALL_CHUNK = 64 * KiB
+
+
+def sftp_settings(server: OpenSSHServer) -> SFTPSettings:
+    return SFTPSettings(
+        host=server.host,
+        port=server.port,
+        username=server.username,
+        identity_files=(server.client_key,),
+        known_hosts=server.known_hosts,
+        ssh_config=Path(os.devnull),
+        timeout=5,
+        connect_timeout=3,
+    )
+
+
+def run(
+    server: OpenSSHServer,
+    cache: Path,
+    body: Callable[[Fetcher], Awaitable[T]],
+    *,
+    chunk: int = SMALL_CHUNK,
+    budget: int = 1 << 40,
+    **options: float,
+) -> T:
+    """Run ``body`` with a fetcher over a fresh store and transfer, all torn down after."""
+
+    async def main() -> T:
+        with BlobStore(cache, budget, chunk) as store:
+            async with Transfer(sftp_settings(server)) as transfer:
+                async with Fetcher(store, transfer, **options) as fetcher:
+                    return await body(fetcher)
+
+    return trio.run(main)
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@pytest.fixture
+def remote(sshd: OpenSSHServer, request: pytest.FixtureRequest) -> Iterator[Callable[..., FileSpec]]:
+    """Put files on the shared server under a directory of this test; returns their specs."""
+    directory = "/cache-tests/" + re.sub(r"[^\w.-]", "_", request.node.name)
+
+    def put(name: str, data: bytes, *, checksum: bool = True, pid: str = "10.1/x") -> FileSpec:
+        path = sshd.put(f"{directory}/{name}", data)
+        digest = Checksum("md5", md5(data)) if checksum else None
+        return FileSpec(pid, name, None, path, len(data), 1_700_000_000.0, digest)
+
+    yield put
+    subprocess.run(["rm", "-rf", str(sshd.local_path(directory))], check=True)
+
+
+async def read_all(fetcher: Fetcher, spec: FileSpec, step: int = 128 * KiB) -> bytes:
+    handle = await fetcher.open(spec)
+    try:
+        parts = []
+        for offset in range(0, spec.size, step):
+            parts.append(await fetcher.read(handle, offset, step))
+        assert await fetcher.read(handle, spec.size, step) == b""
+        return b"".join(parts)
+    finally:
+        await fetcher.release(handle)
+
+
+async def read_randomly(fetcher: Fetcher, spec: FileSpec, data: bytes, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    handle = await fetcher.open(spec)
+    try:
+        for _ in range(count):
+            offset = rng.randrange(max(1, spec.size + 10))
+            size = rng.randrange(1, 3 * SMALL_CHUNK)
+            assert await fetcher.read(handle, offset, size) == data[offset : offset + size]
+    finally:
+        await fetcher.release(handle)
+
+
+# -- exact bytes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, SMALL_CHUNK - 1, SMALL_CHUNK, SMALL_CHUNK + 1, 5 * SMALL_CHUNK + 7]
+)
+def test_exact_bytes_sequential_and_random(sshd, remote, tmp_path: Path, size: int) -> None:
+    data = payload(size, seed=size)
+    spec = remote("file.bin", data)
+
+    async def body(fetcher: Fetcher) -> None:
+        await read_randomly(fetcher, spec, data, count=20, seed=size)
+        assert md5(await read_all(fetcher, spec, step=10_000)) == md5(data)
+        await fetcher.prefetch(spec)  # verifies what the reads cached
+        assert fetcher.cached_bytes(spec) == size
+        [entry] = fetcher.store.entries()
+        assert entry.complete and entry.present_bytes == size
+
+    run(sshd, tmp_path, body)
+
+
+@pytest.mark.slow
+def test_large_file_sequential_then_random(sshd, remote, tmp_path: Path) -> None:
+    size = 200 * MiB + 12345
+    data = os.urandom(size)
+    spec = remote("large.bin", data)
+
+    async def body(fetcher: Fetcher) -> None:
+        assert md5(await read_all(fetcher, spec, step=1 * MiB)) == md5(data)
+        fetched = fetcher.transfer.stats["bytes_read"]
+        assert size <= fetched <= size + 1  # read-ahead never fetched a chunk twice
+        await read_randomly(fetcher, spec, data, count=200, seed=1)
+        assert fetcher.transfer.stats["bytes_read"] == fetched  # all from the cache
+        # the last chunk's write triggers verification in the background
+        with trio.fail_after(30):
+            while not fetcher.store.entries()[0].complete:
+                await trio.sleep(0.05)
+
+    run(sshd, tmp_path, body, chunk=4 * MiB)
+
+
+def test_tail_of_a_cold_large_file_fetches_about_one_chunk(sshd, remote, tmp_path: Path) -> None:
+    spec = remote("sparse.bin", b"", checksum=False)
+    local = sshd.local_path(spec.remote_path)
+    marker = os.urandom(4 * KiB)
+    with local.open("r+b") as sparse:
+        sparse.truncate(1 << 30)
+        sparse.seek(512 * MiB)
+        sparse.write(marker)
+    spec = replace(spec, size=1 << 30)
+
+    async def body(fetcher: Fetcher) -> None:
+        handle = await fetcher.open(spec)
+        started = time.perf_counter()
+        assert await fetcher.read(handle, 512 * MiB, 4 * KiB) == marker
+        elapsed = time.perf_counter() - started
+        await trio.sleep(0.2)  # a read-ahead would have started by now
+        await fetcher.release(handle)
+        assert fetcher.transfer.stats["bytes_read"] <= 4 * MiB
+        assert fetcher.cached_bytes(spec) == 4 * MiB
+        return elapsed
+
+    elapsed = run(sshd, tmp_path, body, chunk=4 * MiB)
+    assert elapsed < 5
+
+
+# -- concurrency ----------------------------------------------------------------------
+
+
+def test_32_readers_of_one_file_share_transfers(sshd, remote, tmp_path: Path) -> None:
+    data = payload(16 * SMALL_CHUNK + 3)
+    spec = remote("shared.bin", data)
+
+    async def body(fetcher: Fetcher) -> None:
+        async with trio.open_nursery() as nursery:
+            for seed in range(32):
+                nursery.start_soon(read_randomly, fetcher, spec, data, 30, seed)
+        assert md5(await read_all(fetcher, spec)) == md5(data)
+        assert fetcher.transfer.stats["bytes_read"] <= len(data) + 1  # each chunk once
+
+    run(sshd, tmp_path, body)
+
+
+def test_32_readers_of_many_files(sshd, remote, tmp_path: Path) -> None:
+    files = {remote(f"f{i}.bin", payload(3 * SMALL_CHUNK + i, seed=i)): i for i in range(32)}
+
+    async def check(fetcher: Fetcher, spec: FileSpec) -> None:
+        assert md5(await read_all(fetcher, spec, step=50_000)) == spec.checksum.hexdigest
+
+    async def body(fetcher: Fetcher) -> None:
+        async with trio.open_nursery() as nursery:
+            for spec in files:
+                nursery.start_soon(check, fetcher, spec)
+
+    run(sshd, tmp_path, body)
+
+
+# -- integrity ----------------------------------------------------------------------
+
+
+def test_checksum_mismatch_is_an_error_and_leaves_no_complete_blob(
+    sshd, remote, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = payload(3 * SMALL_CHUNK)
+    spec = replace(remote("bad.bin", data), checksum=Checksum("md5", "0" * 32))
+
+    async def body(fetcher: Fetcher) -> None:
+        with pytest.raises(IntegrityError, match="checksum mismatch"):
+            await fetcher.prefetch(spec)
+        assert fetcher.cached_bytes(spec) == 0
+        assert not any(entry.complete for entry in fetcher.store.entries())
+
+    run(sshd, tmp_path, body)
+    logged = caplog.text
+    assert "10.1/x" in logged and "bad.bin" in logged and md5(data) in logged and "0" * 32 in logged
+
+
+@pytest.mark.parametrize("catalog_size", [3 * SMALL_CHUNK - 1, 3 * SMALL_CHUNK + 1, 5 * SMALL_CHUNK])
+def test_size_mismatch_is_reported(sshd, remote, tmp_path: Path, catalog_size: int) -> None:
+    data = payload(3 * SMALL_CHUNK)
+    spec = replace(remote("sized.bin", data, checksum=False), size=catalog_size)
+
+    async def body(fetcher: Fetcher) -> None:
+        handle = await fetcher.open(spec)
+        message = f"catalog says {catalog_size} bytes, server has {len(data)}"
+        with pytest.raises(IntegrityError, match=message):
+            await fetcher.read(handle, (catalog_size - 1) // SMALL_CHUNK * SMALL_CHUNK, 10)
+        with pytest.raises(IntegrityError, match=message):  # and it stays that way
+            await fetcher.read(handle, 0, 10)
+        await fetcher.release(handle)
+        assert not any(entry.complete for entry in fetcher.store.entries())
+
+    run(sshd, tmp_path, body)
+
+
+# -- offline, failures ---------------------------------------------------------------
+
+
+def test_cached_reads_need_no_server_and_uncached_reads_fail_in_time(
+    make_sshd, tmp_path: Path
+) -> None:
+    server = make_sshd()
+    data = payload(4 * SMALL_CHUNK)
+    path = server.put("/data/offline.bin", data)
+    spec = FileSpec("p", "offline.bin", None, path, len(data), 0.0, Checksum("md5", md5(data)))
+    other = FileSpec("p", "other.bin", None, server.put("/data/other.bin", data[:10]), 10, 0.0, None)
+
+    async def first(fetcher: Fetcher) -> None:
+        await fetcher.prefetch(spec)
+
+    run(server, tmp_path, first)
+    server.stop()
+
+    async def offline(fetcher: Fetcher) -> None:
+        assert await read_all(fetcher, spec) == data
+        handle = await fetcher.open(other)
+        started = time.monotonic()
+        with pytest.raises((TransferError, CacheError)):
+            await fetcher.read(handle, 0, 10)
+        await fetcher.release(handle)
+        return time.monotonic() - started
+
+    assert run(server, tmp_path, offline, read_timeout=8, transfer_timeout=3) < 10
+
+
+async def within_budget(store: BlobStore) -> None:
+    """Background eviction brings the cache under budget once background pins are gone."""
+    with trio.fail_after(5):
+        while store.usage() > store.budget:
+            await trio.sleep(0.01)
+
+
+def test_eviction_under_small_budget_keeps_open_files_intact(sshd, remote, tmp_path: Path) -> None:
+    files = [remote(f"e{i}.bin", payload(4 * SMALL_CHUNK, seed=i)) for i in range(4)]
+    budget = 6 * SMALL_CHUNK
+
+    async def body(fetcher: Fetcher) -> None:
+        store = fetcher.store
+        kept = await fetcher.open(files[0])
+        assert md5(b"".join([await fetcher.read(kept, o, SMALL_CHUNK) for o in range(0, 4 * SMALL_CHUNK, SMALL_CHUNK)])) == files[0].checksum.hexdigest
+        for spec in files[1:]:
+            assert md5(await read_all(fetcher, spec)) == spec.checksum.hexdigest
+        await within_budget(store)
+        assert fetcher.cached_bytes(files[0]) == 4 * SMALL_CHUNK
+        served = fetcher.transfer.stats["bytes_read"]
+        for offset in range(0, 4 * SMALL_CHUNK, 1000):
+            assert await fetcher.read(kept, offset, 1000) == payload(4 * SMALL_CHUNK, 0)[offset : offset + 1000]
+        assert fetcher.transfer.stats["bytes_read"] == served
+        await fetcher.release(kept)
+        assert md5(await read_all(fetcher, files[1])) == files[1].checksum.hexdigest
+        await within_budget(store)
+        assert fetcher.cached_bytes(files[0]) == 0  # the least recently used after release
+
+    run(sshd, tmp_path, body, budget=budget)
+
+
+def test_disk_full_still_serves_reads(sshd, remote, tmp_path: Path) -> None:
+    """A real ENOSPC: the cache lives on a tmpfs far smaller than the file."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mountpoint)], check=True)
+    try:
+        data = payload(48 * SMALL_CHUNK)
+        spec = remote("big.bin", data, checksum=False)
+
+        async def body(fetcher: Fetcher) -> None:
+            assert md5(await read_all(fetcher, spec)) == md5(data)
+            assert fetcher.stats["chunks_uncached"] > 0
+            assert not fetcher.store.entries()[0].complete
+
+        run(sshd, mountpoint / "cache", body)
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+# -- crashes and other processes ------------------------------------------------------
+
+PREFETCH_SCRIPT = """
+import json, sys, trio
+from pathlib import Path
+from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.store import BlobStore, FileSpec
+from scicatfs.catalog.models import Checksum
+from scicatfs.transfer.sftp import SFTPSettings, Transfer
+
+args = json.loads(sys.argv[1])
+spec = FileSpec(*args["spec"][:6], Checksum("md5", args["spec"][6]))
+
+async def main():
+    with BlobStore(Path(args["cache"]), 1 << 40, args["chunk"]) as store:
+        async with Transfer(SFTPSettings(**args["sftp"])) as transfer:
+            async with Fetcher(store, transfer) as fetcher:
+                await fetcher.prefetch(spec, lambda done, total: print(done, flush=True))
+                print("bytes_read", transfer.stats["bytes_read"], flush=True)
+
+trio.run(main)
+"""
+
+
+def prefetch_process(server: OpenSSHServer, cache: Path, spec: FileSpec, chunk: int) -> subprocess.Popen[str]:
+    settings = sftp_settings(server)
+    arguments = {
+        "cache": str(cache),
+        "chunk": chunk,
+        "spec": [spec.pid, spec.path, spec.host, spec.remote_path, spec.size, spec.mtime, spec.checksum.hexdigest],
+        "sftp": {
+            "host": settings.host, "port": settings.port, "username": settings.username,
+            "identity_files": [str(settings.identity_files[0])],
+            "known_hosts": str(settings.known_hosts), "ssh_config": os.devnull,
+        },
+    }  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-c", PREFETCH_SCRIPT, json.dumps(arguments)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_kill_9_mid_download_never_yields_wrong_bytes(sshd, remote, tmp_path: Path) -> None:
+    data = os.urandom(64 * MiB)
+    spec = remote("killed.bin", data)
+    for attempt, stop_after in enumerate([1, 5, 9]):
+        cache = tmp_path / f"cache{attempt}"
+        with reaped(prefetch_process(sshd, cache, spec, chunk=1 * MiB)) as child:
+            for _ in range(stop_after):
+                assert child.stdout.readline()
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+
+        async def check(fetcher: Fetcher) -> None:
+            handle = await fetcher.open(spec)
+            present = sorted(handle.blob.present)
+            assert len(present) >= stop_after
+            for index in present:  # every recorded chunk holds the right bytes
+                start = index * MiB
+                assert fetcher.store.read(handle.blob, start, MiB) == data[start : start + MiB]
+            await fetcher.release(handle)
+            assert md5(await read_all(fetcher, spec, step=1 * MiB)) == md5(data)
+            assert fetcher.transfer.stats["bytes_read"] <= len(data) - len(present) * MiB + 1
+
+        run(sshd, cache, check, chunk=1 * MiB)
+
+
+def test_two_processes_share_one_cache_directory(sshd, remote, tmp_path: Path) -> None:
+    data = os.urandom(32 * MiB)
+    spec = remote("twice.bin", data)
+    cache = tmp_path / "cache"
+    with reaped(prefetch_process(sshd, cache, spec, MiB)) as one, reaped(
+        prefetch_process(sshd, cache, spec, MiB)
+    ) as two:
+        outputs = [one.communicate(timeout=60)[0], two.communicate(timeout=60)[0]]
+        assert one.returncode == two.returncode == 0
+    fetched = [int(out.split("bytes_read ")[1]) for out in outputs]
+    assert len(data) <= sum(fetched) <= len(data) + 4 * MiB  # chunks were (nearly) fetched once
+
+    async def check(fetcher: Fetcher) -> None:
+        [entry] = fetcher.store.entries()
+        assert entry.complete
+        assert md5(await read_all(fetcher, spec, step=MiB)) == md5(data)
+        assert fetcher.transfer.stats["bytes_read"] == 0
+
+    run(sshd, cache, check, chunk=MiB)
