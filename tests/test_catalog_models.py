@@ -201,6 +201,7 @@ def test_malformed_checksum_keeps_file_without_checksum(digest, caplog):
         ({"pid": 7}, "pid"),
         ({"sourceFolder": ["a"]}, "sourceFolder"),
         ({"sourceFolder": None}, "sourceFolder"),
+        ({"sourceFolder": "/a\0b"}, "sourceFolder"),
         ({"sourceFolderHost": 3}, "sourceFolderHost"),
         ({"creationTime": "yesterday"}, "creationTime"),
         ({"origdatablocks": "nope"}, "origdatablocks"),

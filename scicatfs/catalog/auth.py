@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NoReturn
 
 import trio
 
@@ -60,7 +61,7 @@ class Secret:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> None:  # type: ignore[override]
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a Secret cannot be pickled")
 
 
@@ -95,14 +96,16 @@ def resolve_credentials(
     """
     env = os.environ if environ is None else environ
     if token_file is not None:
-        return Credentials(token=read_secret_file(token_file, "token file"), source=f"token file {token_file}")
+        token = read_secret_file(token_file, "token file")
+        return Credentials(token=token, source=f"token file {os.fspath(token_file)}")
     if env.get(TOKEN_ENV, "").strip():
         return Credentials(token=Secret(env[TOKEN_ENV].strip()), source=f"${TOKEN_ENV}")
     systemd_dir = env.get("CREDENTIALS_DIRECTORY")
     if systemd_dir and (Path(systemd_dir) / SYSTEMD_TOKEN_NAME).is_file():
         path = Path(systemd_dir) / SYSTEMD_TOKEN_NAME
         # systemd makes credential files private to the unit; no mode check needed or possible.
-        return Credentials(token=read_secret_file(path, "systemd credential", check_mode=False), source=f"systemd credential {path}")
+        token = read_secret_file(path, "systemd credential", check_mode=False)
+        return Credentials(token=token, source=f"systemd credential {path}")
     if username is not None or password_file is not None:
         if username is None or password_file is None:
             raise AuthenticationError("logging in needs both a username and a password file")
@@ -167,7 +170,9 @@ class TokenKeeper:
     concurrent callers wait for it.
     """
 
-    def __init__(self, credentials: Credentials, login: LoginFunction, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, credentials: Credentials, login: LoginFunction, clock: Callable[[], float] = time.time
+    ) -> None:
         self._credentials = credentials
         self._login = login
         self._clock = clock
@@ -207,7 +212,8 @@ class TokenKeeper:
         """Refuse a token that has already expired: mounting would only show confusing 403s."""
         if self._credentials.token is not None and self._expiry is not None and self._expiry <= self._clock():
             raise AuthenticationError(
-                f"the token from {self._credentials.source} expired at {_when(self._expiry)}; get a fresh token"
+                f"the token from {self._credentials.source} expired at {_when(self._expiry)}; "
+                "get a fresh token"
             )
 
     async def headers(self) -> dict[str, str]:
@@ -248,11 +254,18 @@ class TokenKeeper:
                 if not usable:
                     raise
                 self._next_login = self._clock() + RELOGIN_BACKOFF
-                log.warning("renewing the SciCat token failed (%s); the current one is valid until %s",
-                            error, _when(self._expiry))
+                log.warning(
+                    "renewing the SciCat token failed (%s); the current one is valid until %s",
+                    error,
+                    _when(self._expiry),
+                )
                 return
             self._set(token)
-            log.info("logged in to SciCat as %r; token valid until %s", self._credentials.username, _when(self._expiry))
+            log.info(
+                "logged in to SciCat as %r; token valid until %s",
+                self._credentials.username,
+                _when(self._expiry),
+            )
 
     def _watch_expiry(self) -> None:
         if self._credentials.can_login or self._expiry is None or self._expired:

@@ -196,12 +196,14 @@ class CatalogClient:
 
         async def v4(_: None) -> tuple[str, ...]:
             public = "/public" if self._tokens.anonymous else ""
-            query = {"where": where, "fields": ["pid"], "limits": {"limit": limit, "skip": skip, "sort": {"pid": "asc"}}}
+            limits = {"limit": limit, "skip": skip, "sort": {"pid": "asc"}}
+            query = {"where": where, "fields": ["pid"], "limits": limits}
             return self._pids(await self._get(f"/v4/datasets{public}", _filter(query)))
 
         async def v3(_: None) -> tuple[str, ...]:
             v3_where = {"pid": {"like": where["pid"]["$regex"]}} if prefix else {}
-            query = {"where": v3_where, "fields": ["pid"], "limits": {"limit": limit, "skip": skip, "order": "pid:asc"}}
+            limits = {"limit": limit, "skip": skip, "order": "pid:asc"}
+            query = {"where": v3_where, "fields": ["pid"], "limits": limits}
             return self._pids(await self._get("/v3/datasets", _filter(query)))
 
         return await self._either(v4, v3, None)
@@ -274,7 +276,9 @@ class CatalogClient:
                 raise AuthenticationError(self._tokens.expired_message(), pid)
             stats["forbidden"] += 1
             if pid is None:
-                raise DatasetForbidden(f"the catalog refused {what}: {reply.message}; log in or check the token")
+                raise DatasetForbidden(
+                    f"the catalog refused {what}: {reply.message}; log in or check the token"
+                )
             raise DatasetForbidden(
                 f"dataset {pid!r} exists but the credentials in use "
                 f"({self._settings.credentials.source}) may not read it; "
@@ -286,14 +290,17 @@ class CatalogClient:
             raise AuthenticationError(f"the catalog wants authentication for {what}: {reply.message}", pid)
         if 400 <= reply.status < 500:
             stats["bad_responses"] += 1
-            raise BadResponse(f"the catalog rejected the request for {what} (HTTP {reply.status}): {reply.message}", pid)
+            raise BadResponse(
+                f"the catalog rejected the request for {what} (HTTP {reply.status}): {reply.message}", pid
+            )
         stats["server_errors"] += 1
         raise CatalogUnavailable(f"the catalog failed on {what} (HTTP {reply.status}): {reply.message}", pid)
 
     def _fail_missing(self, pid: str) -> NoReturn:
         self._transport.stats["not_found"] += 1
         if self._tokens.expired:
-            raise AuthenticationError(f"dataset {pid!r} is not visible: {self._tokens.expired_message()}", pid)
+            message = f"dataset {pid!r} is not visible: {self._tokens.expired_message()}"
+            raise AuthenticationError(message, pid)
         hint = "; it may exist but not be public (log in to see more)" if self._tokens.anonymous else ""
         raise DatasetNotFound(f"no dataset {pid!r} in the catalog at {self.base_url}{hint}", pid)
 

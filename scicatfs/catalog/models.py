@@ -134,6 +134,8 @@ def parse_dataset(raw: Any, blocks: Iterable[Any] | None = None) -> Dataset:
     if not isinstance(pid, str) or not pid:
         raise BadResponse(f"catalog returned a dataset record without a valid 'pid' (got {_brief(pid)})")
     source_folder = _required_str(raw, "sourceFolder", pid)
+    if "\0" in source_folder:
+        raise BadResponse(f"dataset {pid!r}: field 'sourceFolder' contains NUL", pid)
     host = raw.get("sourceFolderHost")
     if host is not None and not isinstance(host, str):
         raise BadResponse(f"dataset {pid!r}: field 'sourceFolderHost' is not a string", pid)
