@@ -103,13 +103,18 @@ def _decode_keys(value: Any) -> Any:
 
 
 def _v3_record(record: dict[str, Any]) -> dict[str, Any]:
-    """The v3 ("obsolete") view of a dataset: singular legacy fields, decoded metadata keys."""
+    """The v3 ("obsolete") view of a dataset: singular legacy fields, decoded metadata keys.
+
+    The plural v4 fields are replaced by their singular v3 names, the shape of
+    OutputDatasetObsoleteDto in the server's OpenAPI document.
+    """
     out = dict(record)
     for plural, singular in (("principalInvestigators", "principalInvestigator"),
                              ("proposalIds", "proposalId"), ("sampleIds", "sampleId"),
                              ("instrumentIds", "instrumentId")):
-        if record.get(plural):
-            out[singular] = record[plural][0]
+        values = out.pop(plural, None)
+        if values:
+            out[singular] = values[0]
     if "scientificMetadata" in record:
         out["scientificMetadata"] = _decode_keys(record["scientificMetadata"])
     return out
