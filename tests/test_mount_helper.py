@@ -1,0 +1,131 @@
+"""``mount -t fuse.scicatfs`` end to end: libfuse's mount.fuse3 starts the real scicatfs.
+
+The catalog is the project's demo server, the files come from a real OpenSSH
+sshd, and the mount is a real FUSE mount that is always taken down again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from scicatfs.demo.fixtures import Catalog
+from scicatfs.demo.server import CatalogServer
+from tests.support.sshd import OpenSSHServer
+
+THAUM_FLUX = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
+DEMO_USER = "stibbons"
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("mount.fuse3") is None, reason="libfuse's mount.fuse3 is not installed"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+]
+
+
+# mount(8) finds scicatfs in its fixed PATH; here it is this environment's.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+
+
+def _mount_entry(mountpoint: Path) -> list[str] | None:
+    """The /proc/self/mounts fields for ``mountpoint``, or None."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(mountpoint):
+            return fields
+    return None
+
+
+def _daemons(mountpoint: Path) -> list[int]:
+    """PIDs of scicatfs processes serving ``mountpoint`` (the helper's daemon)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            is_scicatfs = any(arg.endswith(b"scicatfs") for arg in argv[:2])
+            if entry.name.isdigit() and is_scicatfs and str(mountpoint).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory; whatever gets mounted there is unmounted and its daemon ended."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        if _mount_entry(path) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], timeout=30, check=False)
+        for pid in _daemons(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_mount_fuse3_form_mounts_reads_and_unmounts(
+    tmp_path: Path, mountpoint: Path, catalog_server: CatalogServer, demo_catalog: Catalog, sshd: OpenSSHServer
+) -> None:
+    demo_catalog.materialize(sshd.root)
+    password = tmp_path / "password"
+    password.touch(mode=0o600)
+    password.write_text(demo_catalog.users[DEMO_USER].password + "\n")
+    options = ",".join(
+        [
+            # what an fstab line would carry; mount(8) and mount.fuse3 strip the first ones
+            "_netdev", "noauto", "nofail", "x-systemd.device-timeout=10s",
+            f"username={DEMO_USER}", f"password_file={password}",
+            f"sftp_host={sshd.host}", f"sftp_port={sshd.port}", f"sftp_user={sshd.username}",
+            f"identity_file={sshd.client_key}", f"known_hosts={sshd.known_hosts}",
+            f"cache_dir={tmp_path / 'cache'}", "cache_size=64M", "log_level=debug",
+            "nodev", "nosuid",
+        ]
+    )
+    result = subprocess.run(
+        ["mount.fuse3", f"{catalog_server.url}/api/v3", str(mountpoint), "-t", "fuse.scicatfs", "-o", options],
+        env=ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+    # The helper returned only once the mount answers, like sshfs.
+    _, _, fstype, mount_options, *_ = _mount_entry(mountpoint) or [""] * 4
+    assert fstype == "fuse.scicatfs"
+    assert "ro" in mount_options.split(",") and "nosuid" in mount_options.split(",")
+    dataset = mountpoint / THAUM_FLUX
+    assert (dataset / "flux.dat").read_bytes() == demo_catalog.content(THAUM_FLUX, "flux.dat")
+    assert THAUM_FLUX.split("/")[0] in os.listdir(mountpoint)
+
+    daemons = _daemons(mountpoint)
+    assert daemons, "no scicatfs process serves the mount"
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True, timeout=30)
+    assert _mount_entry(mountpoint) is None
+    assert _wait(lambda: not _daemons(mountpoint), timeout=20), "scicatfs did not exit after the unmount"
+
+
+def test_mount_fuse3_form_reports_a_bad_option_in_one_line(mountpoint: Path) -> None:
+    result = subprocess.run(
+        ["mount.fuse3", "https://scicat.example.org", str(mountpoint), "-t", "fuse.scicatfs",
+         "-o", "cache_size=lots"],
+        env=ENV, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("scicatfs: cache_size") and "invalid size 'lots'" in line
+    assert _mount_entry(mountpoint) is None
