@@ -1,16 +1,18 @@
 """CatalogClient against the project's real SciCat-compatible HTTP server.
 
-Every test drives a real server on 127.0.0.1 through httpx under trio; the
-only fake is `V3OnlyServer`, which hides the v4 routes to play an older
-backend (a state the demo server cannot be configured into).
+Every test drives a real server on 127.0.0.1 through httpx under trio. The
+fakes play what the demo server cannot be configured into: `V3OnlyServer`
+hides the v4 routes (an older backend), `_Redirecting` is a front end that moved.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -26,6 +28,7 @@ from scicatfs.catalog.errors import (
     DatasetForbidden,
     DatasetNotFound,
 )
+from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import normalise_base_url
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.routes import nest_error
@@ -403,3 +406,88 @@ def test_secrets_never_reach_the_log(caplog):
     assert PASSWORD not in text
     assert token not in text and token.split(".")[2] not in text
     assert "eyJ" not in text  # no JWT at all, including the ones the logins returned
+
+
+class _Redirecting(BaseHTTPRequestHandler):
+    """A front end that moved: every request is answered 301 to https."""
+
+    def do_GET(self) -> None:
+        self.send_response(301)
+        self.send_header("Location", "https://scicat.example.org" + self.path)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_redirect_is_explained_not_followed():
+    httpd = HTTPServer(("127.0.0.1", 0), _Redirecting)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        async def main():
+            with trio.fail_after(10):
+                url = f"http://127.0.0.1:{httpd.server_address[1]}"
+                async with CatalogClient(CatalogSettings(url)) as client:
+                    await client.get_dataset("a/b")
+
+        with pytest.raises(BadResponse, match="redirects dataset 'a/b' to https://scicat.example.org/api/v4/"):
+            trio.run(main)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("read_timeout", 0), ("connect_timeout", -1), ("max_requests", 0), ("page_size", 0),
+     ("retries", -1), ("record_ttl", -5)],
+)
+def test_settings_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        CatalogSettings("https://h", **{field: value})
+
+
+def test_single_flight_cancelled_leader_and_uncached_errors():
+    cache: SingleFlightCache[str, int] = SingleFlightCache(8, 60)
+    calls = []
+
+    async def slow() -> int:
+        calls.append("slow")
+        await trio.sleep(10)
+        return 1
+
+    async def quick() -> int:
+        calls.append("quick")
+        return 2
+
+    async def failing() -> int:
+        calls.append("failing")
+        raise DatasetNotFound("gone", "k2")
+
+    async def main():
+        results = []
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                leader = trio.CancelScope()
+
+                async def lead():
+                    with leader:
+                        await cache.get("k", slow)
+
+                async def follow():
+                    results.append(await cache.get("k", quick))
+
+                nursery.start_soon(lead)
+                await trio.sleep(0.01)
+                nursery.start_soon(follow)
+                await trio.sleep(0.01)
+                leader.cancel()
+            for _ in range(2):
+                with pytest.raises(DatasetNotFound):
+                    await cache.get("k2", failing)
+        return results
+
+    assert trio.run(main) == [2]
+    assert calls == ["slow", "quick", "failing", "failing"]

@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from scicatfs.catalog.auth import Credentials, Secret, TokenKeeper
 from scicatfs.catalog.errors import (
@@ -54,6 +54,21 @@ class CatalogSettings:
     max_requests: int = 8
     page_size: int = 1000
 
+    def __post_init__(self) -> None:
+        positive = {
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+            "max_requests": self.max_requests,
+            "page_size": self.page_size,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"catalog setting {name} must be positive, got {value!r}")
+        for name, value in {"record_ttl": self.record_ttl, "listing_ttl": self.listing_ttl,
+                            "retries": self.retries, "retry_backoff": self.retry_backoff}.items():
+            if not value >= 0:
+                raise ValueError(f"catalog setting {name} must not be negative, got {value!r}")
+
 
 class _NoV4(Exception):
     """A v4 route does not exist on this server."""
@@ -73,6 +88,8 @@ class CatalogClient:
             max_requests=settings.max_requests,
         )
         self._tokens = TokenKeeper(settings.credentials, self._login)
+        if not settings.credentials.anonymous and _cleartext(self._transport.base_url):
+            log.warning("the catalog URL %s is not https: credentials travel unencrypted", self.base_url)
         self._v4 = True
         self._datasets: SingleFlightCache[str, Dataset] = SingleFlightCache(1024, settings.record_ttl)
         self._pages: SingleFlightCache[tuple[str, int], tuple[str, ...]] = SingleFlightCache(
@@ -270,6 +287,13 @@ class CatalogClient:
         if 200 <= reply.status < 300:
             return
         stats = self._transport.stats
+        if 300 <= reply.status < 400:
+            stats["bad_responses"] += 1
+            raise BadResponse(
+                f"the catalog redirects {what} to {reply.location}; give the redirected address "
+                "as the catalog URL",
+                pid,
+            )
         if reply.status == 403:
             if self._tokens.expired:
                 stats["auth_errors"] += 1
@@ -355,6 +379,12 @@ def _route_missing(reply: Reply) -> bool:
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
         return True
     return data["message"].startswith("Cannot ")
+
+
+def _cleartext(url: str) -> bool:
+    """True for plain http to anything but this machine."""
+    parts = urlsplit(url)
+    return parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1")
 
 
 def _regex_escape(text: str) -> str:

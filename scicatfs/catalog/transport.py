@@ -42,10 +42,11 @@ def normalise_base_url(url: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A non-retryable answer: status, raw body, and the Nest error message if any."""
+    """A non-retryable answer: status, raw body, and where a redirect points."""
 
     status: int
     body: bytes
+    location: str | None = None
 
     def json(self, what: str, pid: str | None = None) -> Any:
         try:
@@ -133,7 +134,7 @@ class Transport:
                 self.stats["server_errors"] += 1
                 problem = f"HTTP {response.status_code} {response.reason_phrase}"
                 continue
-            return Reply(response.status_code, response.content)
+            return Reply(response.status_code, response.content, response.headers.get("location"))
         self.stats["unavailable"] += 1
         raise CatalogUnavailable(
             f"SciCat at {self.base_url} is unavailable: {problem} "
