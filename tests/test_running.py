@@ -1,7 +1,9 @@
-"""``mount -t fuse.scicatfs`` end to end: libfuse's mount.fuse3 starts the real scicatfs.
+"""Running scicatfs for real, end to end: the mount.fuse3 form and systemd readiness.
 
-The catalog is the project's demo server, the files come from a real OpenSSH
-sshd, and the mount is a real FUSE mount that is always taken down again.
+libfuse's own mount.fuse3 starts the real scicatfs; a datagram socket bound
+here plays systemd's $NOTIFY_SOCKET. The catalog is the project's demo
+server, the files come from a real OpenSSH sshd, and every mount is a real
+FUSE mount that is always taken down again.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,23 +83,28 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_mount_fuse3_form_mounts_reads_and_unmounts(
-    tmp_path: Path, mountpoint: Path, catalog_server: CatalogServer, demo_catalog: Catalog, sshd: OpenSSHServer
-) -> None:
+@pytest.fixture
+def served(tmp_path: Path, demo_catalog: Catalog, sshd: OpenSSHServer) -> dict[str, str]:
+    """scicatfs options (field name -> text) for the demo catalog's files on the real sshd."""
     demo_catalog.materialize(sshd.root)
     password = tmp_path / "password"
     password.touch(mode=0o600)
     password.write_text(demo_catalog.users[DEMO_USER].password + "\n")
+    return {
+        "username": DEMO_USER, "password_file": str(password),
+        "sftp_host": sshd.host, "sftp_port": str(sshd.port), "sftp_user": sshd.username,
+        "identity_file": str(sshd.client_key), "known_hosts": str(sshd.known_hosts),
+        "cache_dir": str(tmp_path / "cache"), "cache_size": "64M", "log_level": "debug",
+    }
+
+
+def test_mount_fuse3_form_mounts_reads_and_unmounts(
+    mountpoint: Path, catalog_server: CatalogServer, demo_catalog: Catalog, served: dict[str, str]
+) -> None:
     options = ",".join(
-        [
-            # what an fstab line would carry; mount(8) and mount.fuse3 strip the first ones
-            "_netdev", "noauto", "nofail", "x-systemd.device-timeout=10s",
-            f"username={DEMO_USER}", f"password_file={password}",
-            f"sftp_host={sshd.host}", f"sftp_port={sshd.port}", f"sftp_user={sshd.username}",
-            f"identity_file={sshd.client_key}", f"known_hosts={sshd.known_hosts}",
-            f"cache_dir={tmp_path / 'cache'}", "cache_size=64M", "log_level=debug",
-            "nodev", "nosuid",
-        ]
+        # what an fstab line would carry; mount(8) and mount.fuse3 strip the bookkeeping
+        ["_netdev", "noauto", "nofail", "x-systemd.device-timeout=10s", "nodev", "nosuid"]
+        + [f"{key}={value}" for key, value in served.items()]
     )
     result = subprocess.run(
         ["mount.fuse3", f"{catalog_server.url}/api/v3", str(mountpoint), "-t", "fuse.scicatfs", "-o", options],
@@ -129,3 +137,39 @@ def test_mount_fuse3_form_reports_a_bad_option_in_one_line(mountpoint: Path) -> 
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("scicatfs: cache_size") and "invalid size 'lots'" in line
     assert _mount_entry(mountpoint) is None
+
+
+def test_foreground_mount_notifies_systemd_when_it_answers(
+    tmp_path: Path, mountpoint: Path, catalog_server: CatalogServer, demo_catalog: Catalog,
+    served: dict[str, str],
+) -> None:
+    """What ``Type=notify`` in scicatfs@.service relies on: READY=1 means the files are there."""
+    notify_path = tmp_path / "notify"
+    flags = [arg for key, value in served.items() for arg in (f"--{key.replace('_', '-')}", value)]
+    log = tmp_path / "scicatfs.log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd, log.open("wb") as stderr:
+        systemd.bind(str(notify_path))
+        systemd.settimeout(60)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scicatfs", "mount", str(mountpoint), "--foreground",
+             "--url", f"{catalog_server.url}/api/v3", *flags],
+            env={**ENV, "NOTIFY_SOCKET": str(notify_path)},
+            stdout=subprocess.DEVNULL, stderr=stderr,  # a file: a full pipe would stall the mount
+        )
+        try:
+            messages = [systemd.recv(4096)]
+            while b"READY=1" not in messages[-1].split(b"\n"):
+                messages.append(systemd.recv(4096))
+            # Ready means answering: no polling, the data is readable right now.
+            assert _mount_entry(mountpoint) is not None
+            assert (mountpoint / THAUM_FLUX / "flux.dat").read_bytes() == demo_catalog.content(THAUM_FLUX, "flux.dat")
+
+            process.send_signal(signal.SIGTERM)  # what systemctl stop does after ExecStop
+            while b"STOPPING=1" not in messages[-1].split(b"\n"):
+                messages.append(systemd.recv(4096))
+            assert process.wait(timeout=30) == 0, log.read_text()
+            assert _mount_entry(mountpoint) is None
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
