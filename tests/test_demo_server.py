@@ -6,6 +6,11 @@ import base64
 import hashlib
 import json
 import logging
+import re
+import select
+import signal
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -398,7 +403,8 @@ def test_origdatablock_files_pages_one_row_per_file(make_catalog_server):
             assert all(row["datasetId"] == pid and isinstance(row["dataFileList"], dict) for row in rows)
             seen += [row["dataFileList"]["path"] for row in rows]
         assert seen == [f["path"] for f in files]
-        default = http.get("/api/v4/origdatablocks/files", headers=auth, params=flt(where={"datasetId": pid}))
+        default = http.get("/api/v4/origdatablocks/files", headers=auth,
+                           params=flt(where={"datasetId": pid}))
         assert len(default.json()) == 10
         tail = http.get("/api/v4/origdatablocks/files", headers=auth, params=flt(
             where={"datasetId": pid, "dataFileList.path": {"$regex": "f1999[89]"}},
@@ -555,6 +561,34 @@ def test_duplicate_pid_and_zero_blocks_are_refused():
 
 
 def test_default_catalog_loads_from_package(demo_catalog):
-    assert {THAUM, OCTARINE, BRIGHTNESS, PUBLIC, PRIVATE, "thaumometer-frames-0042"} <= set(demo_catalog.pids())
+    expected = {THAUM, OCTARINE, BRIGHTNESS, PUBLIC, PRIVATE, "thaumometer-frames-0042"}
+    assert expected <= set(demo_catalog.pids())
     assert set(demo_catalog.users) == {"stibbons", "ridcully"}
     assert Path(__file__).parent.parent.joinpath("scicatfs/demo/catalog.json").is_file()
+
+
+def test_module_runs_a_server_for_curl(catalog_server):
+    command = [sys.executable, "-m", "scicatfs.demo.server", "--port", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready, "the server printed nothing within 20 s"
+        banner = proc.stdout.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/api/v3", banner).group(1)
+        with client(url) as http:
+            login = http.post("/api/v3/auth/login", json={"username": "stibbons", "password": "demo"})
+            token = login.json()["id"]
+            body = http.get(f"/api/v4/datasets/{seg(THAUM)}?include=origdatablocks",
+                            headers={"Authorization": f"Bearer {token}"}).json()
+        paths = [f["path"] for f in body["origdatablocks"][0]["dataFileList"]]
+        assert paths == ["flux.dat", "logs/measurement.log"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    busy = subprocess.run([*command[:-1], str(catalog_server.port)], capture_output=True, text=True,
+                          timeout=30)
+    assert busy.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{catalog_server.port}" in busy.stderr
+    assert "Traceback" not in busy.stderr

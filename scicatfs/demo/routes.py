@@ -257,7 +257,9 @@ class Api:
         if isinstance(limits, dict):
             filters.reject_unknown_keys(limits, _V4_LIMIT_KEYS, prefix="limits.")
         skip, limit = filters.limits(limits, default_limit=10)
-        sort = limits.get("sort", {"createdAt": "desc"}) if isinstance(limits, dict) else {"createdAt": "desc"}
+        sort = {"createdAt": "desc"}
+        if isinstance(limits, dict):
+            sort = limits.get("sort", sort)
         where = spec.get("where", {})
         records = filters.sort_v4([r for r in self._visible(user) if filters.matches(r, where)], sort)
         includes = spec.get("include") or []

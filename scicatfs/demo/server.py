@@ -22,7 +22,6 @@ fixtures for poking at with curl.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import re
@@ -263,7 +262,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="TCP port (default: any free port)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    with CatalogServer(Catalog.load_default(), port=args.port) as server:
+    server = CatalogServer(Catalog.load_default(), port=args.port)
+    try:
+        server.start()
+    except OSError as exc:
+        parser.exit(1, f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}\n")
+    with server:
         pid = "20.500.12269%2F72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
         print(f"SciCat demo catalog at {server.url}/api/v3 (and /api/v4)")
         print("users: stibbons / demo (groups uu, faculty), ridcully / wizzard (group archchancellor)")

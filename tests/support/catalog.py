@@ -26,7 +26,10 @@ def demo_catalog() -> Catalog:
 
 @pytest.fixture
 def make_catalog_server(demo_catalog: Catalog) -> Iterator[Callable[..., CatalogServer]]:
-    """Factory: `make_catalog_server(catalog=None, **kwargs)` starts a server; all are stopped after the test."""
+    """Factory `make_catalog_server(catalog=None, **kwargs) -> CatalogServer` (started).
+
+    Every server it made is stopped after the test, whatever the outcome.
+    """
     servers: list[CatalogServer] = []
 
     def make(catalog: Catalog | None = None, **kwargs: Any) -> CatalogServer:
