@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, urlsplit
 
+import trio
+
 from scicatfs.catalog.auth import Credentials, Secret, TokenKeeper
 from scicatfs.catalog.errors import (
     AuthenticationError,
@@ -169,11 +171,11 @@ class CatalogClient:
         )
         if public and reply.status == 200 and not reply.body.strip():
             self._fail_missing(pid)
-        return self._parse(self._json(reply, f"dataset {pid!r}", pid), pid)
+        return await self._build(pid, reply)
 
     async def _dataset_v3(self, pid: str) -> Dataset:
         segment = quote(pid, safe="")
-        record = self._json(await self._get(f"/v3/datasets/{segment}", pid=pid), f"dataset {pid!r}", pid)
+        record = await self._get(f"/v3/datasets/{segment}", pid=pid)
         blocks = self._json(
             await self._get(f"/v3/datasets/{segment}/origdatablocks", pid=pid),
             f"origdatablocks of {pid!r}",
@@ -183,7 +185,7 @@ class CatalogClient:
             raise BadResponse(f"catalog sent origdatablocks of {pid!r} that are not a JSON list", pid)
         if len(blocks) >= V3_BLOCK_CAP:
             blocks = await self._all_blocks_v3(pid)
-        return self._parse(record, pid, blocks)
+        return await self._build(pid, record, blocks)
 
     async def _all_blocks_v3(self, pid: str) -> list[Any]:
         """Page ``/v3/origdatablocks`` past the cap; blocks are deduplicated by ``_id``."""
@@ -335,11 +337,21 @@ class CatalogClient:
             self._transport.stats["bad_responses"] += 1
             raise
 
-    def _parse(self, raw: Any, pid: str, blocks: list[Any] | None = None) -> Dataset:
-        try:
+    async def _build(self, pid: str, reply: Reply, blocks: list[Any] | None = None) -> Dataset:
+        """Decode and validate a dataset in a worker thread.
+
+        A dataset with 100,000 files takes seconds of pure Python; on the
+        event loop that would stall every other filesystem request.
+        """
+
+        def build() -> Dataset:
+            raw = reply.json(f"dataset {pid!r}", pid)
             if isinstance(raw, dict) and raw.get("pid") != pid:
                 raise BadResponse(f"asked for dataset {pid!r}, the catalog sent {raw.get('pid')!r}", pid)
             return parse_dataset(raw, blocks)
+
+        try:
+            return await trio.to_thread.run_sync(build)
         except BadResponse as error:
             self._transport.stats["bad_responses"] += 1
             error.pid = pid

@@ -202,26 +202,30 @@ def parse_checksum(algorithm: Any, digest: Any) -> Checksum | None:
     algorithm (warned once per name). A digest of the wrong shape raises ValueError."""
     if digest in (None, "") or algorithm in (None, ""):
         return None
-    name = ALGORITHM_ALIASES.get(str(algorithm).strip().lower())
-    if name is None:
-        _warn_unknown_algorithm(str(algorithm))
+    known = _algorithm(str(algorithm))
+    if known is None:
         return None
+    name, expected = known
     if not isinstance(digest, str):
         raise ValueError(f"checksum is not a string: {_brief(digest)}")
     hexdigest = digest.strip().lower()
-    expected = hashlib.new(name).digest_size * 2
     if len(hexdigest) != expected or not _HEX_DIGITS.issuperset(hexdigest):
         raise ValueError(f"{name} checksum {digest!r} is not {expected} hex digits")
     return Checksum(name, hexdigest)
 
 
 @functools.cache
-def _warn_unknown_algorithm(algorithm: str) -> None:
-    log.warning(
-        "catalog uses checksum algorithm %r, which scicatfs does not know; "
-        "files with it are not verified",
-        algorithm,
-    )
+def _algorithm(spelling: str) -> tuple[str, int] | None:
+    """(hashlib name, hex digest length) for a catalog spelling; warns once per unknown one."""
+    name = ALGORITHM_ALIASES.get(spelling.strip().lower())
+    if name is None:
+        log.warning(
+            "catalog uses checksum algorithm %r, which scicatfs does not know; "
+            "files with it are not verified",
+            spelling,
+        )
+        return None
+    return name, hashlib.new(name).digest_size * 2
 
 
 def relative_path(path: Any, source_folder: str) -> str:
@@ -268,7 +272,7 @@ class _FileListParser:
     def __init__(self, pid: str, source_folder: str, creation_time: float) -> None:
         self.pid = pid
         self.source_folder = source_folder
-        self.folder = source_folder.rstrip("/") or "/"
+        self.folder = source_folder.rstrip("/") + "/"  # remote_path = folder + path
         self.creation_time = creation_time
         self.problems = 0
 
@@ -338,7 +342,7 @@ class _FileListParser:
         mtime = parse_time(entry.get("time"))
         return DataFile(
             path=path,
-            remote_path=posixpath.join(self.folder, path),
+            remote_path=self.folder + path,
             size=size,
             mtime=self.creation_time if mtime is None else mtime,
             checksum=checksum,
