@@ -305,13 +305,17 @@ def test_connection_refused_fails_fast(make_sshd: Callable[[], OpenSSHServer]) -
 # -- faults: drops, restarts, stalls, cancellation ------------------------------
 
 
-def test_reconnects_after_sshd_killed_and_restarted(make_sshd: Callable[[], OpenSSHServer]) -> None:
+@pytest.mark.parametrize("connections", [1, 3])
+def test_reconnects_after_sshd_killed_and_restarted(
+    make_sshd: Callable[[], OpenSSHServer], connections: int
+) -> None:
     server = make_sshd()
-    data = payload(2 * MiB)
+    data = payload(12 * MiB)
     path = server.put("/d/f.bin", data)
 
     async def body(transfer: Transfer) -> dict[str, int]:
         assert await transfer.read(None, path, 0, 100) == data[:100]
+        assert await transfer.read(None, path, 0, len(data)) == data  # warm up every connection
         server.kill()
         server.start()
         # The pooled connection is dead; the read is retried on a fresh one.
@@ -325,7 +329,7 @@ def test_reconnects_after_sshd_killed_and_restarted(make_sshd: Callable[[], Open
         assert await transfer.read(None, path, 0, len(data)) == data
         return transfer.stats
 
-    stats = with_transfer(settings_for(server, connections=1), body)
+    stats = with_transfer(settings_for(server, connections=connections), body)
     assert stats["reconnects"] >= 2
 
 

@@ -275,19 +275,19 @@ class _Pool:
     async def _on_connection(self, path: str, operation: _Operation[T]) -> T:
         """Run ``operation`` on the least busy connection; retry once if that connection drops."""
         try:
-            return await self._attempt(path, operation)
+            return await self._attempt(path, operation, min(self._slots, key=_Slot.preference))
         except _Dropped as dropped:
             log.info("%s: connection lost (%s); retrying on a fresh one", self.host, dropped.cause)
+            retry_on = dropped.slot  # emptied by the drop, so it reconnects
         try:
-            return await self._attempt(path, operation)
+            return await self._attempt(path, operation, retry_on)
         except _Dropped as dropped:
             raise ConnectionLost(
                 f"{self.host}: connection lost while reading {path} ({dropped.cause}), "
                 "and again on a fresh connection"
             ) from dropped.cause
 
-    async def _attempt(self, path: str, operation: _Operation[T]) -> T:
-        slot = min(self._slots, key=_Slot.preference)
+    async def _attempt(self, path: str, operation: _Operation[T], slot: _Slot) -> T:
         with slot.lease():
             conn = await slot.connection()
             try:
@@ -302,7 +302,7 @@ class _Pool:
                 raise TransferError(message) from None
             except _CONNECTION_ERRORS as error:
                 slot.drop(conn)
-                raise _Dropped(error) from error
+                raise _Dropped(error, slot) from error
             except asyncssh.SFTPError as error:
                 raise TransferError(f"{self.host}:{path}: {error.reason}") from error
 
@@ -364,9 +364,10 @@ def _known_hosts_option(settings: SFTPSettings) -> str | tuple[()] | None:
 class _Dropped(Exception):
     """Internal: the connection broke under an operation, which may be retried elsewhere."""
 
-    def __init__(self, cause: Exception) -> None:
+    def __init__(self, cause: Exception, slot: _Slot) -> None:
         super().__init__(str(cause))
         self.cause = cause
+        self.slot = slot
 
 
 class _Slot:
@@ -393,6 +394,8 @@ class _Slot:
 
     async def connection(self) -> _Connection:
         async with self._lock:
+            if self._conn is not None and self._conn.closed:  # the server hung up while idle
+                self.drop(self._conn)
             if self._conn is None:
                 self._conn = await self._pool.connect()
                 if self._lost:
@@ -440,6 +443,10 @@ class _Connection:
         if attrs.size is None:
             raise TransferError(f"{path}: the server did not report a size")
         return attrs.size
+
+    @property
+    def closed(self) -> bool:
+        return self._ssh.is_closed()
 
     def abort(self) -> None:
         self._ssh.abort()
