@@ -110,9 +110,14 @@ def test_base_url_forms_normalise_to_api():
 def test_get_dataset_with_slashes_and_spaces(server_class):
     with server_class(small_catalog()) as server:
         async def body(client: CatalogClient):
-            return [await client.get_dataset(pid) for pid in PIDS]
+            prefixes = [await client.is_pid_prefix(name) for name in ("with space", "20.500.12269/BRIGHTNESS",
+                                                                       "20.500.12269/BRIGHTNESS/V200053", "with")]
+            listed = [pid async for pid in client.iter_pids("with space/run 1+")]
+            return [await client.get_dataset(pid) for pid in PIDS], prefixes, listed
 
-        datasets = run(server, body)
+        datasets, prefixes, listed = run(server, body)
+        assert prefixes == [True, True, False, False]
+        assert listed == ["with space/run 1+2"]
         assert [d.pid for d in datasets] == PIDS
         for dataset in datasets:
             assert [f.path for f in dataset.files] == ["f/000000.dat", "f/000001.dat", "f/000002.dat"]
