@@ -466,13 +466,23 @@ def test_handler_exception_is_logged_500(catalog_server, http, monkeypatch, capl
     assert http.get("/api/v3/health").status_code == 200  # the connection and server survive
 
 
-def test_server_stops_and_frees_its_port(demo_catalog):
+def test_stop_drops_keepalive_connections_and_restart_reuses_the_port(demo_catalog):
     server = CatalogServer(demo_catalog).start()
-    url = server.url
-    server.stop()
-    server.stop()
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(url + "/api/v3/health", timeout=2, verify=False)
+    port = server.port
+    try:
+        with client(server.url) as http:
+            assert http.get("/api/v3/health").status_code == 200  # a kept-alive connection
+            server.stop()
+            server.stop()
+            with pytest.raises(httpx.TransportError):
+                http.get("/api/v3/health")
+            with pytest.raises(RuntimeError, match="not running"):
+                server.port
+            server.start()
+            assert server.port == port
+            assert http.get("/api/v3/health").status_code == 200
+    finally:
+        server.stop()
 
 
 # -- fixtures ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import logging
 import random
 import re
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -89,6 +90,30 @@ def _match(method: str, segments: list[str]) -> tuple[_Route, str | None] | None
     return None
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """Remembers its open connections so that stopping the server really drops them.
+
+    Without this, keep-alive connections would go on being served by their
+    handler threads after `stop()`, and a test of "the catalog went away" would
+    silently keep talking to it.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def drop_connections(self) -> None:
+        with self.connections_lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by the peer
+
+
 class CatalogServer:
     """Serves a `Catalog` over HTTP on 127.0.0.1 in a daemon thread.
 
@@ -98,6 +123,8 @@ class CatalogServer:
                     answered 503 with a Nest error body
       malformed     data routes answer 200 with a body that is not valid JSON
     `requests` logs (method, path with query, status) of every request.
+    `stop()` drops open connections; `start()` after `stop()` listens on the
+    same port again (a catalog outage and its recovery, for fault tests).
     """
 
     def __init__(self, catalog: Catalog, *, host: str = "127.0.0.1", port: int = 0,
@@ -114,7 +141,7 @@ class CatalogServer:
         self._api = Api(catalog, self)
         self._lock = threading.Lock()
         self._random = random.Random()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -124,21 +151,22 @@ class CatalogServer:
         if self._httpd is not None:
             raise RuntimeError("CatalogServer already started")
         handler = type("_BoundHandler", (_Handler,), {"catalog_server": self})
-        httpd = ThreadingHTTPServer((self.host, self._requested_port), handler)
-        httpd.daemon_threads = True
+        httpd = _HTTPServer((self.host, self._requested_port), handler)
         self._httpd = httpd
+        self._requested_port = self.port
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name=f"catalog-server:{self.port}", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving and close the socket; harmless to call twice."""
+        """Stop serving, close the listening socket and drop open connections; idempotent."""
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
         httpd.shutdown()
         httpd.server_close()
+        httpd.drop_connections()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -231,6 +259,17 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True   # headers and body are two writes; keep-alive clients would stall 40 ms
     catalog_server: CatalogServer
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.server.connections_lock:
+            self.server.connections.discard(self.connection)
+        super().finish()
 
     def _serve(self) -> None:
         try:
