@@ -1,0 +1,72 @@
+"""Mounts of catalogs built for one purpose: a 10,000-file dataset, hostile paths, many datasets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from scicatfs.demo.fixtures import Catalog
+
+BIG = "h5test/big-10000"
+HOSTILE = "h5test/hostile"
+MANY_PREFIX = "h5many"
+FILES = 10_000
+DATASETS = 1_200  # more than one catalog page (1000 PIDs)
+
+
+def _record(pid: str, folder: str) -> dict:
+    return {
+        "pid": pid,
+        "datasetName": pid,
+        "owner": "Ponder Stibbons",
+        "ownerGroup": "uu",
+        "contactEmail": "p.stibbons@uu.am",
+        "creationLocation": "UnseenUniversity",
+        "sourceFolder": folder,
+        "creationTime": "2023-05-01T10:00:00.000Z",
+    }
+
+
+def test_ten_thousand_files_list_completely(make_mount) -> None:  # type: ignore[no-untyped-def]
+    catalog = Catalog.load_default()
+    names = [f"frame_{index:05d}.dat" for index in range(FILES)]
+    catalog.add_dataset(_record(BIG, "/h5test/big"), [{"path": name, "size": 16} for name in names], blocks=7)
+    mount = make_mount(catalog)
+    dataset = mount.dataset(BIG)
+
+    assert sorted(os.listdir(dataset)) == sorted(names + [".scicat", "metadata.json"])
+    listing = subprocess.run(["ls", "-l", str(dataset)], capture_output=True, timeout=60, check=True).stdout
+    assert listing.count(b"\n-r--r--r--") == FILES + 1  # data files + metadata.json
+    found = subprocess.run(["find", str(dataset), "-name", "frame_*"], capture_output=True, timeout=60, check=True)
+    assert len(found.stdout.splitlines()) == FILES
+    for name in (names[0], names[4321], names[-1]):
+        assert (dataset / name).read_bytes() == catalog.content(BIG, name)
+
+
+def test_hostile_paths_never_appear(make_mount) -> None:  # type: ignore[no-untyped-def]
+    catalog = Catalog.load_default()
+    hostile = ["../escape.txt", "/etc/passwd", "a/../../b.txt", "dir//double.txt", "./dot.txt",
+               "nul\0name.txt", "/h5test/elsewhere/outside.txt", ""]
+    files = [{"path": "ok.txt", "size": 7}, {"path": "/h5test/hostile/inside.txt", "size": 9}]
+    catalog.add_dataset(_record(HOSTILE, "/h5test/hostile"), files + [{"path": p, "size": 5} for p in hostile])
+    mount = make_mount(catalog)
+    dataset = mount.dataset(HOSTILE)
+
+    found = subprocess.run(["find", str(dataset)], capture_output=True, timeout=60, check=True).stdout.decode()
+    shown = sorted(str(Path(line).relative_to(dataset)) for line in found.splitlines()[1:])
+    assert shown == [".scicat", ".scicat/files.json", ".scicat/metadata.json", "inside.txt", "metadata.json", "ok.txt"]
+    assert (dataset / "ok.txt").read_bytes() == catalog.content(HOSTILE, "ok.txt")
+    assert (dataset / "inside.txt").read_bytes() == catalog.content(HOSTILE, "/h5test/hostile/inside.txt")
+    assert "escape" not in (dataset / ".scicat" / "files.json").read_text()
+    assert "dropped file" in mount.log_text()
+
+
+def test_root_listing_spans_catalog_pages(make_mount) -> None:  # type: ignore[no-untyped-def]
+    catalog = Catalog.load_default()
+    expected = [f"ds-{index:04d}" for index in range(DATASETS)]
+    for name in expected:
+        catalog.add_dataset(_record(f"{MANY_PREFIX}/{name}", f"/h5test/many/{name}"), [])
+    mount = make_mount(catalog)
+    assert sorted(os.listdir(mount.path / MANY_PREFIX)) == expected
+    assert sorted(os.listdir(mount.path)) == ["20.500.12269", MANY_PREFIX, "thaumometer-frames-0042"]
