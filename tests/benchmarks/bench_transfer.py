@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -27,6 +30,7 @@ from tests.support.sshd import OpenSSHServer
 
 MiB = 1024 * 1024
 REMOTE_PATH = "/bench/data.bin"
+SMALL_READ = 4096
 
 
 def parse_size(text: str) -> int:
@@ -46,16 +50,23 @@ def write_file(server: OpenSSHServer, size: int) -> None:
             out.write(block[: min(len(block), size - start)])
 
 
-def transfer_reader(
-    server: OpenSSHServer, args: argparse.Namespace, size: int
-) -> Callable[[], None]:
-    settings = SFTPSettings(
+def settings_for(server: OpenSSHServer, **tuning: Any) -> SFTPSettings:
+    return SFTPSettings(
         host=server.host,
         port=server.port,
         username=server.username,
         identity_files=(server.client_key,),
         known_hosts=server.known_hosts,
         ssh_config=Path(os.devnull),
+        **tuning,
+    )
+
+
+def transfer_reader(
+    server: OpenSSHServer, args: argparse.Namespace, size: int
+) -> Callable[[], None]:
+    settings = settings_for(
+        server,
         connections=args.connections,
         max_requests=args.max_requests,
         ciphers=(args.cipher,) if args.cipher else DEFAULT_CIPHERS,
@@ -95,26 +106,65 @@ def sftp_reader(server: OpenSSHServer) -> Callable[[], None]:
     return run
 
 
+@contextmanager
+def sshfs_mount(server: OpenSSHServer) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as mountpoint:
+        options = ",".join(
+            option
+            for option in server.ssh_options()
+            if option != "-o" and not option.startswith("User=")  # sshfs takes user@host
+        )
+        subprocess.run(
+            ["sshfs", f"{server.username}@{server.host}:/", mountpoint, "-o", f"ro,{options}"],
+            check=True,
+        )
+        try:
+            yield Path(mountpoint)
+        finally:
+            subprocess.run(["fusermount3", "-u", mountpoint], check=True)
+
+
 def sshfs_reader(server: OpenSSHServer) -> Callable[[], None]:
     def run() -> None:
-        with tempfile.TemporaryDirectory() as mountpoint:
-            options = ",".join(
-                option
-                for option in server.ssh_options()
-                if option != "-o" and not option.startswith("User=")  # sshfs takes user@host
-            )
-            subprocess.run(
-                ["sshfs", f"{server.username}@{server.host}:/", mountpoint, "-o", f"ro,{options}"],
-                check=True,
-            )
-            try:
-                with open(Path(mountpoint) / REMOTE_PATH.lstrip("/"), "rb") as source:
-                    while source.read(MiB):
-                        pass
-            finally:
-                subprocess.run(["fusermount3", "-u", mountpoint], check=True)
+        with sshfs_mount(server) as mountpoint:
+            with open(mountpoint / REMOTE_PATH.lstrip("/"), "rb") as source:
+                while source.read(MiB):
+                    pass
 
     return run
+
+
+def transfer_small_reads(server: OpenSSHServer, offsets: list[int]) -> list[float]:
+    """Seconds per 4 KiB read at each offset, on a warm connection (the bridge's latency)."""
+    settings = settings_for(server)
+
+    async def measure() -> list[float]:
+        async with Transfer(settings) as transfer:
+            await transfer.read(None, REMOTE_PATH, 0, SMALL_READ)
+            seconds = []
+            for offset in offsets:
+                started = time.perf_counter()
+                await transfer.read(None, REMOTE_PATH, offset, SMALL_READ)
+                seconds.append(time.perf_counter() - started)
+            return seconds
+
+    return trio.run(measure)
+
+
+def sshfs_small_reads(server: OpenSSHServer, offsets: list[int]) -> list[float]:
+    """Seconds per 4 KiB pread through a fresh sshfs mount (kernel read-ahead included)."""
+    seconds = []
+    with sshfs_mount(server) as mountpoint:
+        fd = os.open(mountpoint / REMOTE_PATH.lstrip("/"), os.O_RDONLY)
+        try:
+            os.pread(fd, SMALL_READ, 0)
+            for offset in offsets:
+                started = time.perf_counter()
+                os.pread(fd, SMALL_READ, offset)
+                seconds.append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    return seconds
 
 
 def timed(run: Callable[[], None]) -> float:
@@ -151,6 +201,11 @@ def main() -> None:
                 seconds[name].append(timed(reader))
                 rate = args.size / MiB / seconds[name][-1]
                 print(f"run {run + 1} {name:18} {rate:8.1f} MiB/s", flush=True)
+        offsets = [random.randrange(args.size - SMALL_READ) for _ in range(200)]
+        latency = {
+            "scicatfs Transfer": statistics.median(transfer_small_reads(server, offsets)),
+            "sshfs": statistics.median(sshfs_small_reads(server, offsets)),
+        }
     finally:
         server.close()
 
@@ -166,6 +221,9 @@ def main() -> None:
     ours = speed["scicatfs Transfer"]
     print(f"  Transfer / sshfs        {ours / speed['sshfs']:.2f}x")
     print(f"  Transfer / OpenSSH sftp {ours / speed['OpenSSH sftp']:.2f}x")
+    print("median latency of a 4 KiB read at a random offset (warm connection)")
+    for name, value in latency.items():
+        print(f"  {name:18} {value * 1000:8.2f} ms")
 
 
 if __name__ == "__main__":
