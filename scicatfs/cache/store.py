@@ -28,13 +28,23 @@ from typing import TYPE_CHECKING
 from scicatfs.cache.errors import CacheError, IntegrityError
 
 if TYPE_CHECKING:
-    from scicatfs.catalog.models import Checksum
+    from scicatfs.catalog.models import Checksum, DataFile, Dataset
 
-__all__ = ["CHUNK_SIZE", "Blob", "BlobInfo", "BlobStore", "FileSpec", "blob_key", "is_disk_full"]
+__all__ = [
+    "CHUNK_SIZE",
+    "Blob",
+    "BlobInfo",
+    "BlobStore",
+    "FileSpec",
+    "blob_key",
+    "default_budget",
+    "is_disk_full",
+]
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
+DEFAULT_BUDGET = 10 * 1024**3
 SCHEMA_VERSION = 1
 # A one-byte region far beyond any real file offset: every process that has a
 # blob open holds a shared fcntl lock on it; an evictor needs the exclusive lock.
@@ -76,6 +86,35 @@ class FileSpec:
     size: int
     mtime: float
     checksum: Checksum | None
+
+    @classmethod
+    def for_file(cls, dataset: Dataset, datafile: DataFile, host: str | None) -> FileSpec:
+        """The spec of one catalog file, read from ``host`` (None: the default SFTP host).
+
+        Every process sharing a cache must build specs the same way: without a
+        checksum, the host is part of the blob key.
+        """
+        return cls(
+            pid=dataset.pid,
+            path=datafile.path,
+            host=host,
+            remote_path=datafile.remote_path,
+            size=datafile.size,
+            mtime=datafile.mtime,
+            checksum=datafile.checksum,
+        )
+
+
+def default_budget(directory: Path) -> int:
+    """The budget when none is configured: min(10 GiB, 10 % of the filesystem holding ``directory``).
+
+    ``directory`` need not exist yet; its nearest existing parent decides.
+    """
+    existing = Path(directory)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    stats = os.statvfs(existing)
+    return min(DEFAULT_BUDGET, stats.f_blocks * stats.f_frsize // 10)
 
 
 def blob_key(spec: FileSpec) -> str:
@@ -137,6 +176,7 @@ class BlobInfo:
     present_bytes: int
     complete: bool
     atime: float
+    checksum: str | None = None
 
 
 class BlobStore:
@@ -446,13 +486,13 @@ class BlobStore:
         """Every (pid, path) the index knows, with how much of its blob is cached."""
         with self._lock:
             rows = self._db.execute(
-                """SELECT f.pid, f.path, b.key, b.size, b.complete, b.atime,
+                """SELECT f.pid, f.path, b.key, b.size, b.complete, b.atime, b.checksum,
                           (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
                    FROM files f JOIN blobs b ON b.key = f.key ORDER BY f.pid, f.path"""
             ).fetchall()
         return [
-            BlobInfo(pid, path, key, self.blob_file(key), size, present, bool(complete), atime)
-            for pid, path, key, size, complete, atime, present in rows
+            BlobInfo(pid, path, key, self.blob_file(key), size, present, bool(complete), atime, checksum)
+            for pid, path, key, size, complete, atime, checksum, present in rows
         ]
 
     def where(self, pid: str, path: str) -> BlobInfo | None:
