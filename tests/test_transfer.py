@@ -289,6 +289,33 @@ def test_ssh_config_alias_port_user_and_identity(
     assert with_transfer(settings, body) == b"via alias"
 
 
+def test_ssh_agent_supplies_the_key(
+    sshd: OpenSSHServer, remote_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = sshd.put(f"{remote_dir}/f", b"via agent")
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not socket_path.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.02)
+        environment = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
+        subprocess.run(
+            ["ssh-add", "-q", str(sshd.client_key)], env=environment, check=True, timeout=10
+        )
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        monkeypatch.setenv("HOME", str(tmp_path))  # no default key files: only the agent has one
+
+        async def body(transfer: Transfer) -> bytes:
+            return await transfer.read(None, path, 0, 100)
+
+        assert with_transfer(settings_for(sshd, identity_files=()), body) == b"via agent"
+    finally:
+        agent.terminate()
+        agent.wait(timeout=5)
+
+
 def test_connection_refused_fails_fast(make_sshd: Callable[[], OpenSSHServer]) -> None:
     server = make_sshd()
     server.stop()
