@@ -568,6 +568,28 @@ def test_duplicate_pid_and_zero_blocks_are_refused():
         catalog.add_dataset(record("dup"), [])
     with pytest.raises(ValueError, match="origdatablock"):
         catalog.add_dataset(record("none"), [], blocks=0)
+    with pytest.raises(ValueError, match="string 'pid'"):
+        catalog.add_dataset({"pid": 7}, [])
+    assert catalog.pids() == ["dup"]
+
+
+def test_malformed_entries_are_served_as_given_but_have_no_content(make_catalog_server, tmp_path):
+    catalog = demo_users()
+    catalog.add_dataset(record("odd", sourceFolder="/odd"), [
+        {"path": "text-size", "size": "12"}, {"path": "negative", "size": -1},
+        {"size": 3}, {"path": "bad-time", "size": 2, "time": "yesterday"}, {"path": "fine", "size": 2}])
+    catalog.add_dataset(record("odd/folder", sourceFolder=["not", "a", "string"]), [{"path": "a", "size": 1}])
+    catalog.materialize(tmp_path)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["bad-time", "fine"]
+    for pid, path in (("odd", "text-size"), ("odd", "negative"), ("odd/folder", "a")):
+        with pytest.raises(KeyError):
+            catalog.content(pid, path)
+    http, auth = serve(make_catalog_server, catalog)
+    with http:
+        body = http.get(f"/api/v4/datasets/{seg('odd')}?include=origdatablocks", headers=auth).json()
+        assert [f["size"] for f in body["origdatablocks"][0]["dataFileList"]] == ["12", -1, 3, 2, 2]
+        assert http.get(f"/api/v3/datasets/{seg('odd/folder')}", headers=auth).json()["sourceFolder"] == [
+            "not", "a", "string"]
 
 
 def test_default_catalog_loads_from_package(demo_catalog):

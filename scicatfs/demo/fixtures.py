@@ -70,6 +70,15 @@ def resolve_remote_path(source_folder: str, path: str) -> str | None:
     return joined
 
 
+def _location(record: Mapping[str, Any], data_file: Mapping[str, Any]) -> str | None:
+    """Where an entry's bytes live, or None when it has none (hostile or malformed entry)."""
+    path, size, folder = data_file.get("path"), data_file.get("size"), record.get("sourceFolder")
+    if not (isinstance(path, str) and isinstance(folder, str)
+            and type(size) is int and size >= 0):
+        return None
+    return resolve_remote_path(folder, path)
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -141,14 +150,18 @@ class Catalog:
         Missing contents are generated from (pid, path). With `chk_alg`, each file
         without a `chk` gets the checksum of its real bytes; an explicit `chk` is
         kept as given (that is how tests make wrong checksums). Entries with a
-        hostile path are stored as given and simply have no content.
+        hostile path are stored as given and simply have no content; so are
+        malformed records and entries (tests feed them to clients on purpose):
+        only the pid must be a string.
         `block_access` overrides the access fields the blocks copy from the record
         (ownerGroup, accessGroups, isPublished), because SciCat filters blocks by
         their own fields.
         """
         if blocks < 1:
             raise ValueError("a dataset needs at least one origdatablock")
-        pid = record["pid"]
+        pid = record.get("pid")
+        if not isinstance(pid, str):
+            raise ValueError(f"a dataset record needs a string 'pid', got {pid!r}")
         if pid in self._entries:
             raise ValueError(f"duplicate pid {pid!r}")
         moment = _iso(_EPOCH + timedelta(seconds=len(self._entries)))
@@ -164,22 +177,24 @@ class Catalog:
         for index in range(blocks):
             chunk = data_files[index * per_block:(index + 1) * per_block]
             block = {"_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{pid}#{index}")),
-                     "datasetId": pid, "size": sum(f["size"] for f in chunk),
+                     "datasetId": pid,
+                     "size": sum(f["size"] for f in chunk if isinstance(f["size"], int)),
                      "dataFileList": chunk, **copy.deepcopy(access),
                      "createdBy": full["createdBy"], "updatedBy": full["updatedBy"],
                      "createdAt": full["createdAt"], "updatedAt": full["updatedAt"]}
             if chk_alg is not None:
                 block["chkAlg"] = chk_alg
             entry.blocks.append(block)
-        full["size"] = sum(block["size"] for block in entry.blocks)
+        full["size"] = sum(block["size"] for block in entry.blocks if isinstance(block["size"], int))
         full["numberOfFiles"] = sum(len(block["dataFileList"]) for block in entry.blocks)
 
     def _complete_file(self, entry: _Entry, data_file: dict, chk_alg: str | None) -> dict:
-        path = data_file["path"]
+        path = data_file.get("path")
         if "size" not in data_file:
             data_file["size"] = len(entry.contents.get(path, b""))
-        data_file.setdefault("time", entry.record["creationTime"])
-        if chk_alg is not None and "chk" not in data_file and self._has_content(entry, path):
+        if "creationTime" in entry.record:
+            data_file.setdefault("time", entry.record["creationTime"])
+        if chk_alg is not None and "chk" not in data_file and _location(entry.record, data_file):
             digest = hashlib.new(hashlib_name(chk_alg))
             digest.update(self._bytes(entry, path, data_file["size"]))
             data_file["chk"] = digest.hexdigest()
@@ -214,16 +229,12 @@ class Catalog:
         return (f for block in self.origdatablocks(pid) for f in block["dataFileList"])
 
     def content(self, pid: str, path: str) -> bytes:
-        """The exact bytes of a file entry; KeyError for unknown or hostile entries."""
+        """The exact bytes of a file entry; KeyError for unknown, hostile or malformed entries."""
         entry = self._entries[pid]
-        if not self._has_content(entry, path):
+        data_file = next((f for f in self.files(pid) if f.get("path") == path), None)
+        if data_file is None or _location(entry.record, data_file) is None:
             raise KeyError((pid, path))
-        size = next(f["size"] for f in self.files(pid) if f["path"] == path)
-        return self._bytes(entry, path, size)
-
-    @staticmethod
-    def _has_content(entry: _Entry, path: str) -> bool:
-        return resolve_remote_path(entry.record["sourceFolder"], path) is not None
+        return self._bytes(entry, path, data_file["size"])
 
     @staticmethod
     def _bytes(entry: _Entry, path: str, size: int) -> bytes:
@@ -244,12 +255,15 @@ class Catalog:
         for entry in self._entries.values():
             seen: set[str] = set()
             for data_file in (f for block in entry.blocks for f in block["dataFileList"]):
-                remote = resolve_remote_path(entry.record["sourceFolder"], data_file["path"])
+                remote = _location(entry.record, data_file)
                 if remote is None or remote in seen:
                     continue
                 seen.add(remote)
                 target = root / remote.lstrip("/")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(self._bytes(entry, data_file["path"], data_file["size"]))
-                mtime = datetime.fromisoformat(data_file["time"].replace("Z", "+00:00")).timestamp()
+                try:
+                    mtime = datetime.fromisoformat(str(data_file.get("time"))).timestamp()
+                except ValueError:
+                    continue  # a malformed time is the catalog's problem, not the file's
                 os.utime(target, (mtime, mtime))
