@@ -124,7 +124,7 @@ class Transfer:
     def __init__(self, settings: SFTPSettings) -> None:
         self._settings = settings
         self._thread = AsyncioThread()
-        self._pools: dict[str, _Pool] = {}
+        self._pools: dict[str, _Pool] = {}  # touched only on the asyncio thread
         self._stats = _Stats()
         if not settings.check_host_keys:
             log.warning(
