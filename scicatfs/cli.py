@@ -86,12 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s scicatfs %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, quiet: bool = False) -> None:
+    """Log to stderr at ``level``; ``quiet`` shows only warnings and errors there.
+
+    A background mount is quiet on the terminal, like sshfs: the user sees
+    problems, and the daemon's full log goes to syslog once it detaches.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s scicatfs %(levelname)s %(name)s: %(message)s"))
+    if quiet:
+        handler.setLevel(logging.WARNING)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     if level != "debug":
         # Both log every request or connection at INFO; scicatfs logs what matters itself.
         for chatty in ("httpx", "asyncssh"):
@@ -109,7 +114,7 @@ def _mount(args: argparse.Namespace) -> int:
     if fuse:
         values["fuse_options"] = tuple(fuse)
     options = mount_options(values)
-    _setup_logging(options.log_level)
+    _setup_logging(options.log_level, quiet=not options.foreground)
     return run(options)
 
 

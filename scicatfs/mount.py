@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -121,8 +122,9 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
     except (MountpointError, CatalogError) as error:
         raise MountError(str(error)) from None
 
-    async with CatalogClient(catalog_settings) as catalog:
+    async with AsyncExitStack() as stack:
         try:
+            catalog = await stack.enter_async_context(CatalogClient(catalog_settings))
             await catalog.count()
         except CatalogError as error:
             raise MountError(f"catalog at {options.url}: {error}") from None
@@ -259,7 +261,6 @@ def run(options: MountOptions, ready: Callable[[], None] = lambda: None) -> int:
 def _detach_from_terminal() -> None:
     """Send logs to syslog (the journal) and let go of the terminal's stdio."""
     root = logging.getLogger()
-    level = root.level
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if os.path.exists("/dev/log"):
@@ -268,7 +269,6 @@ def _detach_from_terminal() -> None:
         root.addHandler(handler)
     else:
         root.addHandler(logging.NullHandler())
-    root.setLevel(level)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         try:

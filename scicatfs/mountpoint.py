@@ -94,9 +94,14 @@ def find_mount(path: Path) -> MountEntry | None:
 
 
 def is_stale(path: Path) -> bool:
-    """True if ``path`` is a FUSE mount whose filesystem process is gone."""
+    """True if ``path`` is a FUSE mount whose filesystem process is gone.
+
+    ``statfs`` is asked because the kernel always forwards it to the
+    filesystem; ``stat`` may be answered from cached attributes for a while
+    after the process died.
+    """
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as error:
         return error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
@@ -110,15 +115,14 @@ def check_mountpoint(path: Path) -> None:
         raise MountpointError(f"mountpoint {path} does not exist; create it with: mkdir -p {path}") from None
     except OSError as error:
         if error.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-            raise MountpointError(
-                f"mountpoint {path} is a stale FUSE mount (Transport endpoint is not connected); "
-                f"clean it up with: scicatfs unmount {path}"
-            ) from None
+            raise MountpointError(_stale_message(path)) from None
         raise MountpointError(f"cannot use mountpoint {path}: {error.strerror}") from None
     if not os.path.isdir(path):
         raise MountpointError(f"mountpoint {path} is not a directory")
     mounted = find_mount(path)
     if mounted is not None:
+        if mounted.is_fuse and is_stale(path):
+            raise MountpointError(_stale_message(path))
         raise MountpointError(
             f"{path} is already a mount point ({mounted.fstype} from {mounted.source}); "
             f"unmount it first (scicatfs unmount {path})"
@@ -130,6 +134,13 @@ def check_mountpoint(path: Path) -> None:
         raise MountpointError(f"mountpoint {path} is not readable by you") from None
     if os.getuid() != 0 and (status.st_uid != os.getuid() or not os.access(path, os.W_OK)):
         raise MountpointError(f"mountpoint {path} must be a directory you own and can write to")
+
+
+def _stale_message(path: Path) -> str:
+    return (
+        f"mountpoint {path} is a stale FUSE mount (Transport endpoint is not connected); "
+        f"clean it up with: scicatfs unmount {path}"
+    )
 
 
 def check_fuse() -> None:
