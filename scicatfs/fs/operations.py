@@ -12,9 +12,10 @@ Rules this module keeps (the numbers behind them are in
   :mod:`scicatfs.fs.inodes`) and never with ``direct_io``, so re-reads come
   from the page cache and shared ``mmap`` works. Only ``.scicat/files.json``,
   whose content follows the cache, is read with direct I/O.
-* Reads are capped (``max_reads``) below pyfuse3's worker count, so however
-  many readers wait for the network, some workers are always free to answer
-  ``stat``, ``lookup`` and ``readdir``.
+* Reads that may need the network are capped (``max_reads``) below
+  pyfuse3's worker count, so however many readers wait for a slow file
+  server, some workers are always free to answer ``stat``, ``lookup``,
+  ``readdir`` and reads of fully cached files (which skip the cap).
 * Without ``-o xattrs`` getxattr/listxattr answer ENOSYS, which the kernel
   remembers for the whole mount, so ``ls -l`` costs no xattr round trips.
 * Every write-type request answers EROFS.
@@ -240,6 +241,8 @@ class ScicatOperations(pyfuse3.Operations):
             return record[off:off + size]
         handle = self._files[fh]
         with fuse_errors("read", handle.spec.pid, handle.spec.path):
+            if self.fetcher.cached_bytes(handle.spec) >= handle.spec.size:
+                return await self.fetcher.read(handle, off, size)  # no network: never queued
             async with self._reads:
                 return await self.fetcher.read(handle, off, size)
 

@@ -169,11 +169,12 @@ def make_mount(
     make_catalog_server: Callable[..., CatalogServer],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., Mount]]:
-    """Factory: ``make_mount(catalog=None, *, user="stibbons", args=(), cache_dir=None, server=None)``.
+    """Factory: ``make_mount(catalog=None, *, user="stibbons", args=(), cache_dir=None, server=None, sftp=None)``.
 
     ``catalog`` defaults to the demo catalog; another catalog's files are
     materialized into the sshd chroot first (give its datasets their own
-    sourceFolder). ``user=None`` mounts anonymously. ``args`` are extra
+    sourceFolder). ``sftp`` is an sshd of the test's own (from ``make_sshd``,
+    for tests that stop or kill it); the session's sshd otherwise. ``user=None`` mounts anonymously. ``args`` are extra
     ``scicatfs mount`` arguments (e.g. ``["-o", "xattrs"]``). Every mount is
     unmounted and its process stopped at teardown.
     """
@@ -187,15 +188,17 @@ def make_mount(
         args: Sequence[str] = (),
         cache_dir: Path | None = None,
         server: CatalogServer | None = None,
+        sftp: OpenSSHServer | None = None,
     ) -> Mount:
+        files_from = sshd if sftp is None else sftp
         if catalog is None:
             catalog = demo_catalog
-        else:
-            catalog.materialize(sshd.root)
+        if catalog is not demo_catalog or files_from is not sshd:
+            catalog.materialize(files_from.root)
         if server is None:
             server = make_catalog_server(catalog)
         work = tmp_path_factory.mktemp("mount")
-        mount = start_mount(catalog, server, sshd, work, user=user, args=args, cache_dir=cache_dir)
+        mount = start_mount(catalog, server, files_from, work, user=user, args=args, cache_dir=cache_dir)
         mounts.append(mount)
         return mount
 
