@@ -1,0 +1,196 @@
+"""The filesystem's layers without FUSE: inode counts, directory streams, and the namespace
+over a real CatalogClient talking to the project's catalog server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from scicatfs.cache.store import FileSpec
+from scicatfs.catalog.auth import Credentials, Secret
+from scicatfs.catalog.client import CatalogClient, CatalogSettings
+from scicatfs.catalog.errors import DatasetForbidden
+from scicatfs.demo.server import CatalogServer
+from scicatfs.fs.dirstream import WINDOW, DirectoryStream
+from scicatfs.fs.errors import NoEntry
+from scicatfs.fs.inodes import InodeTable
+from scicatfs.fs.namespace import (
+    ROOT,
+    ControlDir,
+    DataFileNode,
+    DatasetDir,
+    Entry,
+    Namespace,
+    PidLevel,
+    RecordFile,
+)
+
+THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
+FORBIDDEN = "20.500.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701"
+LIBRARY = "20.500.12269/e1f2a3b4-0000-4000-8000-11b4a4a7e7ad"
+
+
+# -- inodes --------------------------------------------------------------------------
+
+
+def test_inode_counts_and_forget() -> None:
+    table: InodeTable[str] = InodeTable("root")
+    first = table.acquire("a")
+    assert table.acquire("a") == first and table.lookup_count(first) == 2
+    second = table.acquire("b")
+    assert second != first and table.node(second) == "b"
+    table.forget(first, 1)
+    assert table.node(first) == "a" and table.ino_of("a") == first
+    table.forget(first, 1)
+    with pytest.raises(KeyError):
+        table.node(first)
+    assert table.ino_of("a") is None
+    assert table.acquire("a") not in (first, second)  # numbers are never reused
+
+
+def test_root_is_pinned() -> None:
+    table: InodeTable[str] = InodeTable("root")
+    assert table.acquire("root") == 1
+    table.forget(1, 5)
+    assert table.node(1) == "root" and len(table) == 1
+
+
+# -- directory streams ---------------------------------------------------------------
+
+
+class _Numbers:
+    """A source of 0..n-1 that counts how often it was (re)started."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.starts = 0
+
+    async def __call__(self) -> AsyncIterator[int]:
+        self.starts += 1
+        for number in range(self.n):
+            yield number
+
+
+async def _take(stream: DirectoryStream[int], start: int, count: int) -> list[tuple[int, int]]:
+    taken = []
+    async for item in stream.entries_from(start):
+        taken.append(item)
+        if len(taken) == count:
+            break
+    return taken
+
+
+def test_stream_resumes_without_restarting_and_restarts_when_rewound() -> None:
+    async def main() -> None:
+        source = _Numbers(1000)
+        stream = DirectoryStream(source)
+        assert await _take(stream, 0, 10) == [(i, i) for i in range(10)]
+        # The kernel resumes at the entry after the last one it accepted (here 7).
+        assert await _take(stream, 8, 5) == [(i, i) for i in range(8, 13)]
+        assert source.starts == 1
+        assert [i for i, _ in await _take(stream, 13, 2000)] == list(range(13, 1000))
+        assert await _take(stream, 1000, 1) == []
+        # rewinddir: earlier than the window, so the source starts again.
+        assert await _take(stream, 1000 - WINDOW - 5, 3) == [(i, i) for i in range(995 - WINDOW, 998 - WINDOW)]
+        assert source.starts == 2
+        await stream.aclose()
+
+    trio.run(main)
+
+
+# -- namespace over the real catalog server --------------------------------------------
+
+
+def _namespace_test(server: CatalogServer, body, user: str | None = "stibbons") -> None:  # type: ignore[no-untyped-def]
+    credentials = Credentials()
+    if user is not None:
+        credentials = Credentials(token=Secret(server.issue_token(user)), source="test token")
+
+    async def main() -> None:
+        async with CatalogClient(CatalogSettings(url=server.url, credentials=credentials)) as catalog:
+            await body(Namespace(catalog, cached_bytes=lambda spec: 0))
+
+    trio.run(main)
+
+
+async def _names(namespace: Namespace, node) -> list[str]:  # type: ignore[no-untyped-def]
+    source = await namespace.listing(node)
+    return [name async for name, _, _ in source()]
+
+
+def test_pid_levels_and_datasets(catalog_server: CatalogServer) -> None:
+    async def body(namespace: Namespace) -> None:
+        assert await _names(namespace, ROOT) == ["20.500.12269", "thaumometer-frames-0042"]
+        prefix = await namespace.lookup(ROOT, "20.500.12269")
+        assert prefix == PidLevel("20.500.12269/")
+        dataset = await namespace.lookup(prefix, THAUM.split("/")[1])
+        assert dataset == DatasetDir(THAUM)
+        assert await _names(namespace, dataset) == ["metadata.json", ".scicat", "flux.dat", "logs"]
+        attributes = await namespace.attributes(dataset)
+        assert attributes.is_dir and attributes.nlink == 4 and attributes.ttl == namespace.record_ttl
+        with pytest.raises(NoEntry):
+            await namespace.lookup(prefix, "no-such-dataset")
+        with pytest.raises(DatasetForbidden):
+            await namespace.lookup(prefix, FORBIDDEN.split("/")[1])
+
+    _namespace_test(catalog_server, body)
+
+
+def test_files_and_generated_files(catalog_server: CatalogServer) -> None:
+    async def body(namespace: Namespace) -> None:
+        dataset = DatasetDir(THAUM)
+        flux = await namespace.lookup(dataset, "flux.dat")
+        assert isinstance(flux, DataFileNode)
+        assert flux.spec == FileSpec(THAUM, "flux.dat", None, "/hex/ps/thaum/flux.dat", 20, flux.spec.mtime, None)
+        logs = await namespace.lookup(dataset, "logs")
+        assert logs == DatasetDir(THAUM, "logs")
+        assert isinstance(await namespace.lookup(logs, "measurement.log"), DataFileNode)
+
+        record = await namespace.lookup(dataset, "metadata.json")
+        assert isinstance(record, RecordFile) and not record.live
+        content = await namespace.content(record)
+        assert (await namespace.attributes(record)).size == len(content)
+        control = await namespace.lookup(dataset, ".scicat")
+        assert control == ControlDir(THAUM)
+        assert await namespace.content(await namespace.lookup(control, "metadata.json")) == content
+        files = await namespace.lookup(control, "files.json")
+        assert isinstance(files, RecordFile) and files.live
+        assert b'"remote_path": "/hex/ps/thaum/logs/measurement.log"' in await namespace.content(files)
+
+    _namespace_test(catalog_server, body)
+
+
+def test_real_metadata_json_file_wins(catalog_server: CatalogServer) -> None:
+    async def body(namespace: Namespace) -> None:
+        dataset = DatasetDir(LIBRARY)
+        assert await _names(namespace, dataset) == [".scicat", "metadata.json", "shelves"]
+        assert isinstance(await namespace.lookup(dataset, "metadata.json"), DataFileNode)
+
+    _namespace_test(catalog_server, body)
+
+
+def test_listed_datasets_get_provisional_attributes_until_looked_up(catalog_server: CatalogServer) -> None:
+    async def body(namespace: Namespace) -> None:
+        prefix = PidLevel("20.500.12269/")
+        source = await namespace.listing(prefix)
+        entries: list[Entry] = [entry async for entry in source()]
+        thaum = next(attributes for name, _, attributes in entries if name == THAUM.split("/")[1])
+        assert thaum.ttl == 0  # the kernel will look it up to get the real times
+        await namespace.lookup(prefix, THAUM.split("/")[1])
+        entries = [entry async for entry in source()]
+        thaum = next(attributes for name, _, attributes in entries if name == THAUM.split("/")[1])
+        assert thaum.ttl == namespace.record_ttl and thaum.mtime < 1.7e9
+
+    _namespace_test(catalog_server, body)
+
+
+def test_prefix_seen_in_a_listing_needs_no_request(catalog_server: CatalogServer) -> None:
+    async def body(namespace: Namespace) -> None:
+        await _names(namespace, ROOT)
+        catalog_server.reset_requests()
+        assert await namespace.lookup(ROOT, "20.500.12269") == PidLevel("20.500.12269/")
+        assert catalog_server.requests == []
+
+    _namespace_test(catalog_server, body)
