@@ -170,7 +170,8 @@ def test_tail_of_a_cold_large_file_fetches_about_one_chunk(sshd, remote, tmp_pat
         elapsed = time.perf_counter() - started
         await trio.sleep(0.2)  # a read-ahead would have started by now
         await fetcher.release(handle)
-        assert fetcher.transfer.stats["bytes_read"] <= 4 * MiB
+        assert fetcher.transfer.stats["bytes_read"] <= 4 * MiB + 4 * KiB  # the chunk + the range
+        assert fetcher.stats["chunks_fetched"] == 1
         assert fetcher.cached_bytes(spec) == 4 * MiB
         return elapsed
 
@@ -190,7 +191,7 @@ def test_32_readers_of_one_file_share_transfers(sshd, remote, tmp_path: Path) ->
             for seed in range(32):
                 nursery.start_soon(read_randomly, fetcher, spec, data, 30, seed)
         assert md5(await read_all(fetcher, spec)) == md5(data)
-        assert fetcher.transfer.stats["bytes_read"] <= len(data) + 1  # each chunk once
+        assert fetcher.stats["chunks_fetched"] == 17  # each chunk once
 
     run(sshd, tmp_path, body)
 
@@ -238,7 +239,7 @@ def test_size_mismatch_is_reported(sshd, remote, tmp_path: Path, catalog_size: i
         handle = await fetcher.open(spec)
         message = f"catalog says {catalog_size} bytes, server has {len(data)}"
         with pytest.raises(IntegrityError, match=message):
-            await fetcher.read(handle, (catalog_size - 1) // SMALL_CHUNK * SMALL_CHUNK, 10)
+            await fetcher.read(handle, 0, catalog_size)
         with pytest.raises(IntegrityError, match=message):  # and it stays that way
             await fetcher.read(handle, 0, 10)
         await fetcher.release(handle)

@@ -8,17 +8,20 @@ deadline passed, FUSE interrupted it) does not cancel a transfer that other
 readers share.
 
 Concurrency bounds:
-- ``max_in_flight`` bytes of chunk data are being transferred at once: a
-  ``trio.CapacityLimiter`` with one token per chunk. Only network fetches take a
-  token, so cache hits never queue behind the network.
-- Read-ahead only starts a fetch when a token is free, so demand reads are not
-  queued behind speculative ones.
+- At most ``max_in_flight`` bytes of chunks are held by read-ahead and prefetch
+  flights (being fetched or being written); demand reads add what FUSE asks for
+  concurrently. Half of those flights may use the network at once: a
+  ``trio.CapacityLimiter`` taken only around the transfer, so cache hits never
+  queue behind the network and a slow disk write does not hold a network slot.
+- A small read in a cold chunk also asks for just its own bytes, racing the chunk
+  fetch: the first 4 KiB of a file arrive after one round trip, not after 4 MiB.
 - Every transfer attempt has a deadline, and every reader waits at most
   ``read_timeout`` before getting ``FetchTimeout`` (EIO): never a hang.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,7 +33,7 @@ import trio
 
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
 from scicatfs.cache.store import Blob, BlobStore, FileSpec, is_disk_full
-from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
+from scicatfs.transfer.errors import ConnectionLost, TransferError, TransferTimeout
 
 if TYPE_CHECKING:
     from scicatfs.transfer.sftp import Transfer
@@ -40,6 +43,8 @@ __all__ = ["Fetcher", "Handle"]
 log = logging.getLogger(__name__)
 
 LOCK_POLL_INTERVAL = 0.02
+#: Reads up to this size in a cold chunk also fetch just their range (one SFTP request).
+DIRECT_READ_MAX = 255 * 1024
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
@@ -59,12 +64,15 @@ class Handle:
 class _Flight:
     """One chunk being fetched; every reader of that chunk waits on the same flight.
 
-    ``data`` holds the chunk's bytes once fetched, so waiters need not re-read
-    them from disk, and so that they can be served when the chunk could not be
-    cached (disk full).
+    ``ready`` is set as soon as ``data`` (the chunk's bytes) or ``error`` is
+    known, before the chunk is written: readers need not wait for the fsync, and
+    can be served when the chunk cannot be cached at all (disk full). ``settled``
+    is set when the flight is over (chunk recorded, or given up). ``data`` stays
+    None when another process cached the chunk: read it from the blob.
     """
 
-    done: trio.Event = field(default_factory=trio.Event)
+    ready: trio.Event = field(default_factory=trio.Event)
+    settled: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
 
@@ -92,7 +100,8 @@ class Fetcher:
         self.store = store
         self.transfer = transfer
         chunk = store.chunk_size
-        self._limiter = trio.CapacityLimiter(max(1, max_in_flight // chunk))
+        self._max_flights = max(2, max_in_flight // chunk)
+        self._limiter = trio.CapacityLimiter(self._max_flights // 2)
         self._readahead_chunks = max(1, readahead_max // chunk)
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
@@ -149,12 +158,16 @@ class Fetcher:
         chunk = self.store.chunk_size
         first, last = offset // chunk, (end - 1) // chunk
         missing = [index for index in range(first, last + 1) if index not in blob.present]
+        cold = len(missing) == 1 and (blob.key, missing[0]) not in self._flights
         flights = {index: self._flight(handle, index) for index in missing}
         self._read_ahead(handle, offset, end, last)
-        if flights:
-            await self._wait(handle, flights)
-        else:
+        if not flights:
             self.stats["reads_from_cache"] += 1
+        elif cold and first == last and end - offset <= DIRECT_READ_MAX:
+            data = await self._race_direct_read(handle, flights[first], offset, end)
+            if data is not None:
+                return data
+        await self._wait(handle, flights)
         parts = []
         for index in range(first, last + 1):
             start = max(offset, index * chunk)
@@ -168,13 +181,44 @@ class Fetcher:
             raise blob.error
         return b"".join(parts)
 
-    async def _wait(self, handle: Handle, flights: dict[int, _Flight]) -> None:
-        """Wait for a reader's flights, at most ``read_timeout`` in all."""
+    async def _race_direct_read(
+        self, handle: Handle, flight: _Flight, offset: int, end: int
+    ) -> bytes | None:
+        """The range itself from the server if that beats the chunk's flight, else None.
+
+        Errors and short answers of the direct read are ignored: the flight
+        reports them (with the size check) when the caller waits for it.
+        """
+        spec = handle.spec
+        result: bytes | None = None
+
+        async def direct(done: trio.CancelScope) -> None:
+            nonlocal result
+            with contextlib.suppress(TransferError):
+                data = await self.transfer.read(spec.host, spec.remote_path, offset, end - offset)
+                if len(data) == end - offset:
+                    result = data
+                    done.cancel()
+
+        with trio.move_on_after(self.read_timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(direct, nursery.cancel_scope)
+                await flight.ready.wait()
+                nursery.cancel_scope.cancel()
+        return result
+
+    async def _wait(
+        self, handle: Handle, flights: dict[int, _Flight], *, settled: bool = False
+    ) -> None:
+        """Wait until the flights' data (or, if ``settled``, their end) is there.
+
+        At most ``read_timeout`` in all; raises the first flight's error.
+        """
         with trio.move_on_after(self.read_timeout):
             for flight in flights.values():
-                await flight.done.wait()
+                await (flight.settled if settled else flight.ready).wait()
         for index, flight in flights.items():
-            if not flight.done.is_set():
+            if not (flight.settled if settled else flight.ready).is_set():
                 raise FetchTimeout(
                     f"{handle.spec.pid} {handle.spec.path}: chunk {index} not fetched"
                     f" within {self.read_timeout:g} s"
@@ -194,9 +238,9 @@ class Fetcher:
                 if index not in blob.present:
                     pending.append((index, self._flight(handle, index)))
                 while pending and (
-                    len(pending) >= self._limiter.total_tokens or index == blob.chunk_count - 1
+                    len(pending) >= self._max_flights or index == blob.chunk_count - 1
                 ):
-                    await self._wait(handle, dict([pending.popleft()]))
+                    await self._wait(handle, dict([pending.popleft()]), settled=True)
                     if progress is not None:
                         progress(blob.present_bytes, blob.size)
             await self._verify(handle)
@@ -223,22 +267,25 @@ class Fetcher:
 
     async def _run_flight(self, flight: _Flight, spec: FileSpec, blob: Blob, index: int) -> None:
         try:
-            flight.data = await self._fetch_chunk(spec, blob, index)
-        except (Exception, trio.Cancelled) as error:
-            flight.error = error if isinstance(error, Exception) else CacheError("fetch cancelled")
-            if isinstance(error, trio.Cancelled):
-                raise
+            await self._fetch_chunk(flight, spec, blob, index)
+        except Exception as error:
+            flight.error = error
+        except trio.Cancelled:
+            if not flight.ready.is_set():
+                flight.error = CacheError("fetch cancelled: scicatfs is shutting down")
+            raise
         finally:
             del self._flights[(blob.key, index)]
-            flight.done.set()
+            flight.ready.set()
+            flight.settled.set()
             await self._unpin(blob)
 
-    async def _fetch_chunk(self, spec: FileSpec, blob: Blob, index: int) -> bytes | None:
-        """Fetch, write and record one chunk; None if another process cached it meanwhile."""
+    async def _fetch_chunk(self, flight: _Flight, spec: FileSpec, blob: Blob, index: int) -> None:
+        """Fetch, hand to readers, write and record one chunk (unless another process did)."""
         with trio.move_on_after(self.read_timeout) as waiting:
             while not self.store.try_lock_chunk(blob, index):
                 if self.store.refresh_chunk(blob, index):
-                    return None
+                    return
                 await trio.sleep(LOCK_POLL_INTERVAL)
         if waiting.cancelled_caught:
             raise FetchTimeout(
@@ -246,10 +293,12 @@ class Fetcher:
             )
         try:
             if self.store.refresh_chunk(blob, index):
-                return None
+                return
             async with self._limiter:
                 data = await self._download(spec, blob, index)
             self.stats["chunks_fetched"] += 1
+            flight.data = data
+            flight.ready.set()
             try:
                 await trio.to_thread.run_sync(self.store.write_chunk, blob, index, data)
             except OSError as error:
@@ -262,7 +311,7 @@ class Fetcher:
                 self._cannot_cache = True
                 if is_disk_full(error):
                     self._start(self._evict, self.store.budget // 2)
-                return data
+                return
             if self._cannot_cache:
                 log.warning("caching works again")
                 self._cannot_cache = False
@@ -272,7 +321,6 @@ class Fetcher:
         if blob.all_present and not blob.complete and self._nursery is not None:
             self.store.retain(blob)  # now, not when the task starts: the flight unpins first
             self._nursery.start_soon(self._verify_in_background, spec, blob)
-        return data
 
     async def _download(self, spec: FileSpec, blob: Blob, index: int) -> bytes:
         """One chunk from the server, checking it against the catalog's size.
@@ -341,7 +389,7 @@ class Fetcher:
             handle.next_offset = end
         handle.last_chunk = max(handle.last_chunk, last) if handle.window else last
         for index in range(last + 1, min(last + 1 + handle.window, blob.chunk_count)):
-            if len(self._flights) >= self._limiter.total_tokens:
+            if len(self._flights) >= self._max_flights:
                 break
             if index not in blob.present and (blob.key, index) not in self._flights:
                 self._flight(handle, index)
