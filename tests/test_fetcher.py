@@ -20,13 +20,13 @@ from typing import TypeVar
 import pytest
 import trio
 
-from scicatfs.cache.errors import CacheError, IntegrityError
+from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
 from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.sftp import SFTPSettings, Transfer
-from tests.support.sshd import OpenSSHServer
+from tests.support.sshd import OpenSSHServer, _descendants
 
 T = TypeVar("T")
 KiB, MiB = 1024, 1024 * 1024
@@ -283,6 +283,31 @@ async def within_budget(store: BlobStore) -> None:
     with trio.fail_after(5):
         while store.usage() > store.budget:
             await trio.sleep(0.01)
+
+
+def test_a_frozen_server_gives_an_error_not_a_hang(make_sshd, tmp_path: Path) -> None:
+    """SIGSTOP the sshd processes: connections stay open but nothing answers."""
+    server = make_sshd()
+    data = payload(4 * SMALL_CHUNK)
+    spec = FileSpec("p", "f", None, server.put("/data/f.bin", data), len(data), 0.0, None)
+
+    async def body(fetcher: Fetcher) -> float:
+        handle = await fetcher.open(spec)
+        assert await fetcher.read(handle, 0, 10) == data[:10]  # connected and working
+        frozen = [server._process.pid, *_descendants(server._process.pid)]
+        try:
+            for pid in frozen:
+                os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises((FetchTimeout, TransferError)):
+                await fetcher.read(handle, 3 * SMALL_CHUNK, 10)  # beyond the read-ahead
+            return time.monotonic() - started
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+            await fetcher.release(handle)
+
+    assert run(server, tmp_path, body, read_timeout=2, transfer_timeout=1, attempts=1) < 4
 
 
 def test_eviction_under_small_budget_keeps_open_files_intact(sshd, remote, tmp_path: Path) -> None:

@@ -161,7 +161,11 @@ class Blob:
 
     @property
     def present_bytes(self) -> int:
-        return sum(self.chunk_length(index) for index in self.present)
+        # arithmetic, not iteration: worker threads add to ``present`` concurrently
+        count = len(self.present)
+        last = self.chunk_count - 1
+        short = self.chunk_size - self.chunk_length(last) if last in self.present else 0
+        return count * self.chunk_size - short
 
 
 @dataclass(frozen=True, slots=True)
