@@ -210,6 +210,31 @@ def test_32_readers_of_many_files(sshd, remote, tmp_path: Path) -> None:
     run(sshd, tmp_path, body)
 
 
+def test_bad_requests_are_clear_errors(sshd, remote, tmp_path: Path) -> None:
+    spec = remote("small.bin", b"abc")
+
+    async def body(fetcher: Fetcher) -> None:
+        handle = await fetcher.open(spec)
+        with pytest.raises(CacheError, match="invalid read"):
+            await fetcher.read(handle, -1, 10)
+        assert await fetcher.read(handle, 1, 1 << 40) == b"bc"
+        await fetcher.release(handle)
+        with pytest.raises(CacheError, match="negative size"):
+            await fetcher.open(replace(spec, size=-1))
+
+    run(sshd, tmp_path, body)
+
+    async def outside() -> None:
+        with BlobStore(tmp_path, 1 << 20) as store:
+            fetcher = Fetcher(store, transfer=None)  # type: ignore[arg-type]
+            handle = await fetcher.open(spec)
+            with pytest.raises(CacheError, match="async context manager"):
+                await fetcher.read(handle, 0, 1)
+            await fetcher.release(handle)
+
+    trio.run(outside)
+
+
 # -- integrity ----------------------------------------------------------------------
 
 

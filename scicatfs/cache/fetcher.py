@@ -92,7 +92,7 @@ class Fetcher:
         max_in_flight: int = 32 * 1024 * 1024,
         readahead_max: int = 64 * 1024 * 1024,
         read_timeout: float = 60.0,
-        transfer_timeout: float = 20.0,
+        transfer_timeout: float = 35.0,
         attempts: int = 2,
     ) -> None:
         if read_timeout <= 0 or transfer_timeout <= 0 or attempts < 1:
