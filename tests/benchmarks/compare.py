@@ -85,7 +85,9 @@ MOUNTS = ("scicatfs", "sshfs")
 COLD_TOOLS = (*MOUNTS, "sftp", "scitacean")
 LATENCY_TOOLS = ("scicatfs", "sshfs", "sftp")
 MOUNT_TIMEOUT = 60.0
-COMMAND_TIMEOUT = 600.0
+COMMAND_TIMEOUT = 120.0
+#: Slowest transfer rate that still counts as progress (sshfs at +50 ms RTT is far above it).
+SLOWEST_RATE = 1 * MiB
 #: At most this many entries scicatfs shows in a dataset beyond its files and directories.
 SCICATFS_EXTRA_ENTRIES = 5
 
@@ -199,6 +201,11 @@ def run_command(argv: list[str], timeout: float = COMMAND_TIMEOUT, **kwargs: Any
     return result.stdout
 
 
+def transfer_timeout(size: int) -> float:
+    """How long moving ``size`` bytes may take before the tool counts as hung."""
+    return COMMAND_TIMEOUT + size / SLOWEST_RATE
+
+
 def drop_caches() -> bool:
     """Drop the page cache (and dentries/inodes); False where not permitted."""
     os.sync()
@@ -224,7 +231,7 @@ def read_whole(path: Path, expected: int) -> float:
             raise BenchmarkError(f"read {total} bytes from {path}, expected {expected}")
         return elapsed
 
-    return bounded(read, COMMAND_TIMEOUT, f"reading {path}")
+    return bounded(read, transfer_timeout(expected), f"reading {path}")
 
 
 def read_probe(path: Path, offset: int) -> tuple[float, bytes]:
@@ -522,7 +529,7 @@ class TestBed:
             argv += ["-o", option]
         try:
             start = time.perf_counter()
-            run_command([*argv, f"{self.sshd.username}@{endpoint.host}"])
+            run_command([*argv, f"{self.sshd.username}@{endpoint.host}"], transfer_timeout(self.size))
             elapsed = time.perf_counter() - start
             if target.stat().st_size != self.size:
                 raise BenchmarkError(f"sftp wrote {target.stat().st_size} bytes, expected {self.size}")
@@ -563,7 +570,7 @@ class TestBed:
             return done - looked_up, time.perf_counter() - start
 
         try:
-            return bounded(download, COMMAND_TIMEOUT, "Scitacean download_files")
+            return bounded(download, transfer_timeout(self.size), "Scitacean download_files")
         finally:
             shutil.rmtree(target, ignore_errors=True)
 
@@ -631,7 +638,8 @@ def measure_cold(bed: TestBed, rtt_ms: int) -> tuple[dict[str, Series], dict[str
     first = {name: Series("ms") for name in
              (*MOUNTS, *(f"{tool} connected" for tool in MOUNTS), *(("scitacean",) if rtt_ms == 0 else ()))}
     with bed.endpoint(rtt_ms) as endpoint:
-        for _ in range(bed.args.runs):
+        for run in range(bed.args.runs):
+            _progress(f"  run {run + 1} of {bed.args.runs}")
             for tool in tools:
                 bed.cold()
                 if tool in MOUNTS:

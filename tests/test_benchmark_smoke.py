@@ -1,0 +1,114 @@
+"""The comparison benchmark runs end to end on a tiny file, so it cannot rot.
+
+Its numbers are not judged here (that is the benchmark's own job); only that
+every measure is present, plausible, and that nothing is left mounted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scicatfs.mountpoint import mount_table
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ("/usr/sbin/sshd", "sftp", "sshfs", "fusermount3")
+
+
+def _compare(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.compare", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _require_tools() -> None:
+    """Skip locally without root or the peers; in CI their absence is a failure."""
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    problem = f"missing {', '.join(missing)}" if missing else None
+    if os.geteuid() != 0:
+        problem = "the benchmark's sshd chroot needs root"
+    if problem and os.environ.get("CI"):
+        pytest.fail(problem)
+    if problem:
+        pytest.skip(problem)
+
+
+def _series_ok(series: dict, unit: str) -> None:
+    assert series["unit"] == unit
+    assert len(series["runs"]) == 1
+    assert series["min"] == series["median"] == series["max"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_tiny_run_reports_every_measure(tmp_path: Path) -> None:
+    _require_tools()
+    out = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _compare(
+        "--size", "8M", "--runs", "1", "--rtt", "0,20", "--meta-files", "200",
+        "--fio-runtime", "1", "--json", str(out), "--workdir", str(work),
+        timeout=110,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not [m for m in mount_table() if Path(m.mountpoint).is_relative_to(tmp_path)]
+    assert list(work.iterdir()) == [], "the benchmark left files behind"
+
+    report = json.loads(out.read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["date"]
+    assert report["config"]["size"] == 8 * 1024 * 1024 and report["config"]["rtt_ms"] == [0, 20]
+    results = report["results"]
+
+    cold, first = results["cold_sequential"], results["first_4k"]
+    assert set(cold) == set(first) == {"0ms", "20ms"}
+    assert set(cold["0ms"]) == {"scicatfs", "sshfs", "sftp", "scitacean"}
+    assert set(cold["20ms"]) == {"scicatfs", "sshfs", "sftp"}
+    for by_tool in cold.values():
+        for series in by_tool.values():
+            _series_ok(series, "MiB/s")
+    assert set(first["0ms"]) == {
+        "scicatfs", "sshfs", "scicatfs connected", "sshfs connected", "scitacean"}  # fmt: skip
+    for by_tool in first.values():
+        for series in by_tool.values():
+            _series_ok(series, "ms")
+    # Scitacean downloads the whole file before the probe can be read.
+    assert first["0ms"]["scitacean"]["median"] > 8 / cold["0ms"]["scitacean"]["median"] * 1000 * 0.9
+
+    assert set(results["warm_sequential"]) == {
+        "scicatfs first open", "scicatfs re-read", "blob file", "sshfs kernel_cache re-read"}  # fmt: skip
+    assert set(results["random_4k"]) == {"scicatfs cold", "sshfs cold", "scicatfs warm", "sshfs warm"}
+    assert len(results["metadata"]) == 8
+    for block, unit in (("warm_sequential", "MiB/s"), ("random_4k", "IOPS"), ("metadata", "s")):
+        for series in results[block].values():
+            _series_ok(series, unit)
+
+    rss = report["peak_rss_mib"]
+    assert set(rss) == {"cold @0ms", "cold @20ms", "warm", "random", "metadata"}
+    assert all(10 < value < 4096 for value in rss.values())
+    assert {target["name"] for target in report["targets"]} >= {
+        "cold seq scicatfs/sshfs @0ms", "cold seq scicatfs/sshfs @20ms",
+        "first 4 KiB scitacean/scicatfs", "second ls -lR scicatfs/sshfs", "peak RSS scicatfs (MiB)"}  # fmt: skip
+    assert "targets" in result.stdout and "scicatfs/sshfs" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "lots"], "not a size"),
+        (["--rtt", "0,x"], "not a list of milliseconds"),
+        (["--rtt", "-5"], ">= 0"),
+        (["--runs", "0"], "at least 1"),
+    ],
+)
+def test_bad_options_are_clear_errors(args: list[str], message: str) -> None:
+    result = _compare(*args, timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
