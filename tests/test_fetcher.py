@@ -225,7 +225,7 @@ def test_bad_requests_are_clear_errors(sshd, remote, tmp_path: Path) -> None:
     run(sshd, tmp_path, body)
 
     async def outside() -> None:
-        with BlobStore(tmp_path, 1 << 20) as store:
+        with BlobStore(tmp_path / "cold", 1 << 20) as store:
             fetcher = Fetcher(store, transfer=None)  # type: ignore[arg-type]
             handle = await fetcher.open(spec)
             with pytest.raises(CacheError, match="async context manager"):
