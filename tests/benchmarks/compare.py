@@ -416,6 +416,7 @@ class TestBed:
             known_hosts.write_text(f"[{self.sshd.host}]:{port} {key}")
             yield Endpoint(self.sshd.host, port, known_hosts, rtt_ms)
         finally:
+            proxy.terminate()
             stop_process(proxy)
 
     def ssh_options(self, endpoint: Endpoint) -> list[str]:

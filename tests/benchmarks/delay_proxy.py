@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     if not sep or not port.isdigit():
         parser.error(f"target must be HOST:PORT, got {args.target!r}")
     with DelayProxy(host, int(port), args.rtt_ms / 1000, listen_port=args.port) as proxy:
-        print(f"127.0.0.1:{proxy.port} -> {args.target} (+{args.rtt_ms:g} ms RTT); Ctrl-C stops")
+        print(f"127.0.0.1:{proxy.port} -> {args.target} (+{args.rtt_ms:g} ms RTT); Ctrl-C stops", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
 
