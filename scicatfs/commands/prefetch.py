@@ -1,0 +1,328 @@
+"""``scicatfs prefetch``: copy a dataset, or some of its files, into the cache ahead of use.
+
+Two ways to reach the files, chosen by the options:
+
+* ``--mount MOUNTPOINT`` reads them *through a running mount*. The mount's own
+  process then fetches, with its own credentials (possibly a systemd
+  credential or an environment variable this command cannot see), its own
+  SFTP connections and its single-flight table, so nothing is fetched twice
+  and no connection option has to be repeated. What is cached already comes
+  from the dataset's ``.scicat/files.json``; fully cached files are skipped.
+  Pages read are dropped from the page cache afterwards (``posix_fadvise``),
+  so that a 100 GB prefetch does not push everyone else's pages out.
+* Otherwise (``--profile`` or ``--url`` plus the mount's connection options)
+  it runs its own catalog client, SFTP connections and fetcher on the cache
+  directory. A mount may use that directory at the same time: chunks are
+  fetched once across processes (docs/cache-format.md).
+
+Either way a file counts as done once all its chunks are recorded, which
+happens only after the bytes are on disk; so Ctrl-C or ``kill -9`` leaves a
+consistent cache, and a re-run fetches exactly what is still missing.
+
+Exit status: 0 when every selected file is cached, 1 when some failed (each
+failure is one line), 2 for unusable options, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from scicatfs.cache.errors import CacheError
+from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.store import BlobStore, FileSpec, default_budget
+from scicatfs.catalog.client import CatalogClient
+from scicatfs.catalog.errors import CatalogError
+from scicatfs.commands.common import CommandError, add_cache_options, guarded, setup_logging
+from scicatfs.config import ConfigError, MountOptions, mount_options
+from scicatfs.mountpoint import find_mount
+from scicatfs.progress import Progress, human_size
+from scicatfs.transfer.errors import TransferError
+from scicatfs.transfer.sftp import Transfer
+
+__all__ = ["Item", "register", "select"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOBS = 4
+#: Bytes per read through a mount: the kernel splits it into FUSE requests.
+MOUNT_READ = 4 * 1024 * 1024
+#: How long a mount may take to answer for its files.json before we give up on it.
+MOUNT_TIMEOUT = 30.0
+#: What the (pid, path) errors of the layers below look like to a user.
+FETCH_ERRORS = (CacheError, CatalogError, TransferError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One dataset file to prefetch: its path in the dataset, size, and bytes cached so far."""
+
+    path: str
+    size: int
+    cached: int
+
+    @property
+    def complete(self) -> bool:
+        return self.cached >= self.size
+
+
+FetchOne = Callable[[Item, Callable[[int], None]], Awaitable[None]]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``prefetch`` to the ``scicatfs`` subcommands."""
+    parser = subparsers.add_parser(
+        "prefetch",
+        help="download a dataset (or matching files) into the cache",
+        description="Download the files of dataset PID, or those whose path in the dataset matches "
+        "one of the GLOBs (fnmatch: '*' also matches '/', so '*.h5' matches at any depth), "
+        "into the cache. Files already cached are not fetched again.",
+    )
+    parser.add_argument("pid", metavar="PID")
+    parser.add_argument("globs", metavar="GLOB", nargs="*", help="e.g. '*.nxs' or 'raw/scan_00*'")
+    parser.add_argument(
+        "--mount", type=Path, metavar="MOUNTPOINT",
+        help="fetch through this running scicatfs mount (its credentials, connections and cache)",
+    )  # fmt: skip
+    parser.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS, help=f"files at once (default {DEFAULT_JOBS})")
+    _add_connection_options(parser)
+    parser.set_defaults(func=guarded(run))
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``scicatfs mount`` takes to reach the catalog and the file server."""
+    where = parser.add_argument_group("without --mount: where the catalog and the files are (as for mount)")
+    where.add_argument("--url", help="catalog URL, e.g. https://scicat.ess.eu/api/v3")
+    where.add_argument("--token-file", type=Path, help="file holding a SciCat token")
+    where.add_argument("--username", help="log in with this user name (needs --password-file)")
+    where.add_argument("--password-file", type=Path, help="file holding the password")
+    where.add_argument("--sftp-host", help="SFTP host for every dataset (default: each dataset's sourceFolderHost)")
+    where.add_argument("--sftp-port", help="SFTP port (default: ssh config, else 22)")
+    where.add_argument("--sftp-user", help="SFTP user name (default: ssh config, else your login name)")
+    where.add_argument("--identity-file", type=Path, help="SSH private key")
+    where.add_argument("--known-hosts", type=Path, help="known_hosts file (default: ~/.ssh/known_hosts)")
+    where.add_argument(
+        "--insecure-no-host-key-check", action="store_const", const=True, default=None,
+        help="accept any host key (INSECURE: only for throw-away test servers)",
+    )  # fmt: skip
+    where.add_argument("--sftp-connections", help="SSH connections per host (default 4)")
+    add_cache_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    if args.jobs < 1:
+        raise CommandError(f"--jobs must be at least 1, got {args.jobs}")
+    status = trio.run(_until_interrupted, _through_mount if args.mount is not None else _standalone, args)
+    if status is None:
+        print(
+            "scicatfs: prefetch interrupted; what was fetched stays cached, run it again to continue",
+            file=sys.stderr,
+        )
+        return 130
+    return status
+
+
+async def _until_interrupted(
+    work: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int | None:
+    """Run ``work(args)``; SIGINT (Ctrl-C) or SIGTERM cancel it, and then the result is None.
+
+    Cancelling, rather than letting KeyboardInterrupt fly, lets the fetcher and
+    the transfer shut down in order; chunks already recorded stay valid.
+    """
+    outcome: list[int | CommandError | ConfigError] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def body() -> None:
+                try:
+                    outcome.append(await work(args))
+                except (CommandError, ConfigError) as error:  # re-raised below, outside the nursery's group
+                    outcome.append(error)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(body)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    if outcome and isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0] if outcome else None
+
+
+def select(items: Sequence[Item], globs: Sequence[str]) -> list[Item]:
+    """The items matching any glob (all without globs); a glob matching nothing is an error."""
+    if not globs:
+        return list(items)
+    unmatched = [glob for glob in globs if not any(fnmatchcase(item.path, glob) for item in items)]
+    if unmatched:
+        raise CommandError(f"no file of the dataset matches {unmatched[0]!r}")
+    return [item for item in items if any(fnmatchcase(item.path, glob) for glob in globs)]
+
+
+# -- through a running mount --------------------------------------------------------
+
+
+async def _through_mount(args: argparse.Namespace) -> int:
+    if args.url is not None or args.profile is not None:
+        raise CommandError("--mount takes the mount's settings: do not combine it with --url or --profile")
+    mountpoint = args.mount.resolve()
+    entry = find_mount(mountpoint)
+    if entry is None or entry.fstype != "fuse.scicatfs":
+        raise CommandError(f"{mountpoint} is not a scicatfs mount")
+    dataset = mountpoint / args.pid
+    listing = await _in_thread(_read_files_json, dataset / ".scicat" / "files.json", args.pid)
+    items = select([Item(f["path"], f["size"], f["cached"]) for f in listing], args.globs)
+
+    async def fetch(item: Item, add: Callable[[int], None]) -> None:
+        await _read_through(dataset / item.path, item, add)
+
+    failures = await _fetch_all(items, fetch, args.jobs)
+    return _report(items, failures, fetched=None)
+
+
+async def _in_thread(function: Callable[..., Any], *arguments: object) -> Any:
+    """Run blocking file I/O on the mount in a thread, so a hung mount cannot hang us."""
+    with trio.fail_after(MOUNT_TIMEOUT):
+        return await trio.to_thread.run_sync(function, *arguments, abandon_on_cancel=True)
+
+
+def _read_files_json(path: Path, pid: str) -> list[dict[str, Any]]:
+    try:
+        document = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CommandError(f"no dataset {pid!r} in this mount ({path.parent.parent} does not exist)") from None
+    except OSError as error:
+        raise CommandError(f"cannot read {path}: {error.strerror}") from None
+    return document["files"]
+
+
+async def _read_through(path: Path, item: Item, add: Callable[[int], None]) -> None:
+    """Read the file through the mount (which caches it), counting new bytes for progress."""
+    fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC, abandon_on_cancel=True)
+    counted = item.cached
+    offset = 0
+    try:
+        while data := await trio.to_thread.run_sync(os.pread, fd, MOUNT_READ, offset, abandon_on_cancel=True):
+            offset += len(data)
+            if offset > counted:
+                add(offset - counted)
+                counted = offset
+        if offset != item.size:
+            raise OSError(errno.EIO, f"read {offset} bytes, the catalog says {item.size}")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# -- on our own ------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> MountOptions:
+    """The mount options these arguments (and the profile) give, for the layers' settings.
+
+    A prefetch mounts nothing, but the options are a mount's (so that profiles
+    and validation are the same); the mountpoint they require is unused here.
+    """
+    return mount_options({**vars(args), "mountpoint": Path.cwd()})
+
+
+async def _standalone(args: argparse.Namespace) -> int:
+    from scicatfs.mount import _catalog_settings, _sftp_settings  # the mount's settings, exactly
+
+    options = _options(args)
+    budget = options.cache_size if options.cache_size is not None else default_budget(options.cache_dir)
+    try:
+        async with CatalogClient(_catalog_settings(options)) as catalog:
+            dataset = await catalog.get_dataset(args.pid)
+    except CatalogError as error:
+        raise CommandError(f"catalog at {options.url}: {error}") from None
+    host = dataset.source_folder_host if options.sftp_host is None else None
+    specs = {datafile.path: FileSpec.for_file(dataset, datafile, host) for datafile in dataset.files}
+    try:
+        store = BlobStore(options.cache_dir, budget)
+    except CacheError as error:
+        raise CommandError(str(error)) from None
+    with store:
+        items = select([Item(path, spec.size, store.cached_bytes(spec)) for path, spec in specs.items()], args.globs)
+        wanted = sum(item.size for item in items)
+        if wanted > budget:
+            raise CommandError(
+                f"the selected files need {human_size(wanted)} but the cache budget is {human_size(budget)}:"
+                " pass a larger --cache-size or select fewer files with GLOBs"
+            )
+        async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
+
+            async def fetch(item: Item, add: Callable[[int], None]) -> None:
+                counted = item.cached
+
+                def progress(cached: int, size: int) -> None:
+                    nonlocal counted
+                    if cached > counted:
+                        add(cached - counted)
+                        counted = cached
+
+                await fetcher.prefetch(specs[item.path], progress)
+                progress(item.size, item.size)
+
+            failures = await _fetch_all(items, fetch, args.jobs)
+            return _report(items, failures, fetched=transfer.stats["bytes_read"])
+
+
+# -- common ----------------------------------------------------------------------------
+
+
+async def _fetch_all(items: Sequence[Item], fetch: FetchOne, jobs: int) -> list[tuple[str, str]]:
+    """Fetch the incomplete items, ``jobs`` at a time; returns (path, reason) of failures."""
+    todo = [item for item in items if not item.complete]
+    progress = Progress(
+        total=sum(item.size for item in items),
+        files=len(items),
+        stream=sys.stderr,
+        done=sum(min(item.cached, item.size) for item in items),
+        files_done=len(items) - len(todo),
+    )
+    failures: list[tuple[str, str]] = []
+    limiter = trio.CapacityLimiter(jobs)
+
+    async def one(item: Item) -> None:
+        async with limiter:
+            try:
+                await fetch(item, progress.add)
+            except FETCH_ERRORS as error:
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                failures.append((item.path, reason))
+                progress.failed(item.path, reason)
+            else:
+                progress.finished(item.path)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for item in todo:
+                nursery.start_soon(one, item)
+    finally:
+        progress.close()
+    return failures
+
+
+def _report(items: Sequence[Item], failures: list[tuple[str, str]], fetched: int | None) -> int:
+    total = sum(item.size for item in items)
+    moved = "" if fetched is None else f", {human_size(fetched)} ({fetched} bytes) transferred"
+    if failures:
+        print(f"scicatfs: {len(failures)} of {len(items)} files could not be cached{moved}", file=sys.stderr)
+        return 1
+    print(f"scicatfs: {len(items)} files ({human_size(total)}) cached{moved}", file=sys.stderr)
+    return 0
