@@ -1,0 +1,140 @@
+"""``scicatfs cache status|prune|verify|where``: look after the cache directory.
+
+All four work while a mount uses the same directory: the index is sqlite in
+WAL mode, and blobs a mount has open are never pruned (their pin lock is
+held, docs/cache-format.md). A directory that holds no cache yet is reported
+as empty and left alone, never created.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from scicatfs.cache.errors import CacheError
+from scicatfs.cache.store import BlobInfo, BlobStore, default_budget
+from scicatfs.commands.common import CommandError, add_cache_options, cache_location, guarded, setup_logging
+from scicatfs.config import parse_size
+from scicatfs.progress import human_size
+
+__all__ = ["register"]
+
+INDEX = "index.sqlite3"
+
+
+def register(subparsers: Any) -> None:
+    """Add ``cache`` and its subcommands to the ``scicatfs`` subcommands."""
+    parser = subparsers.add_parser("cache", help="inspect, prune or verify the cache", description=__doc__)
+    commands = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+
+    status = commands.add_parser("status", help="space used, complete and partial blobs, per-dataset summary")
+    status.set_defaults(func=guarded(_status))
+
+    prune = commands.add_parser("prune", help="delete least recently used blobs down to a size")
+    prune.add_argument("--to", metavar="SIZE", help="target size, e.g. 5G (default: the cache budget)")
+    prune.set_defaults(func=guarded(_prune))
+
+    verify = commands.add_parser("verify", help="re-hash complete blobs against their checksums, drop bad ones")
+    verify.set_defaults(func=guarded(_verify))
+
+    where = commands.add_parser("where", help="the blob file behind a dataset file, and how much of it is cached")
+    where.add_argument("pid", metavar="PID")
+    where.add_argument("path", metavar="PATH", help="the file's path inside the dataset")
+    where.set_defaults(func=guarded(_where))
+
+    for command in (status, prune, verify, where):
+        add_cache_options(command)
+
+
+@contextmanager
+def _store(args: argparse.Namespace) -> Iterator[BlobStore | None]:
+    """The cache named by the options, or None if that directory holds no cache yet."""
+    setup_logging(args.log_level)
+    directory, size = cache_location(args)
+    if not (directory / INDEX).exists():
+        print(f"no cache in {directory} yet")
+        yield None
+        return
+    budget = size if size is not None else default_budget(directory)
+    try:
+        store = BlobStore(directory, budget)
+    except CacheError as error:
+        raise CommandError(str(error)) from None
+    with store:
+        yield store
+
+
+def _blobs(entries: list[BlobInfo]) -> dict[str, BlobInfo]:
+    """One entry per blob (a blob may back files of several datasets)."""
+    return {entry.key: entry for entry in entries}
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        if store is None:
+            return 0
+        used = store.usage()
+        entries = store.entries()
+        blobs = _blobs(entries).values()
+        complete = sum(1 for blob in blobs if blob.complete)
+        partial = sum(1 for blob in blobs if not blob.complete and blob.present_bytes)
+        share = f" ({used / store.budget:.0%})" if store.budget else ""
+        print(f"cache {store.directory}")
+        print(f"  used    {human_size(used)} of {human_size(store.budget)}{share}")
+        print(f"  blobs   {complete} complete, {partial} partial, {len(blobs) - complete - partial} empty")
+        datasets: dict[str, list[BlobInfo]] = defaultdict(list)
+        for entry in entries:
+            datasets[entry.pid].append(entry)
+        if datasets:
+            print("datasets (files complete, bytes cached):")
+        for pid, files in datasets.items():
+            done = sum(1 for entry in files if entry.complete)
+            present = sum(entry.present_bytes for entry in files)
+            size = sum(entry.size for entry in files)
+            print(f"  {pid}  {done}/{len(files)} files  {human_size(present)} of {human_size(size)}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        if store is None:
+            return 0
+        target = parse_size(args.to) if args.to is not None else store.budget
+        freed = store.evict(target)
+        used = store.usage()
+        print(f"freed {human_size(freed)}; the cache now holds {human_size(used)}")
+        if used > target:
+            print(f"{human_size(used - target)} more are in files open in a running mount, and were kept")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Exit status 1 when bad blobs were found (and dropped), like fsck after repairs."""
+    with _store(args) as store:
+        if store is None:
+            return 0
+        entries = store.entries()
+        checkable = sum(1 for blob in _blobs(entries).values() if blob.complete and blob.checksum)
+        problems = store.verify()
+        files: dict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            files[entry.key].append(f"{entry.pid} {entry.path}")
+        for problem in problems:
+            key = problem.partition(": ")[0]
+            print(f"BAD {problem}; dropped (used by: {'; '.join(files[key]) or 'no file'})")
+        print(f"verified {checkable} complete blobs with checksums: {len(problems)} bad")
+    return 1 if problems else 0
+
+
+def _where(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        info = None if store is None else store.where(args.pid, args.path)
+        if info is None:
+            raise CommandError(f"{args.pid} {args.path} is not in the cache (it was never opened)")
+        state = "complete" if info.complete else "partial"
+        print(info.file)
+        print(f"  {human_size(info.present_bytes)} of {human_size(info.size)} present ({state}), key {info.key}")
+    return 0

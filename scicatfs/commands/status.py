@@ -1,0 +1,125 @@
+"""``scicatfs status MOUNTPOINT``: what a running mount is doing, from its ``.scicat/status.json``.
+
+The file is read in a worker thread with a deadline, so a hung mount gives an
+error message rather than a hung command; a mount whose process died answers
+ENOTCONN, which gets the fix (``scicatfs unmount``) in the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from scicatfs.commands.common import CommandError, guarded
+from scicatfs.mountpoint import find_mount
+from scicatfs.progress import human_duration, human_size
+
+__all__ = ["read_status", "register", "render"]
+
+STATUS_FILE = ".scicat/status.json"
+READ_TIMEOUT = 10.0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``status`` to the ``scicatfs`` subcommands."""
+    parser = subparsers.add_parser(
+        "status",
+        help="show what a running mount is doing",
+        description=f"Show the counters of the scicatfs mount at MOUNTPOINT (from MOUNTPOINT/{STATUS_FILE}).",
+    )
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    parser.add_argument("--json", action="store_true", help="print the status as JSON, as the mount serves it")
+    parser.set_defaults(func=guarded(run))
+
+
+def run(args: argparse.Namespace) -> int:
+    status = read_status(args.mountpoint)
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        print(render(status), end="")
+    return 0
+
+
+def read_status(mountpoint: Path, timeout: float = READ_TIMEOUT) -> dict[str, Any]:
+    """The parsed status document of the mount at ``mountpoint``; CommandError says why not."""
+    mountpoint = mountpoint.absolute()
+    entry = find_mount(mountpoint)
+    if entry is None or entry.fstype != "fuse.scicatfs":
+        raise CommandError(f"{mountpoint} is not a scicatfs mount")
+    outcome: list[bytes | OSError] = []
+
+    def read() -> None:
+        try:
+            outcome.append((mountpoint / STATUS_FILE).read_bytes())
+        except OSError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)  # a hung mount may keep it forever
+    reader.start()
+    reader.join(timeout)
+    if not outcome:
+        raise CommandError(f"the mount at {mountpoint} did not answer within {timeout:g} s")
+    result = outcome[0]
+    if isinstance(result, OSError):
+        if result.errno == errno.ENOTCONN:
+            raise CommandError(f"the scicatfs process of {mountpoint} is gone: run 'scicatfs unmount {mountpoint}'")
+        if result.errno == errno.ENOENT:
+            raise CommandError(f"the mount at {mountpoint} serves no {STATUS_FILE} (an older scicatfs?)")
+        raise CommandError(f"cannot read {mountpoint / STATUS_FILE}: {result.strerror}")
+    try:
+        document = json.loads(result)
+    except ValueError as error:
+        raise CommandError(f"{mountpoint / STATUS_FILE} is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise CommandError(f"{mountpoint / STATUS_FILE} is not a JSON object")
+    return document
+
+
+def render(status: dict[str, Any]) -> str:
+    """A page for people: a headline, then each section's counters with human units.
+
+    Sections and counters are shown as the mount reports them, so new counters
+    need no change here; counters of ``bytes`` get sizes, of ``seconds`` durations.
+    """
+    lines = [
+        f"scicatfs {status.get('scicatfs', '?')} at {status.get('mountpoint', '?')}"
+        f" (process {status.get('process', '?')}, up {_value('uptime_seconds', status.get('uptime_seconds', 0))})"
+    ]
+    token = status.get("token")
+    if token is None:
+        lines.append("token: none (anonymous, or no expiry known)")
+    else:
+        state = "EXPIRED" if token["expired"] else f"in {human_duration(token['expires_in_seconds'])}"
+        lines.append(f"token: expires {token['expires']} ({state})")
+    errors = status.get("errors", {})
+    failing = [
+        f"{layer} {name.replace('_', ' ')} {count}"
+        for layer, counters in errors.items()
+        for name, count in counters.items()
+        if count
+    ]
+    lines.append(f"errors: {', '.join(failing) if failing else 'none'}")
+    for section in ("catalog", "transfer", "cache"):
+        counters = status.get(section)
+        if not isinstance(counters, dict):
+            continue
+        lines.append(f"{section}:")
+        width = max((len(name) for name in counters), default=0)
+        lines.extend(f"  {name.ljust(width)}  {_value(name, value)}" for name, value in counters.items())
+    return "\n".join(lines) + "\n"
+
+
+def _value(name: str, value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        words = name.split("_")
+        if "bytes" in words:
+            return f"{human_size(value)} ({value} bytes)" if value >= 1024 else f"{value} bytes"
+        if "seconds" in words:
+            return human_duration(value)
+    return str(value)
