@@ -142,6 +142,16 @@ def test_blob_without_checksum_is_complete_when_all_chunks_are_present(store: Bl
     assert store.entries()[0].complete
 
 
+def test_unknown_checksum_algorithm_is_not_verified(
+    store: BlobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = os.urandom(CHUNK)
+    spec = dataclasses.replace(spec_for(data), checksum=Checksum("sha2", "00"))
+    fill(store, spec, data)
+    assert store.entries()[0].complete
+    assert "unknown algorithm 'sha2'" in caplog.text
+
+
 def test_identical_checksums_share_one_blob_and_identity_keys_track_versions(
     store: BlobStore,
 ) -> None:

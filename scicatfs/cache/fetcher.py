@@ -137,6 +137,8 @@ class Fetcher:
         if spec.size < 0:
             raise CacheError(f"{spec.pid} {spec.path}: negative size {spec.size} in the catalog")
         blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
+        if blob.all_present and not blob.complete:  # filled by another process, or unverified
+            self._start_verification(spec, blob)
         return Handle(spec, blob)
 
     async def release(self, handle: Handle) -> None:
@@ -318,9 +320,8 @@ class Fetcher:
         finally:
             self.store.unlock_chunk(blob, index)
         self._start(self._evict)
-        if blob.all_present and not blob.complete and self._nursery is not None:
-            self.store.retain(blob)  # now, not when the task starts: the flight unpins first
-            self._nursery.start_soon(self._verify_in_background, spec, blob)
+        if blob.all_present and not blob.complete:
+            self._start_verification(spec, blob)
 
     async def _download(self, spec: FileSpec, blob: Blob, index: int) -> bytes:
         """One chunk from the server, checking it against the catalog's size.
@@ -410,9 +411,16 @@ class Fetcher:
             await trio.to_thread.run_sync(self.store.complete, blob, handle.spec)
         except IntegrityError as error:
             log.error("%s", error)
+        except (CacheError, OSError) as error:  # stays incomplete; the next open retries
+            log.warning("could not verify %s %s: %s", handle.spec.pid, handle.spec.path, error)
         finally:
             del self._verifications[blob.key]
             done.set()
+
+    def _start_verification(self, spec: FileSpec, blob: Blob) -> None:
+        if self._nursery is not None and blob.key not in self._verifications:
+            self.store.retain(blob)  # now, not when the task starts: the caller may unpin first
+            self._nursery.start_soon(self._verify_in_background, spec, blob)
 
     async def _verify_in_background(self, spec: FileSpec, blob: Blob) -> None:
         """Verify and then drop the pin that the starter took for this task."""
@@ -434,5 +442,7 @@ class Fetcher:
         self._evicting = True
         try:
             await trio.to_thread.run_sync(self.store.evict, target)
+        except (CacheError, OSError) as error:  # never let housekeeping take the mount down
+            log.warning("cache eviction failed: %s", error)
         finally:
             self._evicting = False
