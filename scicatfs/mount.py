@@ -143,6 +143,7 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
                 )
                 fs_options = FsOptions(xattrs=options.xattrs, max_reads=READS, negative_ttl=options.listing_ttl)
                 operations = ScicatOperations(namespace, fetcher, fs_options)
+                namespace.on_change = operations.forget_dataset
                 await _mount_and_serve(operations, options, ready)
 
 

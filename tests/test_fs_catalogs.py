@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from scicatfs.demo.fixtures import Catalog
 
 BIG = "h5test/big-10000"
 HOSTILE = "h5test/hostile"
+CHANGING = "h5test/changing"
 MANY_PREFIX = "h5many"
 FILES = 10_000
 DATASETS = 1_200  # more than one catalog page (1000 PIDs)
@@ -70,3 +72,30 @@ def test_root_listing_spans_catalog_pages(make_mount) -> None:  # type: ignore[n
     mount = make_mount(catalog)
     assert sorted(os.listdir(mount.path / MANY_PREFIX)) == expected
     assert sorted(os.listdir(mount.path)) == ["20.500.12269", MANY_PREFIX, "thaumometer-frames-0042"]
+
+
+def test_changed_file_gets_new_inode_and_new_bytes(make_mount, make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    def catalog_with(content: bytes) -> Catalog:
+        catalog = Catalog.load_default()
+        files = [{"path": "data.txt", "size": len(content)}, {"path": "same.txt", "size": 4}]
+        catalog.add_dataset(_record(CHANGING, "/h5test/changing"), files,
+                            contents={"data.txt": content, "same.txt": b"same"})
+        return catalog
+
+    old, new = catalog_with(b"version one\n"), catalog_with(b"version two, longer\n")
+    server = make_catalog_server(old, jwt_secret="changing")  # the new server must accept our token
+    mount = make_mount(old, server=server, args=["--record-ttl", "1", "--listing-ttl", "1"])
+    data, same = mount.dataset(CHANGING) / "data.txt", mount.dataset(CHANGING) / "same.txt"
+    assert data.read_bytes() == b"version one\n"
+    old_inode = os.stat(data).st_ino
+
+    port = server.port
+    server.stop()
+    new.materialize(mount.sshd.root)
+    make_catalog_server(new, port=port, jwt_secret="changing")
+    time.sleep(1.5)  # both TTLs expire
+
+    assert data.read_bytes() == b"version two, longer\n"
+    assert os.stat(data).st_ino != old_inode  # a new version is a new inode: no stale page cache
+    assert same.read_bytes() == b"same"
+    assert "changed in the catalog" in mount.log_text()

@@ -12,6 +12,7 @@ from scicatfs.cache.store import FileSpec
 from scicatfs.catalog.auth import Credentials, Secret
 from scicatfs.catalog.client import CatalogClient, CatalogSettings
 from scicatfs.catalog.errors import DatasetForbidden
+from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.fs.dirstream import WINDOW, DirectoryStream
 from scicatfs.fs.errors import NoEntry
@@ -194,3 +195,38 @@ def test_prefix_seen_in_a_listing_needs_no_request(catalog_server: CatalogServer
         assert catalog_server.requests == []
 
     _namespace_test(catalog_server, body)
+
+
+def test_a_changed_dataset_reports_only_the_names_that_changed(make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    pid = "h5test/versions"
+
+    def catalog_with(content: bytes) -> Catalog:
+        catalog = Catalog.load_default()
+        record = {"pid": pid, "owner": "Ponder Stibbons", "ownerGroup": "uu", "contactEmail": "p.stibbons@uu.am",
+                  "creationLocation": "UnseenUniversity", "sourceFolder": "/h5test/versions",
+                  "creationTime": "2023-05-01T10:00:00.000Z"}
+        catalog.add_dataset(record, [{"path": "data.txt", "size": len(content)}, {"path": "same.txt", "size": 4}],
+                            contents={"data.txt": content, "same.txt": b"same"})
+        return catalog
+
+    server = make_catalog_server(catalog_with(b"one"), jwt_secret="versions")
+    token = Credentials(token=Secret(server.issue_token("stibbons")), source="test token")
+    changes: list[tuple[str, dict[str, set[str]]]] = []
+
+    async def main() -> None:
+        settings = CatalogSettings(url=server.url, credentials=token, record_ttl=0)
+        async with CatalogClient(settings) as catalog:
+            namespace = Namespace(
+                catalog, cached_bytes=lambda spec: 0,
+                on_change=lambda changed, names: changes.append((changed, {k: set(v) for k, v in names.items()})),
+            )
+            same = await namespace.lookup(DatasetDir(pid), "same.txt")
+            data = await namespace.lookup(DatasetDir(pid), "data.txt")
+            port = server.port
+            server.stop()
+            make_catalog_server(catalog_with(b"two!"), port=port, jwt_secret="versions")
+            assert await namespace.lookup(DatasetDir(pid), "same.txt") == same
+            assert await namespace.lookup(DatasetDir(pid), "data.txt") != data
+
+    trio.run(main)
+    assert changes == [(pid, {"": {"data.txt", "metadata.json"}, ".scicat": {"metadata.json"}})]

@@ -161,6 +161,21 @@ class _DatasetView:
     def subdirectories(self, path: str) -> int:
         return sum(1 for child in self.dirs[path].values() if child is None)
 
+    def changes_since(self, old: _DatasetView) -> dict[str, list[str]]:
+        """Names, by directory ("" is the dataset, ".scicat" its control dir), that
+        now mean something else than in ``old``: changed, removed or added.
+        Unchanged files keep their node, and so their inode and page cache."""
+        changed: dict[str, list[str]] = {}
+        for path in old.dirs.keys() | self.dirs.keys():
+            before, after = old.dirs.get(path, {}), self.dirs.get(path, {})
+            names = [name for name in before.keys() | after.keys() if before.get(name, ...) != after.get(name, ...)]
+            if names:
+                changed[path] = names
+        if old.version != self.version:
+            for directory in ("", CONTROL_DIR):
+                changed.setdefault(directory, []).append(METADATA)
+        return changed
+
 
 class Namespace:
     """Resolves names and attributes for the filesystem, backed by the catalog.
@@ -169,8 +184,10 @@ class Namespace:
     ``st_blocks``, files.json and xattrs). ``sftp_host`` is None when the user
     named a file server (every file is then read from that default host);
     otherwise each dataset's ``sourceFolderHost`` is used.
-    ``on_change(pid)`` is called when a dataset's record or file list changed
-    since it was last seen, so the caller can invalidate the kernel's caches.
+    ``on_change(pid, names)`` is called when a dataset's record or file list
+    changed since it was last seen, with the names that changed by directory
+    (see ``_DatasetView.changes_since``), so the caller can drop them from the
+    kernel's caches.
     """
 
     def __init__(
@@ -181,7 +198,7 @@ class Namespace:
         use_source_folder_host: bool = False,
         record_ttl: float = 60.0,
         listing_ttl: float = 30.0,
-        on_change: Callable[[str], None] | None = None,
+        on_change: Callable[[str, dict[str, list[str]]], None] | None = None,
     ) -> None:
         self._catalog = catalog
         self._cached_bytes = cached_bytes
@@ -438,10 +455,11 @@ class Namespace:
             return previous
         view = _DatasetView(dataset)
         self._views[pid] = view
-        if previous is not None and (previous.version, previous.dataset.files) != (view.version, dataset.files):
+        changes = {} if previous is None else view.changes_since(previous)
+        if changes:
             log.info("dataset %r changed in the catalog", pid)
             if self.on_change is not None:
-                self.on_change(pid)
+                self.on_change(pid, changes)
         return view
 
     def _report_once(self, key: str, message: str) -> None:

@@ -141,6 +141,22 @@ class ScicatOperations(pyfuse3.Operations):
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime_ns
         return entry
 
+    def forget_dataset(self, pid: str, names: dict[str, list[str]]) -> None:
+        """Drop the kernel's cached entries for names that changed in the catalog.
+
+        The next lookup of each name then reaches the namespace and finds the
+        new version's node (a new inode for every changed file). Only the
+        asynchronous invalidation is safe here: this runs inside a request
+        handler, and the synchronous one can deadlock against it.
+        """
+        for path, entries in names.items():
+            node = ControlDir(pid) if path == ".scicat" else DatasetDir(pid, path)
+            ino = self.inodes.ino_of(node)
+            if ino is None:
+                continue  # the kernel knows nothing below a directory it never looked up
+            for name in entries:
+                pyfuse3.invalidate_entry_async(ino, name.encode("utf-8"), ignore_enoent=True)
+
     # -- names and attributes ------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
