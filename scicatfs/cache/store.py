@@ -324,8 +324,12 @@ class BlobStore:
                 os.close(fd)
                 time.sleep(0.01)
                 continue
-            os.fchmod(fd, 0o600)
-            return self._load(key, spec, path, fd, created)
+            try:
+                os.fchmod(fd, 0o600)
+                return self._load(key, spec, path, fd, created)
+            except BaseException:
+                os.close(fd)
+                raise
         raise CacheError(f"cannot open cache blob {path}: it keeps being evicted")
 
     def _load(self, key: str, spec: FileSpec, path: Path, fd: int, created: bool) -> Blob:
