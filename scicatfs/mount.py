@@ -220,6 +220,8 @@ def run(options: MountOptions, ready: Callable[[], None] = lambda: None) -> int:
         except MountError as error:
             print(f"scicatfs: {error}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # Ctrl-C before the mount was up: nothing to unmount
+            return 130
         return 0
 
     read_end, write_end = os.pipe()

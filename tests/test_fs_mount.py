@@ -15,8 +15,11 @@ import os
 import stat
 import subprocess
 import tarfile
+import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy
 import pytest
@@ -32,12 +35,23 @@ FORBIDDEN = "20.500.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701"
 LIBRARY = "20.500.12269/e1f2a3b4-0000-4000-8000-11b4a4a7e7ad"
 VISIBLE = [THAUM, OCTARINE, BRIGHTNESS, FRAMES, PUBLIC, LIBRARY]
 TIMEOUT = 60
+T = TypeVar("T")
 
 
 def run(*command: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
     result = subprocess.run([str(c) for c in command], capture_output=True, timeout=TIMEOUT, cwd=cwd)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     return result
+
+
+def eventually(produce: Callable[[], T], accept: Callable[[T], bool], timeout: float = 10.0) -> T:
+    """Call ``produce`` until ``accept`` likes the result; return the last result either way."""
+    deadline = time.monotonic() + timeout
+    value = produce()
+    while not accept(value) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = produce()
+    return value
 
 
 def catalog_files(mount: Mount, pids: list[str] = VISIBLE) -> dict[str, bytes]:
@@ -113,6 +127,7 @@ def test_st_blocks_follow_cached_bytes(make_mount) -> None:  # type: ignore[no-u
     frame = first.dataset(FRAMES) / "frame_small.raw"
     assert os.stat(frame).st_blocks == 0  # nothing cached yet
     frame.read_bytes()
+    eventually(lambda: _files_json(first.dataset(FRAMES)), lambda files: files["frame_small.raw"]["cached"] == 1024)
     first.unmount()
     # The kernel trusts attributes for the TTL; a new mount on the same cache shows the change.
     second = make_mount(cache_dir=first.cache_dir)
@@ -192,14 +207,19 @@ def test_files_json_lists_remote_paths_and_cached_bytes(make_mount) -> None:  # 
     mounted = make_mount()
     dataset = mounted.dataset(THAUM)
     (dataset / "flux.dat").read_bytes()
-    document = json.loads((dataset / ".scicat" / "files.json").read_text())
-    files = {entry["path"]: entry for entry in document["files"]}
+    # The reader gets its bytes before the chunk is written to the cache: wait for the write.
+    files = eventually(lambda: _files_json(dataset), lambda files: files["flux.dat"]["cached"] == 20)
     assert files["flux.dat"] == {
         "path": "flux.dat", "remote_path": "/hex/ps/thaum/flux.dat", "size": 20, "checksum": None, "cached": 20,
     }
     assert files["logs/measurement.log"]["cached"] == 0
     octarine = json.loads((mounted.dataset(OCTARINE) / ".scicat" / "files.json").read_text())
     assert octarine["files"][0]["checksum"] == "md5:3a83dadedccd8a0702f2cd50b8db1e5f"
+
+
+def _files_json(dataset: Path) -> dict[str, dict]:
+    document = json.loads((dataset / ".scicat" / "files.json").read_text())
+    return {entry["path"]: entry for entry in document["files"]}
 
 
 def test_numpy_loadtxt(mounted: Mount) -> None:
@@ -297,7 +317,7 @@ def test_getfattr_with_xattrs(make_mount) -> None:  # type: ignore[no-untyped-de
     mount = make_mount(args=["-o", "xattrs"])
     path = mount.dataset(OCTARINE) / "README.txt"
     path.read_bytes()
-    output = run("getfattr", "-d", path).stdout.decode()
+    output = eventually(lambda: run("getfattr", "-d", path).stdout.decode(), lambda text: 'cached="58"' in text)
     assert f'user.scicat.pid="{OCTARINE}"' in output
     assert 'user.scicat.remote_path="/hex/ps/octarine/README.txt"' in output
     assert 'user.scicat.checksum="md5:3a83dadedccd8a0702f2cd50b8db1e5f"' in output
