@@ -109,7 +109,7 @@ class ScicatOperations(pyfuse3.Operations):
         self._handles = itertools.count(1)
         self._files: dict[int, Handle] = {}
         self._records: dict[int, bytes] = {}
-        self._dirs: dict[int, DirectoryStream[Entry]] = {}
+        self._dirs: dict[int, tuple[DirectoryStream[Entry], Node]] = {}
         self._reads = trio.CapacityLimiter(options.max_reads)
 
     # -- helpers -----------------------------------------------------------------
@@ -207,11 +207,11 @@ class ScicatOperations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             source = await self.namespace.listing(node)
         fh = next(self._handles)
-        self._dirs[fh] = DirectoryStream(source)
+        self._dirs[fh] = (DirectoryStream(source), node)
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        stream = self._dirs[fh]
+        stream, node = self._dirs[fh]
         replied = 0
         try:
             async with aclosing(stream.entries_from(start_id)) as entries:
@@ -224,13 +224,13 @@ class ScicatOperations(pyfuse3.Operations):
         except Exception as error:
             if replied:
                 # Hand over what we have; the kernel's next readdir retries the rest.
-                log.warning("listing interrupted after %d entries: %s", replied, error)
+                log.warning("listing %s interrupted after %d entries: %s", _where(node), replied, error)
                 return
-            with fuse_errors("readdir", None, None):
+            with fuse_errors("readdir", *_where(node)):
                 raise
 
     async def releasedir(self, fh: int) -> None:
-        stream = self._dirs.pop(fh)
+        stream, _ = self._dirs.pop(fh)
         await stream.aclose()
 
     # -- files --------------------------------------------------------------------
