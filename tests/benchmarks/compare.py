@@ -61,6 +61,7 @@ import paramiko
 from scitacean import Client
 from scitacean.transfer.sftp import SFTPFileTransfer
 
+import scicatfs
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.mountpoint import find_mount
@@ -742,13 +743,24 @@ def _check_count(tool: str, found: int, files: int) -> None:
 # -- report ----------------------------------------------------------------------------------
 
 
-def _version(argv: list[str]) -> str:
-    """First line a tool prints about its version (some print it on stderr)."""
+def _version(argv: list[str], name: str) -> str:
+    """The line naming ``name`` that a tool prints about its version (stdout or stderr)."""
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unavailable"
-    return (result.stdout + result.stderr).strip().splitlines()[0]
+    lines = (result.stdout + result.stderr).splitlines()
+    return next((line for line in lines if name.lower() in line.lower()), "unknown")
+
+
+def _commit() -> str:
+    """The checked-out commit of this repository, so a result names the code it measured."""
+    try:
+        result = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() or "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -765,9 +777,11 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(memory_kib / MiB, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "ssh": _version(["ssh", "-V"]),
-        "sshfs": _version(["sshfs", "--version"]),
-        "fio": _version([str(FIO), "--version"]) if FIO.exists() else "absent (Python loop)",
+        "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
+        "scicatfs": f"{scicatfs.__version__} (commit {_commit()})",
+        "ssh": _version(["ssh", "-V"], "OpenSSH"),
+        "sshfs": _version(["sshfs", "--version"], "SSHFS"),
+        "fio": _version([str(FIO), "--version"], "fio") if FIO.exists() else "absent (Python loop)",
         "scitacean": importlib.metadata.version("scitacean"),
     }
 
@@ -823,7 +837,7 @@ def render(report: dict[str, Any], results: dict[str, Any], found: list[Target])
     m = report["machine"]
     lines = [
         f"scicatfs comparison, {m['date']}: {m['cores']} cores {m['cpu']}, {m['memory_gib']} GiB, "
-        f"Linux {m['kernel']}",
+        f"Linux {m['kernel']}, load {m['load_average_at_start'][0]} at start",
         f"file {report['config']['size'] / MiB:g} MiB, {report['config']['runs']} runs "
         f"(median, min-max), {report['config']['meta_files']} files for metadata; "
         + ("page cache dropped before every cold run" if report["config"]["drop_caches"]
@@ -917,6 +931,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    described = machine()  # before the run: its date and the load other work puts on the machine
     try:
         _check_environment()
         workdir = Path(tempfile.mkdtemp(prefix="scicatfs-bench-", dir=args.workdir))
@@ -931,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare: {error}", file=sys.stderr)
         return 1
     report: dict[str, Any] = {
-        "machine": machine(),
+        "machine": described,
         "config": {"size": args.size, "runs": args.runs, "rtt_ms": args.rtt,
                    "meta_files": args.meta_files, "fio_runtime": args.fio_runtime,
                    "drop_caches": can_drop,
