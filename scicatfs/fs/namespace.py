@@ -39,7 +39,7 @@ from cachetools import LRUCache, TTLCache
 
 from scicatfs.cache.store import FileSpec
 from scicatfs.catalog.client import CatalogClient
-from scicatfs.catalog.errors import CatalogUnavailable, DatasetForbidden, DatasetNotFound
+from scicatfs.catalog.errors import BadResponse, CatalogUnavailable, DatasetForbidden, DatasetNotFound
 from scicatfs.catalog.models import DataFile, Dataset, metadata_json
 from scicatfs.fs.errors import NoEntry
 
@@ -61,6 +61,13 @@ log = logging.getLogger(__name__)
 CONTROL_DIR = ".scicat"
 METADATA = "metadata.json"
 FILES = "files.json"
+#: After the catalog failed to answer for a name, its last known meaning is served
+#: for this many seconds without asking again: each attempt costs the client's
+#: retries, and `ls -l` would pay them once per file.
+OFFLINE_RETRY = 10.0
+#: Catalog answers that mean "no usable answer now" (down, overloaded, garbage), as
+#: opposed to "no such dataset" or "not yours": the last known version stands in.
+_NO_ANSWER = (CatalogUnavailable, BadResponse)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +218,11 @@ class Namespace:
         # Names a listing showed, so a lookup right after `ls` needs no request
         # to tell a PID prefix from a dataset.
         self._seen_prefixes: TTLCache[str, bool] = TTLCache(maxsize=65536, ttl=max(listing_ttl, 1e-3))
+        # Every name ever found to be a PID prefix, without expiry: while the
+        # catalog is unreachable, the path to the datasets already seen stays open.
+        self._known_prefixes: LRUCache[str, bool] = LRUCache(maxsize=65536)
+        # Datasets and prefixes the catalog just failed to answer for (see OFFLINE_RETRY).
+        self._offline: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=OFFLINE_RETRY)
         self._reported: LRUCache[str, bool] = LRUCache(maxsize=4096)
 
     # -- lookup ------------------------------------------------------------------
@@ -239,22 +251,42 @@ class Namespace:
         raise NoEntry(name)
 
     async def _lookup_pid(self, candidate: str) -> Node:
-        """A dataset if ``candidate`` is a PID, a PID level if it is a prefix of some."""
-        if self._seen_prefixes.get(candidate):
+        """A dataset if ``candidate`` is a PID, a PID level if it is a prefix of some.
+
+        A name once known as a prefix stays a directory while the catalog gives
+        no usable answer, so the datasets below it remain reachable offline.
+        """
+        known = candidate in self._known_prefixes
+        if self._seen_prefixes.get(candidate) or (known and candidate in self._offline):
             return PidLevel(candidate + "/")
+        try:
+            return await self._resolve_pid(candidate)
+        except _NO_ANSWER as error:
+            if not known:
+                raise
+            self._offline[candidate] = True
+            self._report_once(f"offline:{candidate}/", f"PID prefix {candidate!r}: no usable answer from "
+                              f"the catalog, still shown as a directory ({error})")
+            return PidLevel(candidate + "/")
+
+    async def _resolve_pid(self, candidate: str) -> Node:
         try:
             await self._view(candidate)
         except DatasetNotFound:
             if await self._catalog.is_pid_prefix(candidate):
-                return PidLevel(candidate + "/")
+                return self._prefix_level(candidate)
             raise NoEntry(candidate) from None
         except DatasetForbidden:
             # A prefix of visible PIDs is still browsable; a dataset we may not
             # read is EACCES (see docs: the catalog itself says it exists).
             if await self._catalog.is_pid_prefix(candidate):
-                return PidLevel(candidate + "/")
+                return self._prefix_level(candidate)
             raise
         return DatasetDir(candidate)
+
+    def _prefix_level(self, name: str) -> PidLevel:
+        self._known_prefixes[name] = True
+        return PidLevel(name + "/")
 
     def _child(self, view: _DatasetView, directory: str, name: str, child: DataFile | None) -> Node:
         path = f"{directory}/{name}" if directory else name
@@ -365,7 +397,7 @@ class Namespace:
                 continue
             open_names.append(name)
             if slash:
-                self._seen_prefixes[prefix + name] = True
+                self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
                 yield name, PidLevel(f"{prefix}{name}/"), self._level_attributes()
             else:
                 yield name, DatasetDir(pid), self._listed_dataset_attributes(pid)
@@ -444,12 +476,15 @@ class Namespace:
         served, so browsing what was already open survives a network outage.
         """
         previous = self._views.get(pid)
+        if previous is not None and pid in self._offline:
+            return previous
         try:
             dataset = await self._catalog.get_dataset(pid)
-        except CatalogUnavailable as error:
+        except _NO_ANSWER as error:
             if previous is None:
                 raise
-            self._report_once(f"offline:{pid}", f"dataset {pid!r}: catalog unreachable, serving the last version seen ({error})")
+            self._offline[pid] = True
+            self._report_once(f"offline:{pid}", f"dataset {pid!r}: no usable answer from the catalog, serving the last version seen ({error})")
             return previous
         if previous is not None and previous.dataset is dataset:
             return previous
