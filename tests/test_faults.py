@@ -1,0 +1,197 @@
+"""Faults under a real mount: the file server or the catalog goes away, the process dies,
+the disk fills, the server's bytes disagree with the catalog, many readers at once.
+
+Every case checks the same three promises: no hang (each probe has a
+deadline), no wrong bytes (every byte compared), and the mount keeps serving
+what it can afterwards. docs/failure-behaviour.md states what users get; the
+bounds asserted here are the ones it documents.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from scicatfs.demo.fixtures import Catalog
+from scicatfs.mountpoint import find_mount
+from tests.support.mounts import Mount
+from tests.support.probes import Background, bounded, read_uncached
+from tests.support.records import dataset_record
+from tests.support.sshd import OpenSSHServer
+
+MiB = 1024 * 1024
+#: A failing read must answer within this (the fetcher's read_timeout is 60 s; refused connections fail at once).
+EIO_BOUND = 75.0
+#: Operations that need no network must answer within this, whatever the servers do.
+PROMPT = 5.0
+
+
+def _files_json(mount: Mount, pid: str) -> dict[str, dict]:
+    document = json.loads((mount.dataset(pid) / ".scicat" / "files.json").read_text())
+    return {entry["path"]: entry for entry in document["files"]}
+
+
+def _wait_cached(mount: Mount, pid: str, path: str, timeout: float = 15.0) -> None:
+    """Wait until the cache has recorded the whole file (chunk rows follow the reader)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = _files_json(mount, pid)[path]
+        if entry["cached"] == entry["size"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{pid} {path} not fully cached after {timeout} s")
+
+
+def _eio(action: Callable[[], object], seconds: float = EIO_BOUND) -> float:
+    """Assert that ``action`` fails with EIO within ``seconds``; returns how long it took."""
+    outcome = Background(action).outcome(seconds)
+    assert isinstance(outcome.error, OSError), f"expected EIO, got {outcome.value!r:.80}"
+    assert outcome.error.errno == errno.EIO, outcome.error
+    return outcome.elapsed
+
+
+# -- the file server fails ------------------------------------------------------------
+
+
+def test_sshd_killed_mid_read_then_restarted(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
+    sshd: OpenSSHServer = make_sshd()
+    pid = "h5faults/killed"
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/killed"),
+                        [{"path": "big.bin", "size": 32 * MiB}, {"path": "other.bin", "size": MiB}])
+    mount: Mount = make_mount(catalog, sftp=sshd)
+    big = mount.dataset(pid) / "big.bin"
+    expected = catalog.content(pid, "big.bin")
+    started, resume = threading.Event(), threading.Event()
+
+    def sequential_reader() -> bytes:
+        with open(big, "rb") as file:
+            pieces = [file.read(MiB)]
+            started.set()
+            resume.wait(30)
+            while piece := file.read(MiB):
+                pieces.append(piece)
+        return b"".join(pieces)
+
+    reader = Background(sequential_reader)
+    assert started.wait(30)
+    sshd.kill()
+    resume.set()
+    time.sleep(1.0)
+    sshd.start()
+    outcome = reader.outcome(EIO_BOUND)
+    if outcome.error is None:
+        assert outcome.value == expected  # reconnected and retried: exact bytes
+    else:
+        assert isinstance(outcome.error, OSError) and outcome.error.errno == errno.EIO, outcome.error
+
+    # The mount is not poisoned: the same file and another one read exactly now.
+    assert bounded(EIO_BOUND, lambda: read_uncached(big)) == expected
+    assert bounded(EIO_BOUND, lambda: (mount.dataset(pid) / "other.bin").read_bytes()) == catalog.content(
+        pid, "other.bin")
+    assert "Traceback" not in mount.log_text()
+
+
+def test_sshd_down_cached_files_read_uncached_files_eio(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
+    sshd: OpenSSHServer = make_sshd()
+    pid, other = "h5faults/offline", "h5faults/offline-unseen"
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/offline"),
+                        [{"path": "cached.bin", "size": 5 * MiB}, {"path": "sub/uncached.bin", "size": 3 * MiB}])
+    catalog.add_dataset(dataset_record(other, "/h5faults/offline-unseen"), [{"path": "x.bin", "size": 10}])
+    mount: Mount = make_mount(catalog, sftp=sshd)
+    dataset = mount.dataset(pid)
+    assert (dataset / "cached.bin").read_bytes() == catalog.content(pid, "cached.bin")
+    _wait_cached(mount, pid, "cached.bin")
+
+    sshd.stop()
+    assert bounded(PROMPT, lambda: read_uncached(dataset / "cached.bin")) == catalog.content(pid, "cached.bin")
+    assert _eio(lambda: (dataset / "sub" / "uncached.bin").read_bytes()) < 15
+    # The catalog is up: listings, stat and records keep working without the file server.
+    assert sorted(bounded(PROMPT, lambda: os.listdir(dataset))) == [".scicat", "cached.bin", "metadata.json", "sub"]
+    assert bounded(PROMPT, lambda: os.stat(dataset / "sub" / "uncached.bin").st_size) == 3 * MiB
+    assert sorted(bounded(PROMPT, lambda: os.listdir(mount.dataset(other)))) == [".scicat", "metadata.json", "x.bin"]
+    log = mount.log_text()
+    assert "uncached.bin" in log and "Traceback" not in log
+
+    sshd.start()
+    assert bounded(EIO_BOUND, lambda: (dataset / "sub" / "uncached.bin").read_bytes()) == catalog.content(
+        pid, "sub/uncached.bin")
+
+
+# -- the catalog fails ----------------------------------------------------------------
+
+
+CATALOG_FAULTS: dict[str, Callable[[object], None]] = {
+    "down": lambda server: server.stop(),
+    "503 storm": lambda server: setattr(server, "failure_rate", 1.0),
+    "malformed JSON": lambda server: setattr(server, "malformed", True),
+}
+
+
+def _heal(server, fault: str) -> None:  # type: ignore[no-untyped-def]
+    if fault == "down":
+        server.start()
+    server.failure_rate, server.malformed = 0.0, False
+
+
+@pytest.mark.parametrize("fault", list(CATALOG_FAULTS))
+def test_catalog_failure_serves_last_known_datasets(make_mount, fault: str) -> None:  # type: ignore[no-untyped-def]
+    """Seen datasets stay usable from the last record; unseen names are EIO after bounded retries."""
+    pid, unseen = "h5faults/catalog", "h5faults/catalog-unseen"
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/catalog"), [{"path": "data.bin", "size": MiB}])
+    catalog.add_dataset(dataset_record(unseen, "/h5faults/catalog-unseen"), [{"path": "x.bin", "size": 10}])
+    mount: Mount = make_mount(catalog, args=["--record-ttl", "1", "--listing-ttl", "1"])
+    dataset = mount.dataset(pid)
+    data = (dataset / "data.bin").read_bytes()
+    record = (dataset / "metadata.json").read_bytes()
+    _wait_cached(mount, pid, "data.bin")
+
+    CATALOG_FAULTS[fault](mount.server)
+    time.sleep(1.5)  # every TTL has expired: the next access asks the catalog
+    assert bounded(PROMPT, lambda: read_uncached(dataset / "data.bin")) == data
+    assert bounded(PROMPT, lambda: (dataset / "metadata.json").read_bytes()) == record
+    assert "data.bin" in bounded(PROMPT, lambda: os.listdir(dataset))
+    assert _eio(lambda: os.stat(mount.dataset(unseen)), seconds=20) < 15
+    assert "unavailable" in mount.log_text() or "invalid JSON" in mount.log_text()
+
+    _heal(mount.server, fault)
+    time.sleep(1.5)  # the failed lookup was cached as a negative entry for at most the listing TTL
+    assert bounded(PROMPT, lambda: (mount.dataset(unseen) / "x.bin").read_bytes()) == catalog.content(unseen, "x.bin")
+    assert "Traceback" not in mount.log_text()
+
+
+@pytest.mark.slow
+def test_slow_catalog_does_not_block_cached_reads(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """A lookup waiting 20 s for the catalog leaves every other operation prompt."""
+    pid, unseen = "h5faults/slow", "h5faults/slow-unseen"
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/slow"), [{"path": "data.bin", "size": MiB}])
+    catalog.add_dataset(dataset_record(unseen, "/h5faults/slow-unseen"), [{"path": "x.bin", "size": 10}])
+    mount: Mount = make_mount(catalog)
+    dataset = mount.dataset(pid)
+    data = (dataset / "data.bin").read_bytes()
+    _wait_cached(mount, pid, "data.bin")
+
+    mount.server.latency = 20.0
+    slow = Background(lambda: (mount.dataset(unseen) / "x.bin").read_bytes())
+    time.sleep(0.5)
+    for _ in range(5):
+        assert bounded(PROMPT, lambda: read_uncached(dataset / "data.bin")) == data
+        assert bounded(PROMPT, lambda: os.stat(dataset / "data.bin").st_size) == MiB
+        assert "data.bin" in bounded(PROMPT, lambda: os.listdir(dataset))
+    assert not slow.done
+    mount.server.latency = 0.0
+    assert slow.outcome(40).unwrap() == catalog.content(unseen, "x.bin")
