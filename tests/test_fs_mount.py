@@ -326,3 +326,33 @@ def test_getfattr_with_xattrs(make_mount) -> None:  # type: ignore[no-untyped-de
     with pytest.raises(OSError) as raised:
         os.getxattr(path, "user.other")
     assert raised.value.errno == errno.ENODATA
+
+
+def _cat_as_nobody(mount: Mount, relative: str) -> subprocess.CompletedProcess[bytes]:
+    """``cat`` run as user nobody from inside the mount (entered as root, then privileges dropped)."""
+
+    def enter_and_drop() -> None:
+        os.chdir(mount.path)
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    return subprocess.run(["cat", relative], capture_output=True, timeout=TIMEOUT, preexec_fn=enter_and_drop)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_mount_is_private_to_its_user(mounted: Mount) -> None:
+    result = _cat_as_nobody(mounted, f"{THAUM}/flux.dat")
+    assert result.returncode != 0 and b"Permission denied" in result.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
+def test_allow_other_lets_others_read_with_default_permissions(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mount = make_mount(args=["--allow-other"])
+    options = next(
+        line.split()[3] for line in Path("/proc/self/mounts").read_text().splitlines() if line.split()[1] == str(mount.path)
+    ).split(",")
+    assert "allow_other" in options and "default_permissions" in options
+    result = _cat_as_nobody(mount, f"{THAUM}/flux.dat")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == mount.catalog.content(THAUM, "flux.dat")
