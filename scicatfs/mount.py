@@ -240,6 +240,7 @@ def run(options: MountOptions, ready: Callable[[], None] = lambda: None) -> int:
 
     os.close(read_end)
     os.setsid()
+    os.chdir("/")  # never keep the caller's directory (and its filesystem) busy
     pipe = os.fdopen(write_end, "wb", buffering=0)
 
     def detach() -> None:

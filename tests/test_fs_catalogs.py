@@ -99,3 +99,12 @@ def test_changed_file_gets_new_inode_and_new_bytes(make_mount, make_catalog_serv
     assert os.stat(data).st_ino != old_inode  # a new version is a new inode: no stale page cache
     assert same.read_bytes() == b"same"
     assert "changed in the catalog" in mount.log_text()
+
+
+def test_pids_that_cannot_be_names_are_not_listed(make_mount) -> None:  # type: ignore[no-untyped-def]
+    catalog = Catalog.load_default()
+    for suffix in ("ok", "..", ".", "/double", "nul\0name", "y" * 256):
+        catalog.add_dataset(_record(f"h5bad/{suffix}", "/h5test/bad"), [])
+    mount = make_mount(catalog)
+    assert os.listdir(mount.path / "h5bad") == ["ok"]
+    assert "cannot be shown" in mount.log_text()

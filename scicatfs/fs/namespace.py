@@ -504,11 +504,12 @@ class Namespace:
 
 
 def _valid_component(name: str) -> bool:
-    return (
-        name not in ("", ".", "..")
-        and "\0" not in name
-        and len(name.encode("utf-8", "surrogatepass")) <= 255
-    )
+    """Usable as a file name: not empty, ".", ".." or too long, no NUL, valid Unicode."""
+    try:
+        encoded = name.encode("utf-8")  # a JSON "\ud800" decodes to a str that cannot be a name
+    except UnicodeEncodeError:
+        return False
+    return name not in ("", ".", "..") and b"\0" not in encoded and len(encoded) <= 255
 
 
 async def _replay(entries: Iterator[Entry]) -> AsyncIterator[Entry]:
