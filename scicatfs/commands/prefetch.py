@@ -324,5 +324,6 @@ def _report(items: Sequence[Item], failures: list[tuple[str, str]], fetched: int
     if failures:
         print(f"scicatfs: {len(failures)} of {len(items)} files could not be cached{moved}", file=sys.stderr)
         return 1
-    print(f"scicatfs: {len(items)} files ({human_size(total)}) cached{moved}", file=sys.stderr)
+    files = "1 file" if len(items) == 1 else f"{len(items)} files"
+    print(f"scicatfs: {files} ({human_size(total)}) cached{moved}", file=sys.stderr)
     return 0
