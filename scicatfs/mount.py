@@ -121,6 +121,10 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
         catalog_settings = _catalog_settings(options)
     except (MountpointError, CatalogError) as error:
         raise MountError(str(error)) from None
+    for what, path in (("identity file", options.identity_file), ("known_hosts file", options.known_hosts)):
+        # SSH is only used on the first read; a typo here would otherwise surface as EIO much later.
+        if path is not None and not os.access(path, os.R_OK):
+            raise MountError(f"cannot read {what} {path}")
 
     async with AsyncExitStack() as stack:
         try:

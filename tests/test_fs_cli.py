@@ -146,6 +146,7 @@ def _free_port() -> int:
         ("wrong password", "stibbons"),
         ("token file readable by others", "chmod 600"),
         ("bad url", "must start with http:// or https://"),
+        ("identity file missing", "cannot read identity file"),
     ],
 )
 def test_mount_errors_are_one_clear_line(
@@ -171,6 +172,8 @@ def test_mount_errors_are_one_clear_line(
         args[start:start + 4] = ["--token-file", str(token)]
     elif case == "bad url":
         args[args.index("--url") + 1] = "ftp://example.org"
+    elif case == "identity file missing":
+        args[args.index("--identity-file") + 1] = str(tmp_path / "no-such-key")
 
     started = time.monotonic()
     result = scicatfs("mount", target, *args)
