@@ -318,3 +318,15 @@ def test_human_size(count: int, text: str) -> None:
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0 s"), (59.6, "1 min 0 s"), (75, "1 min 15 s"), (7300, "2 h 1 min")])
 def test_human_duration(seconds: float, text: str) -> None:
     assert human_duration(seconds) == text
+
+
+def test_file_server_down(prefetch: Prefetch) -> None:
+    argv = prefetch.argv(BIG, "raw/scan_00.dat", "notes.txt")
+    argv[argv.index("--sftp-port") + 1] = "1"  # nothing listens there
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 1, result.stderr
+    failed = [line for line in result.stderr.splitlines() if line.startswith("prefetch: FAILED ")]
+    assert sorted(line.split(":")[1] for line in failed) == [" FAILED notes.txt", " FAILED raw/scan_00.dat"]
+    assert "scicatfs: 2 of 2 files could not be cached, 0 B (0 bytes) transferred" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert cached(prefetch.cache) == {"notes.txt": (0, False), "raw/scan_00.dat": (0, False)}
