@@ -179,6 +179,24 @@ def test_tail_of_a_cold_large_file_fetches_about_one_chunk(sshd, remote, tmp_pat
     assert elapsed < 5
 
 
+def test_read_ahead_grows_on_sequential_reads_and_resets_on_a_seek(sshd, remote, tmp_path: Path) -> None:
+    data = payload(40 * SMALL_CHUNK)
+    spec = remote("sequential.bin", data)
+
+    async def body(fetcher: Fetcher) -> None:
+        handle = await fetcher.open(spec)
+        windows = []
+        for offset in range(0, 6 * SMALL_CHUNK, SMALL_CHUNK // 2):
+            assert await fetcher.read(handle, offset, SMALL_CHUNK // 2) == data[offset : offset + SMALL_CHUNK // 2]
+            windows.append(handle.window)
+        assert windows == [1, 1, 2, 2, 4, 4, 8, 8, 8, 8, 8, 8]  # x2 per new chunk, capped
+        assert await fetcher.read(handle, 30 * SMALL_CHUNK, 10) == data[30 * SMALL_CHUNK :][:10]
+        assert handle.window == 0
+        await fetcher.release(handle)
+
+    run(sshd, tmp_path, body, readahead_max=8 * SMALL_CHUNK)
+
+
 # -- concurrency ----------------------------------------------------------------------
 
 
