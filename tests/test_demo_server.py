@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -21,6 +22,7 @@ import pytest
 
 from scicatfs.demo import jwt
 from scicatfs.demo.fixtures import Catalog, hashlib_name, resolve_remote_path
+from scicatfs.demo.jsdate import parse_js_date
 from scicatfs.demo.routes import Api
 from scicatfs.demo.server import CatalogServer
 
@@ -102,7 +104,9 @@ def test_login_returns_signed_jwt_with_expiry(http, catalog_server):
 @pytest.mark.parametrize("credentials", [{"username": "stibbons", "password": "wrong"},
                                          {"username": "nobody", "password": "demo"}, {}, []])
 def test_bad_login_is_401(http, credentials):
-    nest(http.post("/api/v3/auth/login", json=credentials), 401, "Unauthorized")
+    response = http.post("/api/v3/auth/login", json=credentials)
+    assert response.status_code == 401
+    assert response.json() == {"message": "Unauthorized", "statusCode": 401}  # Passport's body: no "error"
 
 
 def test_login_with_malformed_body_is_400(http):
@@ -111,13 +115,19 @@ def test_login_with_malformed_body_is_400(http):
     assert response.status_code == 400 and response.json()["statusCode"] == 400
 
 
-def test_whoami_anonymous_is_200_with_empty_body(http):
+def test_whoami_anonymous_is_200_with_empty_body_and_no_content_type(http, auth):
     response = http.get("/api/v3/auth/whoami")
     assert response.status_code == 200 and response.content == b""
+    assert "content-type" not in response.headers and response.headers["content-length"] == "0"
+    user = http.get("/api/v3/auth/whoami", headers=auth).json()
+    assert set(user) == {"_id", "username", "email", "authStrategy", "currentGroups"}
+    assert user["currentGroups"] == ["uu", "faculty"]
 
 
 def test_health(http):
-    assert http.get("/api/v3/health").json()["status"] == "ok"
+    assert http.get("/api/v3/health").json() == {
+        "status": "ok", "info": {"mongodb": {"status": "up"}}, "error": {},
+        "details": {"mongodb": {"status": "up"}}}
 
 
 @pytest.mark.parametrize("token", ["expired", "forged", "garbage", "other-secret"])
@@ -170,8 +180,8 @@ def test_v4_dataset_errors(http, auth):
     nest(http.get(f"/api/v4/datasets/{seg(PRIVATE)}", headers=auth), 403, "Unauthorized access")
     for pid in (THAUM, MISSING, PUBLIC):
         nest(http.get(f"/api/v4/datasets/{seg(pid)}"), 403, "Forbidden resource")
-    response = http.get(f"/api/v4/datasets/{seg(THAUM)}", params={"include": "everything"}, headers=auth)
-    assert response.status_code == 400
+    nest(http.get(f"/api/v4/datasets/{seg(THAUM)}", params={"include": "everything"}, headers=auth), 400,
+         'Provided include field "everything" is not part of the dataset relations')
 
 
 def test_other_user_sees_private_dataset(catalog_server, http):
@@ -187,11 +197,14 @@ def test_v4_public_dataset(http):
     for pid in (MISSING, THAUM):
         response = http.get(f"/api/v4/datasets/public/{seg(pid)}")
         assert response.status_code == 200 and response.content == b""
+        assert "content-type" not in response.headers
 
 
 def test_v3_dataset_and_its_origdatablocks(http, auth):
     body = http.get(f"/api/v3/datasets/{seg(OCTARINE)}", headers=auth).json()
     assert body["principalInvestigator"] == "p.stibbons@uu.am" and body["history"] == []
+    assert body["principalInvestigators"] == ["p.stibbons@uu.am"]  # the wire keeps the v4 plural too
+    assert body["_id"] == OCTARINE
     assert body["scientificMetadata"]["sample name"] == "octarine crystal"
     assert "beam.energy" in body["scientificMetadata"]
     v4 = http.get(f"/api/v4/datasets/{seg(OCTARINE)}", headers=auth).json()
@@ -200,7 +213,7 @@ def test_v3_dataset_and_its_origdatablocks(http, auth):
     assert blocks[0]["chkAlg"] == "md5" and len(blocks[0]["dataFileList"]) == 4
     fields = http.get(f"/api/v3/datasets/{seg(OCTARINE)}", params=flt(fields=["pid", "size"]),
                       headers=auth).json()
-    assert fields == {"pid": OCTARINE, "size": body["size"]}
+    assert fields == {"_id": OCTARINE, "pid": OCTARINE, "size": body["size"]}
 
 
 def test_v3_dataset_errors(http, auth):
@@ -262,22 +275,52 @@ def test_v3_caps_origdatablocks_at_100_v4_does_not(make_catalog_server):
         assert len(rest) == 50
         default = http.get("/api/v3/origdatablocks", headers=auth, params=flt(where={"datasetId": pid}))
         assert len(default.json()) == 100
+        counted = http.get(f"/api/v3/datasets/{seg(pid)}/origdatablocks/count", headers=auth)
+        assert counted.json() == {"count": 150}
 
 
-def test_blocks_are_filtered_by_their_own_access_fields(make_catalog_server):
-    pid = "shared/partly-visible"
+def test_v3_include_gives_every_block_also_to_anonymous_callers(make_catalog_server):
+    pid = "pub/150-blocks"
     catalog = demo_users()
-    catalog.add_dataset(record(pid, isPublished=True), [{"path": "a", "size": 1}])
-    catalog.add_dataset(record("shared/hidden-blocks", isPublished=True), [{"path": "b", "size": 1}],
+    catalog.add_dataset(record(pid, isPublished=True), [{"path": f"f{i:04}", "size": 1} for i in range(150)],
+                        blocks=150)
+    http, _ = serve(make_catalog_server, catalog)
+    with http:
+        for spec in ({"include": ["origdatablocks"]}, {"include": [{"relation": "origdatablocks"}]},
+                     {"include": ["all"]}):
+            body = http.get(f"/api/v3/datasets/{seg(pid)}", params=flt(**spec)).json()
+            assert len(body["origdatablocks"]) == 150, spec
+        listed = http.get("/api/v3/datasets", params=flt(include=["origdatablocks"])).json()
+        assert len(listed[0]["origdatablocks"]) == 150
+        assert "origdatablocks" not in http.get(f"/api/v3/datasets/{seg(pid)}").json()
+        assert http.get(f"/api/v3/datasets/{seg(pid)}/origdatablocks/count").json() == {"count": 150}
+        nest(http.get("/api/v3/origdatablocks", params=flt(where={"datasetId": pid})), 403, "Forbidden resource")
+        nest(http.get(f"/api/v3/datasets/{seg(pid)}", params=flt(include=["nonsense"])), 400,
+             'Provided include field "nonsense" is not part of the dataset relations')
+        nest(http.get(f"/api/v3/datasets/{seg('no/such')}/origdatablocks/count"), 404,
+             "dataset: no/such not found")
+
+
+def test_v4_filters_blocks_by_their_own_access_fields_v3_does_not(make_catalog_server):
+    hidden = "shared/hidden-blocks"
+    catalog = demo_users()
+    catalog.add_dataset(record(hidden, isPublished=True), [{"path": "b", "size": 1}],
                         block_access={"ownerGroup": "other", "isPublished": False})
     http, auth = serve(make_catalog_server, catalog)
     with http:
-        anonymous = http.get(f"/api/v4/datasets/public/{seg('shared/hidden-blocks')}?include=origdatablocks")
+        anonymous = http.get(f"/api/v4/datasets/public/{seg(hidden)}?include=origdatablocks")
         assert anonymous.json()["origdatablocks"] == []
         assert anonymous.json()["numberOfFiles"] == 1
-        assert http.get(f"/api/v3/datasets/{seg('shared/hidden-blocks')}/origdatablocks",
-                        headers=auth).json() == []
-        assert len(http.get(f"/api/v3/datasets/{seg(pid)}/origdatablocks").json()) == 1
+        user = http.get(f"/api/v4/datasets/{seg(hidden)}?include=origdatablocks", headers=auth)
+        assert user.json()["origdatablocks"] == []
+        assert http.get("/api/v4/origdatablocks/public/files", params=flt(where={"datasetId": hidden})).json() == []
+        # v3 checks the dataset's access only, then hands out every block
+        for headers in ({}, auth):
+            blocks = http.get(f"/api/v3/datasets/{seg(hidden)}/origdatablocks", headers=headers).json()
+            assert [f["path"] for b in blocks for f in b["dataFileList"]] == ["b"]
+            included = http.get(f"/api/v3/datasets/{seg(hidden)}", headers=headers,
+                                params=flt(include=["origdatablocks"])).json()
+            assert included["origdatablocks"] == blocks
 
 
 # -- lists and counts ----------------------------------------------------------------
@@ -310,7 +353,7 @@ def test_v4_list_filter(many):
     page = http.get("/api/v4/datasets", headers=auth, params=flt(
         where={"pid": {"$regex": "^LIST/0", "$options": "i"}}, fields=["pid"],
         limits={"limit": 3, "skip": 2, "sort": {"pid": "asc"}}))
-    assert page.json() == [{"pid": "list/02"}, {"pid": "list/03"}, {"pid": "list/04"}]
+    assert page.json() == [{"_id": f"list/0{i}", "pid": f"list/0{i}"} for i in (2, 3, 4)]
     chosen = http.get("/api/v4/datasets", headers=auth, params=flt(
         where={"$or": [{"pid": {"$in": ["list/01", "list/20"]}}, {"datasetName": "Run 7"}]},
         limits={"limit": 100, "sort": {"pid": "desc"}}))
@@ -353,7 +396,8 @@ def test_v4_unknown_filter_keys_are_400(many, spec, message):
 def test_malformed_filters_are_400_everywhere(many, raw):
     http, auth = many
     for route in ("/api/v4/datasets", "/api/v3/datasets", "/api/v3/datasets/count",
-                  "/api/v3/origdatablocks", "/api/v4/origdatablocks/files"):
+                  "/api/v3/origdatablocks", "/api/v4/origdatablocks", "/api/v4/origdatablocks/files",
+                  "/api/v4/origdatablocks/public/files"):
         response = http.get(route, headers=auth, params={"filter": raw})
         if route.endswith("count") and "limits" in raw:
             continue  # v3 count reads only `where`
@@ -368,8 +412,8 @@ def test_v3_list(many):
     page = http.get("/api/v3/datasets", headers=auth, params=flt(
         where={"pid": {"inq": ["list/03", "list/09", "list/11"]}}, fields=["pid", "datasetName"],
         limits={"order": "pid:desc", "limit": 2, "skip": 0}))
-    assert page.json() == [{"pid": "list/11", "datasetName": "Run 11"},
-                           {"pid": "list/09", "datasetName": "Run 9"}]
+    assert page.json() == [{"_id": "list/11", "pid": "list/11", "datasetName": "Run 11"},
+                           {"_id": "list/09", "pid": "list/09", "datasetName": "Run 9"}]
     assert http.get("/api/v3/datasets/count", headers=auth).json() == {"count": 25}
     assert http.get("/api/v3/datasets/count").json() == {"count": 10}
 
@@ -383,6 +427,78 @@ def test_v3_list_default_limit_is_100(make_catalog_server):
         assert len(pids(http.get("/api/v3/datasets", headers=auth))) == 100
         rest = http.get("/api/v3/datasets", headers=auth, params=flt(limits={"skip": 100}))
         assert pids(rest) == [f"v3/{i}" for i in range(100, 120)]
+
+
+def test_lists_project_before_they_sort(many):
+    """A sort key that `fields` leaves out sorts nothing: rows come in insertion order."""
+    http, auth = many
+    projected = http.get("/api/v4/datasets", headers=auth, params=flt(fields=["pid"], limits={"limit": 3}))
+    assert pids(projected) == ["list/00", "list/01", "list/02"]
+    kept = http.get("/api/v4/datasets", headers=auth,
+                    params=flt(fields=["pid", "createdAt"], limits={"limit": 3}))
+    assert pids(kept) == ["list/24", "list/23", "list/22"]
+    v3 = http.get("/api/v3/datasets", headers=auth,
+                  params=flt(fields=["datasetName"], limits={"order": "pid:desc", "limit": 2}))
+    assert [row["_id"] for row in v3.json()] == ["list/00", "list/01"]
+
+
+@pytest.mark.parametrize("where, expected", [
+    ({"pid": "noprefix-1"}, []),                                    # a Date equals no string
+    ({"pid": {"inq": ["noprefix-1"]}}, ["noprefix-1"]),             # array items stay strings
+    ({"pid": {"like": "^(?:noprefix\\-1)"}}, ["noprefix-1"]),       # the wrapped pattern is no date
+    ({"pid": "20.500.12269/run-1"}, ["20.500.12269/run-1"]),        # real PIDs do not parse
+    ({"or": [{"pid": "noprefix-1"}, {"datasetName": "Thaum"}]}, ["20.500.12269/run-1"]),
+    ({"creationTime": {"gt": "2024-01-01"}}, ["noprefix-1"]),       # dates still compare as dates
+    ({"creationTime": {"lt": "March 2024"}}, ["20.500.12269/run-1"]),
+])
+def test_v3_where_turns_date_like_strings_into_dates(make_catalog_server, where, expected):
+    catalog = demo_users()
+    catalog.add_dataset(record("20.500.12269/run-1", datasetName="Thaum"), [])
+    catalog.add_dataset(record("noprefix-1", creationTime="2024-06-01T00:00:00.000Z"), [])
+    http, auth = serve(make_catalog_server, catalog)
+    with http:
+        assert pids(http.get("/api/v3/datasets", headers=auth, params=flt(where=where))) == expected
+        counted = http.get("/api/v3/datasets/count", headers=auth, params=flt(where=where)).json()
+        assert counted == {"count": len(expected)}
+        if where == {"pid": "noprefix-1"}:  # v4 and v3 /origdatablocks do not convert
+            assert pids(http.get("/api/v4/datasets", headers=auth, params=flt(where=where))) == ["noprefix-1"]
+            blocks = http.get("/api/v3/origdatablocks", headers=auth, params=flt(where={"datasetId": "noprefix-1"}))
+            assert [b["datasetId"] for b in blocks.json()] == ["noprefix-1"]
+
+
+@pytest.mark.parametrize("text, iso", [
+    # seen as Dates by node 20 against the live backend
+    ("noprefix-1", "2001-01-01T00:00:00"), ("run 1", "2001-01-01T00:00:00"),
+    ("abc 2024", "2024-01-01T00:00:00"), ("x-12", "2001-12-01T00:00:00"), ("Tue 5", "2001-05-01T00:00:00"),
+    ("-1", "2001-01-01T00:00:00"), ("^noprefix\\-1/", "2001-01-01T00:00:00"),
+    # JavaScript's well-known forms
+    ("2024-01-01", "2024-01-01T00:00:00"), ("2024-02-29T10:00:00.5+01:00", "2024-02-29T09:00:00.500000"),
+    ("Tue Mar 05 2024 10:00:00 GMT+0100", "2024-03-05T09:00:00"), ("March 7, 2024 3:04 pm", "2024-03-07T15:04:00"),
+    ("1/2", "2001-01-02T00:00:00"), ("32", "2032-01-01T00:00:00"), ("2024-01-01 10:00", "2024-01-01T10:00:00"),
+    # not dates: PIDs, wrapped patterns, garbage glued to numbers, out of range parts
+    ("^(?:noprefix\\-1)", None), ("20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3", None),
+    ("20.500.12269/BRIGHTNESS/", None), ("Thaum flux", None), ("abc2024", None), ("2024abc", None),
+    ("x-13", None), ("2024-13-01", None), ("12:30", None), ("March", None), ("", None), ("1 2 3 4", None),
+])
+def test_parse_js_date(text, iso):
+    epoch_ms = parse_js_date(text)
+    if iso is None:
+        assert epoch_ms is None
+    else:
+        assert epoch_ms is not None
+        assert datetime.fromtimestamp(epoch_ms / 1000, timezone.utc).replace(tzinfo=None).isoformat() == iso
+
+
+def test_v3_like_pattern_that_parses_as_a_date_is_400(make_catalog_server):
+    catalog = demo_users()
+    catalog.add_dataset(record("noprefix-1/a"), [])
+    http, auth = serve(make_catalog_server, catalog)
+    with http:
+        response = http.get("/api/v3/datasets", headers=auth,
+                            params=flt(where={"pid": {"like": "^noprefix\\-1/"}}))
+        nest(response, 400, "$regex has to be a string")
+        v4 = http.get("/api/v4/datasets", headers=auth, params=flt(where={"pid": {"$regex": "^noprefix\\-1/"}}))
+        assert pids(v4) == ["noprefix-1/a"]
 
 
 # -- file rows ------------------------------------------------------------------------
@@ -400,20 +516,54 @@ def test_origdatablock_files_pages_one_row_per_file(make_catalog_server):
         for skip in range(0, 20_000, 5000):
             rows = http.get("/api/v4/origdatablocks/files", headers=auth, params=flt(
                 where={"datasetId": pid}, limits={"limit": 5000, "skip": skip})).json()
-            assert all(row["datasetId"] == pid and isinstance(row["dataFileList"], dict) for row in rows)
+            assert all(row["datasetId"] == pid and row["datasetExist"] is True for row in rows)
             seen += [row["dataFileList"]["path"] for row in rows]
         assert seen == [f["path"] for f in files]
-        default = http.get("/api/v4/origdatablocks/files", headers=auth,
-                           params=flt(where={"datasetId": pid}))
-        assert len(default.json()) == 10
-        tail = http.get("/api/v4/origdatablocks/files", headers=auth, params=flt(
-            where={"datasetId": pid, "dataFileList.path": {"$regex": "f1999[89]"}},
-            fields=["dataFileList"], limits={"sort": {"dataFileList.size": "desc"}}))
-        assert tail.json() == [{"dataFileList": {"path": "d0/f19999.dat", "size": 19999,
-                                                 "time": "2024-01-01T00:00:00.000Z"}},
-                               {"dataFileList": {"path": "d6/f19998.dat", "size": 19998,
-                                                 "time": "2024-01-01T00:00:00.000Z"}}]
         nest(http.get("/api/v4/origdatablocks/files"), 403, "Forbidden resource")
+        nest(http.get("/api/v4/origdatablocks"), 403, "Forbidden resource")
+
+
+def test_origdatablock_routes_default_to_the_10_newest_blocks(make_catalog_server):
+    pid = "blocks/12"
+    catalog = demo_users()
+    catalog.add_dataset(record(pid, isPublished=True), [{"path": f"b{i:02}/f", "size": i} for i in range(12)],
+                        blocks=12)
+    http, auth = serve(make_catalog_server, catalog)
+    with http:
+        where = flt(where={"datasetId": pid})
+        rows = http.get("/api/v4/origdatablocks/files", headers=auth, params=where).json()
+        assert [row["dataFileList"]["path"] for row in rows] == [f"b{i:02}/f" for i in range(11, 1, -1)]
+        assert len({row["dataFileList"]["_id"] for row in rows}) == 10  # every file has its own _id
+        blocks = http.get("/api/v4/origdatablocks", headers=auth, params=where).json()
+        assert [b["dataFileList"][0]["path"] for b in blocks] == [f"b{i:02}/f" for i in range(11, 1, -1)]
+        public = http.get("/api/v4/origdatablocks/public", params=where).json()
+        assert public == blocks
+        public_rows = http.get("/api/v4/origdatablocks/public/files", params=where).json()
+        assert [r["dataFileList"]["path"] for r in public_rows] == [r["dataFileList"]["path"] for r in rows]
+        in_order = http.get("/api/v4/origdatablocks/files", headers=auth,
+                            params=flt(where={"datasetId": pid}, limits={"limit": 3}))
+        assert [row["dataFileList"]["path"] for row in in_order.json()] == ["b00/f", "b01/f", "b02/f"]
+
+
+def test_origdatablock_files_match_blocks_then_unwind_then_sort(make_catalog_server):
+    """`where` selects blocks (a condition on one file selects its whole block), `fields`
+    projects blocks (keeping `_id`), then rows are unwound and sorted."""
+    pid = "blocks/two"
+    catalog = demo_users()
+    catalog.add_dataset(record(pid), [{"path": p, "size": n} for p, n in (("a", 1), ("b", 5), ("c", 3))],
+                        blocks=2)
+    catalog.add_dataset(record("blocks/other"), [{"path": "b", "size": 9}])
+    http, auth = serve(make_catalog_server, catalog)
+    with http:
+        rows = http.get("/api/v4/origdatablocks/files", headers=auth, params=flt(
+            where={"datasetId": pid, "dataFileList.path": "b"}, fields=["dataFileList"],
+            limits={"sort": {"dataFileList.size": "desc"}})).json()
+        assert [(r["dataFileList"]["path"], r["dataFileList"]["size"]) for r in rows] == [("b", 5), ("a", 1)]
+        assert all(set(r) == {"_id", "dataFileList", "datasetExist"} for r in rows)
+        assert all(r["datasetExist"] is False for r in rows)  # datasetId was projected away
+        no_files = http.get("/api/v4/origdatablocks/files", headers=auth,
+                            params=flt(where={"datasetId": pid}, fields=["size"]))
+        assert no_files.json() == []
 
 
 # -- knobs -------------------------------------------------------------------------

@@ -5,6 +5,10 @@ scicat-backend-next takes Mongo-style `where` clauses on v4 (whitelisted keys,
 `like`, ... mapped to Mongo). Both spellings are accepted here by one matcher,
 which evaluates a clause against a plain dict in Python: the demo catalog is
 small enough that a scan is the simplest correct implementation.
+
+The v3 pipe also turns every string that JavaScript's `new Date()` accepts
+into a Date (`v3_dates`); a Date equals no string, so `{"pid": "noprefix-1"}`
+matches nothing on v3, and a `like` pattern that became a Date is a 400.
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FilterError", "parse_filter", "reject_unknown_keys", "matches", "project",
-           "sort_v4", "sort_v3", "limits"]
+from scicatfs.demo.jsdate import parse_js_date
+
+__all__ = ["FilterError", "JsDate", "parse_filter", "reject_unknown_keys", "v3_dates", "matches",
+           "project", "sort_v4", "sort_v3", "limits"]
 
 
 class FilterError(ValueError):
@@ -23,6 +30,16 @@ class FilterError(ValueError):
 
 
 _UNSET = object()
+
+#: How the fixtures store what MongoDB holds as Dates (createdAt, creationTime, ...).
+_STORED_DATE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})", re.ASCII)
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class JsDate:
+    """A `where` value the v3 filter pipe turned into a JavaScript Date."""
+
+    epoch_ms: float
 
 _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "$gt": lambda a, b: a > b,
@@ -50,6 +67,37 @@ def parse_filter(raw: str | None) -> dict[str, Any]:
     return value
 
 
+def v3_dates(value: Any) -> Any:
+    """A v3 `where` clause as the backend's pipe hands it to MongoDB.
+
+    Every string held by an object key that `new Date()` parses becomes a
+    `JsDate`, at any depth (operands of `like`, `gt`, clauses inside `or`);
+    strings that are items of an array (`inq` lists) stay strings.
+    """
+    if isinstance(value, list):
+        return [v3_dates(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_date(v3_dates(item)) for key, item in value.items()}
+    return value
+
+
+def _as_date(value: Any) -> Any:
+    if isinstance(value, str):
+        epoch_ms = parse_js_date(value)
+        if epoch_ms is not None:
+            return JsDate(epoch_ms)
+    return value
+
+
+def _stored_as_date(value: Any) -> Any:
+    """A stored timestamp string as the Date MongoDB would hold; anything else unchanged."""
+    if isinstance(value, str) and _STORED_DATE.fullmatch(value):
+        epoch_ms = parse_js_date(value)
+        if epoch_ms is not None:
+            return JsDate(epoch_ms)
+    return value
+
+
 def reject_unknown_keys(value: Mapping[str, Any], allowed: Iterable[str], *, prefix: str = "") -> None:
     """Raise the v4 whitelist error for the first key of `value` not in `allowed`."""
     allowed = set(allowed)
@@ -74,11 +122,17 @@ def _lookup(doc: Any, dotted: str) -> Any:
     return current
 
 
-def _candidates(value: Any) -> list[Any]:
-    """Mongo semantics: a condition on an array field holds if it holds for any element."""
+def _candidates(value: Any, operand: Any) -> list[Any]:
+    """Mongo semantics: a condition on an array field holds if it holds for any element.
+
+    Against a Date operand, stored timestamps compare as Dates and other strings never match.
+    """
     if value is _UNSET:
         return []
-    return [value, *value] if isinstance(value, list) else [value]
+    found = [value, *value] if isinstance(value, list) else [value]
+    if isinstance(operand, JsDate):
+        return [_stored_as_date(candidate) for candidate in found]
+    return found
 
 
 def _regex(pattern: Any, options: str = "") -> re.Pattern[str]:
@@ -106,10 +160,10 @@ def _compare(op: Callable[[Any, Any], bool], a: Any, b: Any) -> bool:
 def _field_matches(value: Any, condition: Any) -> bool:
     if not isinstance(condition, dict) or not condition or not all(
             isinstance(k, str) and (k.startswith("$") or k in _LOOPBACK) for k in condition):
-        return any(candidate == condition for candidate in _candidates(value))
+        return any(candidate == condition for candidate in _candidates(value, condition))
     for raw_op, operand in condition.items():
         op = _LOOPBACK.get(raw_op, raw_op)
-        found = _candidates(value)
+        found = _candidates(value, operand)
         if op == "$eq":
             ok = operand in found
         elif op == "$ne":
@@ -156,12 +210,16 @@ def matches(doc: Mapping[str, Any], where: Any) -> bool:
 
 
 def project(doc: Mapping[str, Any], fields: Any) -> dict[str, Any]:
-    """Only the listed top-level fields (all of them when `fields` is empty)."""
+    """Only `_id` and the listed top-level fields (all of them when `fields` is empty).
+
+    MongoDB keeps `_id` in every projection unless told otherwise, and the
+    backend never tells it otherwise.
+    """
     if not fields:
         return dict(doc)
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
         raise FilterError("fields must be an array of strings")
-    return {name: doc[name] for name in fields if name in doc}
+    return {name: doc[name] for name in ("_id", *fields) if name in doc}
 
 
 def _sort_key(field: str) -> Callable[[Mapping[str, Any]], tuple]:
@@ -175,14 +233,23 @@ def _sort_key(field: str) -> Callable[[Mapping[str, Any]], tuple]:
     return key
 
 
-def _sorted(docs: list[dict[str, Any]], order: list[tuple[str, bool]]) -> list[dict[str, Any]]:
+def _sorted(docs: list[dict[str, Any]], order: list[tuple[str, bool]],
+            fields: Any) -> list[dict[str, Any]]:
+    """Stable sort by `order`, seen through the projection `fields`.
+
+    The backend projects before it sorts, so a key that `fields` leaves out
+    is missing from every document and sorts nothing: the documents keep
+    their natural (insertion) order.
+    """
+    if fields:
+        order = [(field, descending) for field, descending in order if field.split(".")[0] in fields]
     for field, descending in reversed(order):
         docs = sorted(docs, key=_sort_key(field), reverse=descending)
     return docs
 
 
-def sort_v4(docs: list[dict[str, Any]], sort: Any) -> list[dict[str, Any]]:
-    """Sort by a v4 `limits.sort` object: {"field": "asc" | "desc" | 1 | -1, ...}."""
+def sort_v4(docs: list[dict[str, Any]], sort: Any, fields: Any = None) -> list[dict[str, Any]]:
+    """Sort by a v4 `limits.sort` object: {"field": "asc" | "desc" | 1 | -1, ...} (see `_sorted`)."""
     if not isinstance(sort, dict):
         raise FilterError("limits.sort must be an object")
     order = []
@@ -190,11 +257,11 @@ def sort_v4(docs: list[dict[str, Any]], sort: Any) -> list[dict[str, Any]]:
         if direction not in ("asc", "desc", 1, -1, "1", "-1"):
             raise FilterError(f"Invalid sort direction {direction!r} for {field}")
         order.append((field, direction in ("desc", -1, "-1")))
-    return _sorted(docs, order)
+    return _sorted(docs, order, fields)
 
 
-def sort_v3(docs: list[dict[str, Any]], order: Any) -> list[dict[str, Any]]:
-    """Sort by a v3 `limits.order` string: "field:asc", "field:desc", comma separated."""
+def sort_v3(docs: list[dict[str, Any]], order: Any, fields: Any = None) -> list[dict[str, Any]]:
+    """Sort by a v3 `limits.order` string: "field:asc", "field:desc", comma separated (see `_sorted`)."""
     if not isinstance(order, str):
         raise FilterError("limits.order must be a string like 'creationTime:desc'")
     keys = []
@@ -203,7 +270,7 @@ def sort_v3(docs: list[dict[str, Any]], order: Any) -> list[dict[str, Any]]:
         if direction.lower() not in ("", "asc", "desc"):
             raise FilterError(f"Invalid order direction in {part!r}")
         keys.append((field, direction.lower() == "desc"))
-    return _sorted(docs, keys)
+    return _sorted(docs, keys, fields)
 
 
 def limits(value: Any, *, default_limit: int) -> tuple[int, int]:

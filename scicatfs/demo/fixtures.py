@@ -83,6 +83,19 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _later(stamp: Any, milliseconds: int) -> Any:
+    """`stamp` plus some milliseconds: a dataset's blocks are stored one after another,
+    so "newest block first" (the v4 block routes' default order) is well defined.
+    A stamp that is not a timestamp is kept as given."""
+    try:
+        moment = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return stamp
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return _iso(moment + timedelta(milliseconds=milliseconds))
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     """A local account of the catalog; groups decide what it may see."""
@@ -181,7 +194,8 @@ class Catalog:
                      "size": sum(f["size"] for f in chunk if isinstance(f["size"], int)),
                      "dataFileList": chunk, **copy.deepcopy(access),
                      "createdBy": full["createdBy"], "updatedBy": full["updatedBy"],
-                     "createdAt": full["createdAt"], "updatedAt": full["updatedAt"]}
+                     "createdAt": _later(full["createdAt"], index),
+                     "updatedAt": _later(full["updatedAt"], index)}
             if chk_alg is not None:
                 block["chkAlg"] = chk_alg
             entry.blocks.append(block)

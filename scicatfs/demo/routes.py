@@ -2,33 +2,42 @@
 
 Each handler takes a parsed `Request` and returns a `Reply`; HTTP plumbing,
 routing and fault injection live in `server.py`. The semantics follow
-scicat-backend-next as DESIGN.md "Facts about SciCat" records them:
+scicat-backend-next as DESIGN.md "Facts about SciCat" and docs/scicat-facts.md
+record them:
 
-    GET  /api/v3/health                          {"status": "ok", ...}
+    GET  /api/v3/health                          {"status": "ok", "info": {"mongodb": ...}, ...}
     POST /api/v3/auth/login                      201 login DTO with a signed JWT; 401 on bad credentials
     GET  /api/v3/auth/whoami                     the user; 200 with an empty body when anonymous
-    GET  /api/v3/datasets[/count]                filter: where (LoopBack or Mongo), fields,
+    GET  /api/v3/datasets[/count]                filter: where (LoopBack or Mongo; date-like strings
+                                                 become Dates), fields, include,
                                                  limits {limit (100), skip, order "f:asc"}
-    GET  /api/v3/datasets/{pid}                  404 "dataset: <pid> not found" / 403 "Unauthorized access"
+    GET  /api/v3/datasets/{pid}                  404 "dataset: <pid> not found" / 403 "Unauthorized access";
+                                                 filter {"include": ["origdatablocks"]} adds every block
     GET  /api/v3/datasets/{pid}/origdatablocks   same checks; at most 100 blocks
-    GET  /api/v3/origdatablocks                  filter: where, limits {limit (100), skip}
+    GET  /api/v3/datasets/{pid}/origdatablocks/count
+    GET  /api/v3/origdatablocks                  filter: where, limits {limit (100), skip}; anonymous 403
     GET  /api/v4/datasets[/count]                whitelisted filter, limits {limit (10), skip, sort};
                                                  403 "Forbidden resource" for anonymous callers
     GET  /api/v4/datasets/{pid}?include=...      404 "dataset: null not found" / 403; anonymous 403
     GET  /api/v4/datasets/public[/count|/{pid}]  published data only; a missing PID is 200 + empty body
-    GET  /api/v4/origdatablocks/files            one row per file, paged; anonymous 403
+    GET  /api/v4/origdatablocks[/files]          blocks, or one row per file; anonymous 403
+    GET  /api/v4/origdatablocks/public[/files]   the same for published blocks, anonymous allowed
 
-Datasets and origdatablocks are filtered by their own ownerGroup / accessGroups /
-isPublished / sharedWith against the caller's groups.
+v3 checks the dataset's access only and returns all of its blocks; v4 also
+filters blocks by their own ownerGroup / accessGroups / isPublished /
+sharedWith. Lists project (`fields`) before they sort, as the backend's
+aggregation pipeline does.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http import HTTPStatus
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
@@ -43,8 +52,14 @@ __all__ = ["Api", "Reply", "Request", "nest_error"]
 
 _V4_LIST_KEYS = ("where", "fields", "include", "limits")
 _V4_LIMIT_KEYS = ("limit", "skip", "sort")
+_V4_BLOCK_KEYS = ("where", "fields", "limits")
+#: What the v4 block routes use when the filter has no `limits` at all.
+_V4_BLOCK_LIMITS = {"limit": 10, "skip": 0, "sort": {"createdAt": "desc"}}
 _INCLUDABLE = ("instruments", "proposals", "origdatablocks", "datablocks", "attachments", "samples", "all")
 _V3_BLOCK_CAP = 100
+#: v4 names -> the singular v3 names the obsolete view adds (it keeps the plural ones too).
+_V3_SINGULARS = (("principalInvestigators", "principalInvestigator"), ("proposalIds", "proposalId"),
+                 ("sampleIds", "sampleId"), ("instrumentIds", "instrumentId"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +78,7 @@ class Request:
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int
-    body: Any = None                 # JSON-serialisable; None = empty body
+    body: Any = None                 # JSON-serialisable; None = empty body (sent without Content-Type)
     raw: bool = False                # body is already bytes
 
     def encode(self) -> bytes:
@@ -103,21 +118,56 @@ def _decode_keys(value: Any) -> Any:
 
 
 def _v3_record(record: dict[str, Any]) -> dict[str, Any]:
-    """The v3 ("obsolete") view of a dataset: singular legacy fields, decoded metadata keys.
+    """The v3 ("obsolete") view of a dataset: legacy singular fields added, metadata keys decoded.
 
-    The plural v4 fields are replaced by their singular v3 names, the shape of
-    OutputDatasetObsoleteDto in the server's OpenAPI document.
+    The backend spreads the stored document and then sets the singulars from
+    the first item of each plural, so the wire carries both (the OpenAPI DTO
+    lists only the singulars).
     """
-    out = dict(record)
-    for plural, singular in (("principalInvestigators", "principalInvestigator"),
-                             ("proposalIds", "proposalId"), ("sampleIds", "sampleId"),
-                             ("instrumentIds", "instrumentId")):
-        values = out.pop(plural, None)
+    out = {"_id": record["pid"], **record}
+    for plural, singular in _V3_SINGULARS:
+        values = out.get(plural)
         if values:
             out[singular] = values[0]
     if "scientificMetadata" in record:
         out["scientificMetadata"] = _decode_keys(record["scientificMetadata"])
     return out
+
+
+def _check_includes(names: Iterable[Any]) -> set[str]:
+    """The relation names, or the backend's 400 for the first it does not know."""
+    found = set()
+    for name in names:
+        relation = name.get("relation") if isinstance(name, dict) else name
+        if relation not in _INCLUDABLE:
+            raise FilterError(f"Provided include field {json.dumps(relation)} is not part of the dataset relations")
+        found.add(relation)
+    return found
+
+
+def _wants_blocks(includes: set[str]) -> bool:
+    return "origdatablocks" in includes or "all" in includes
+
+
+def _file_rows(blocks: Iterable[dict[str, Any]], skip: int = 0) -> Iterator[dict[str, Any]]:
+    """MongoDB's `$unwind` of `dataFileList`, from row `skip` on, skipping whole blocks cheaply.
+
+    A block without a file list gives no rows, as `$unwind` drops it; every
+    file gets the `_id` MongoDB gives subdocuments.
+    """
+    for block in blocks:
+        entries = block.get("dataFileList")
+        if not isinstance(entries, list):
+            continue
+        if skip >= len(entries):
+            skip -= len(entries)
+            continue
+        for index in range(skip, len(entries)):
+            entry = entries[index]
+            if isinstance(entry, dict):
+                entry = {"_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{block['_id']}/{index}")), **entry}
+            yield {**block, "dataFileList": entry}
+        skip = 0
 
 
 class Api:
@@ -133,39 +183,41 @@ class Api:
         return (record for record in self.catalog.datasets() if _can_read(user, record))
 
     def _blocks(self, pid: str, user: User | None) -> list[dict[str, Any]]:
+        """The blocks a v4 caller sees: filtered by their own access fields."""
         return [block for block in self.catalog.origdatablocks(pid) if _can_read(user, block)]
 
     def _includes(self, request: Request) -> set[str]:
-        names: set[str] = set()
-        for value in request.query.get("include", []):
-            names.update(part.strip() for part in value.split(",") if part.strip())
-        unknown = names - set(_INCLUDABLE)
-        if unknown:
-            raise FilterError(f"include must be one of {', '.join(_INCLUDABLE)}")
-        return names
+        names = [part.strip() for value in request.query.get("include", [])
+                 for part in value.split(",") if part.strip()]
+        return _check_includes(names)
 
-    def _v4_record(self, record: dict[str, Any], includes: set[str] | list,
-                   user: User | None) -> dict[str, Any]:
+    def _v4_record(self, record: dict[str, Any], includes: set[str], user: User | None) -> dict[str, Any]:
         out = {"_id": record["pid"], **record}
-        if "origdatablocks" in includes or "all" in includes:
+        if _wants_blocks(includes):
             out["origdatablocks"] = self._blocks(record["pid"], user)
+        return out
+
+    def _v3_view(self, record: dict[str, Any], includes: set[str]) -> dict[str, Any]:
+        """The v3 record; an included `origdatablocks` holds every block, uncapped and unfiltered."""
+        out = _v3_record(record)
+        if _wants_blocks(includes):
+            out["origdatablocks"] = list(self.catalog.origdatablocks(record["pid"]))
         return out
 
     # -- auth and health -----------------------------------------------------------
 
     def health(self, request: Request) -> Reply:
-        return Reply(200, {"status": "ok", "info": {}, "error": {}, "details": {}})
+        status = {"mongodb": {"status": "up"}}
+        return Reply(200, {"status": "ok", "info": status, "error": {}, "details": status})
 
     def login(self, request: Request) -> Reply:
         try:
             credentials = json.loads(request.body or b"{}")
         except ValueError:
             return nest_error(400, "Unexpected token in JSON body")
-        if not isinstance(credentials, dict):
-            return nest_error(401, "Unauthorized")
-        user = self.catalog.users.get(str(credentials.get("username")))
+        user = self.catalog.users.get(str(credentials.get("username"))) if isinstance(credentials, dict) else None
         if user is None or credentials.get("password") != user.password:
-            return nest_error(401, "Unauthorized")
+            return Reply(401, {"message": "Unauthorized", "statusCode": 401})  # Passport's body: no "error"
         token = self.server.issue_token(user.username)
         lifetime = self.server.token_lifetime
         created = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -176,7 +228,8 @@ class Api:
     def whoami(self, request: Request) -> Reply:
         if request.user is None:
             return Reply(200)
-        return Reply(200, request.user.profile() | {"currentGroups": list(request.user.groups)})
+        profile = {key: value for key, value in request.user.profile().items() if key != "id"}
+        return Reply(200, profile | {"currentGroups": list(request.user.groups)})
 
     # -- v3 ----------------------------------------------------------------------
 
@@ -188,12 +241,19 @@ class Api:
             return None, nest_error(403, "Unauthorized access")
         return record, None
 
+    @staticmethod
+    def _v3_includes(spec: dict[str, Any]) -> set[str]:
+        includes = spec.get("include", [])
+        if not isinstance(includes, list):
+            raise FilterError("include must be an array")
+        return _check_includes(includes)
+
     def v3_dataset(self, request: Request) -> Reply:
         record, error = self._v3_check(request)
         if error:
             return error
         spec = filters.parse_filter(request.param("filter"))
-        out = _v3_record(record)
+        out = self._v3_view(record, self._v3_includes(spec))
         if spec.get("fields"):
             return Reply(200, filters.project(out, spec["fields"]))
         return Reply(200, out | {"history": []})
@@ -202,27 +262,37 @@ class Api:
         record, error = self._v3_check(request)
         if error:
             return error
-        return Reply(200, self._blocks(record["pid"], request.user)[:_V3_BLOCK_CAP])
+        return Reply(200, self.catalog.origdatablocks(record["pid"])[:_V3_BLOCK_CAP])
+
+    def v3_dataset_block_count(self, request: Request) -> Reply:
+        record, error = self._v3_check(request)
+        if error:
+            return error
+        return Reply(200, {"count": len(self.catalog.origdatablocks(record["pid"]))})
 
     def _v3_selected(self, request: Request) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         spec = filters.parse_filter(request.param("filter"))
-        where = spec.get("where", {})
+        where = filters.v3_dates(spec.get("where", {}))
         return [r for r in self._visible(request.user) if filters.matches(r, where)], spec
 
     def v3_datasets(self, request: Request) -> Reply:
         records, spec = self._v3_selected(request)
+        includes = self._v3_includes(spec)
+        fields = spec.get("fields")
         limits = spec.get("limits")
         skip, limit = filters.limits(limits, default_limit=100)
         if isinstance(limits, dict) and "order" in limits:
-            records = filters.sort_v3(records, limits["order"])
+            records = filters.sort_v3(records, limits["order"], fields)
         page = records[skip:skip + limit]
-        return Reply(200, [filters.project(_v3_record(r), spec.get("fields")) for r in page])
+        return Reply(200, [filters.project(self._v3_view(r, includes), fields) for r in page])
 
     def v3_count(self, request: Request) -> Reply:
         records, _ = self._v3_selected(request)
         return Reply(200, {"count": len(records)})
 
     def v3_origdatablocks(self, request: Request) -> Reply:
+        if request.user is None:
+            return nest_error(403, "Forbidden resource")
         spec = filters.parse_filter(request.param("filter"))
         where = spec.get("where", {})
         skip, limit = filters.limits(spec.get("limits"), default_limit=100)
@@ -261,12 +331,14 @@ class Api:
         if isinstance(limits, dict):
             sort = limits.get("sort", sort)
         where = spec.get("where", {})
-        records = filters.sort_v4([r for r in self._visible(user) if filters.matches(r, where)], sort)
+        fields = spec.get("fields")
+        records = filters.sort_v4([r for r in self._visible(user) if filters.matches(r, where)], sort, fields)
         includes = spec.get("include") or []
         if not isinstance(includes, list):
             raise FilterError("include must be an array")
+        includes = _check_includes(includes)
         page = [self._v4_record(r, includes, user) for r in records[skip:skip + limit]]
-        return Reply(200, [filters.project(r, spec.get("fields")) for r in page])
+        return Reply(200, [filters.project(r, fields) for r in page])
 
     def _v4_count(self, request: Request, user: User | None) -> Reply:
         spec = filters.parse_filter(request.param("filter"))
@@ -290,48 +362,51 @@ class Api:
     def v4_public_count(self, request: Request) -> Reply:
         return self._v4_count(request, None)
 
-    def v4_origdatablock_files(self, request: Request) -> Reply:
-        """One row per file: the block's fields with `dataFileList` replaced by that file.
+    def _v4_blocks(self, request: Request, *, public: bool, unwind: bool) -> Reply:
+        """The v4 block routes: match, project, (unwind one row per file), sort, skip, limit.
 
-        Rows are only built for the requested page unless a sort or a condition on
-        `dataFileList` needs every row, so paging through 100,000 files stays cheap.
+        A filter without `limits` gets the 10 newest blocks or rows. Rows are
+        only built for the requested page unless a sort key lies inside
+        `dataFileList`, so paging through 100,000 files stays cheap.
         """
-        if request.user is None:
+        if not public and request.user is None:
             return nest_error(403, "Forbidden resource")
         spec = filters.parse_filter(request.param("filter"))
-        filters.reject_unknown_keys(spec, ("where", "fields", "limits"))
-        limits = spec.get("limits")
+        filters.reject_unknown_keys(spec, _V4_BLOCK_KEYS)
+        limits = spec.get("limits", _V4_BLOCK_LIMITS)
         if isinstance(limits, dict):
             filters.reject_unknown_keys(limits, _V4_LIMIT_KEYS, prefix="limits.")
         skip, limit = filters.limits(limits, default_limit=10)
+        sort = limits.get("sort") if isinstance(limits, dict) else None
         where = spec.get("where", {})
         if not isinstance(where, dict):
             raise FilterError("where must be an object")
-        block_where = {k: v for k, v in where.items() if not k.startswith("dataFileList")}
-        file_where = {k: v for k, v in where.items() if k.startswith("dataFileList")}
-        sort = limits.get("sort") if isinstance(limits, dict) else None
-        blocks = [b for b in self.catalog.all_origdatablocks()
-                  if _can_read(request.user, b) and filters.matches(b, block_where)]
-
-        def rows(block: dict[str, Any]) -> Iterator[dict[str, Any]]:
-            for data_file in block["dataFileList"]:
-                yield {**block, "dataFileList": data_file}
-
-        if sort or file_where:
-            selected = [row for b in blocks for row in rows(b) if filters.matches(row, file_where)]
+        if public:
+            where = {**where, "isPublished": True}
+        fields = spec.get("fields")
+        blocks = [filters.project(block, fields) for block in self.catalog.all_origdatablocks()
+                  if (public or _can_read(request.user, block)) and filters.matches(block, where)]
+        if not unwind:
             if sort:
-                selected = filters.sort_v4(selected, sort)
-            page = selected[skip:skip + limit]
-        else:
-            page = []
-            for block in blocks:
-                count = len(block["dataFileList"])
-                if skip >= count:
-                    skip -= count
-                    continue
-                for data_file in block["dataFileList"][skip:skip + limit - len(page)]:
-                    page.append({**block, "dataFileList": data_file})
-                skip = 0
-                if len(page) >= limit:
-                    break
-        return Reply(200, [filters.project(row, spec.get("fields")) for row in page])
+                blocks = filters.sort_v4(blocks, sort, fields)
+            return Reply(200, blocks[skip:skip + limit])
+        for block in blocks:
+            block["datasetExist"] = self.catalog.dataset(str(block.get("datasetId"))) is not None
+        if isinstance(sort, dict) and any(key.startswith("dataFileList") for key in sort):
+            rows = filters.sort_v4(list(_file_rows(blocks)), sort, fields)
+            return Reply(200, rows[skip:skip + limit])
+        if sort:
+            blocks = filters.sort_v4(blocks, sort, fields)  # rows of one block share its sort keys
+        return Reply(200, list(islice(_file_rows(blocks, skip), limit)))
+
+    def v4_origdatablocks(self, request: Request) -> Reply:
+        return self._v4_blocks(request, public=False, unwind=False)
+
+    def v4_origdatablock_files(self, request: Request) -> Reply:
+        return self._v4_blocks(request, public=False, unwind=True)
+
+    def v4_public_origdatablocks(self, request: Request) -> Reply:
+        return self._v4_blocks(request, public=True, unwind=False)
+
+    def v4_public_origdatablock_files(self, request: Request) -> Reply:
+        return self._v4_blocks(request, public=True, unwind=True)

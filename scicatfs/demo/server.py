@@ -63,6 +63,7 @@ _ROUTES = [
     _Route("GET", ("api", "v3", "datasets", "count"), "v3_count", True),
     _Route("GET", ("api", "v3", "datasets", "{pid}"), "v3_dataset", True),
     _Route("GET", ("api", "v3", "datasets", "{pid}", "origdatablocks"), "v3_dataset_blocks", True),
+    _Route("GET", ("api", "v3", "datasets", "{pid}", "origdatablocks", "count"), "v3_dataset_block_count", True),
     _Route("GET", ("api", "v3", "origdatablocks"), "v3_origdatablocks", True),
     _Route("GET", ("api", "v4", "datasets"), "v4_datasets", True),
     _Route("GET", ("api", "v4", "datasets", "count"), "v4_count", True),
@@ -70,7 +71,10 @@ _ROUTES = [
     _Route("GET", ("api", "v4", "datasets", "public", "count"), "v4_public_count", True),
     _Route("GET", ("api", "v4", "datasets", "public", "{pid}"), "v4_public_dataset", True),
     _Route("GET", ("api", "v4", "datasets", "{pid}"), "v4_dataset", True),
+    _Route("GET", ("api", "v4", "origdatablocks"), "v4_origdatablocks", True),
     _Route("GET", ("api", "v4", "origdatablocks", "files"), "v4_origdatablock_files", True),
+    _Route("GET", ("api", "v4", "origdatablocks", "public"), "v4_public_origdatablocks", True),
+    _Route("GET", ("api", "v4", "origdatablocks", "public", "files"), "v4_public_origdatablock_files", True),
 ]
 
 
@@ -283,7 +287,8 @@ class _Handler(BaseHTTPRequestHandler):
             reply = nest_error(500, "Internal server error")
         payload = reply.encode()
         self.send_response(reply.status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        if payload:  # Express sends an empty body without a Content-Type
+            self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
