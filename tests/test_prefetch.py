@@ -221,6 +221,10 @@ def test_prefetch_through_a_mount(catalog: Catalog, make_mount: Callable[..., Mo
     with_url = subprocess.run([*argv, "--url", "http://x"], capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert with_url.returncode == 1 and "do not combine" in with_url.stderr
 
+    unknown = subprocess.run([*argv[:-2], "no/such-pid"], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert unknown.returncode == 1
+    assert unknown.stderr == f"scicatfs: no dataset 'no/such-pid' in {mount.path}\n"
+
 
 def test_clear_errors(prefetch: Prefetch, tmp_path: Path) -> None:
     unknown = prefetch.run("no/such-dataset")

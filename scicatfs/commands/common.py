@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from scicatfs.config import LOG_LEVELS, ConfigError, default_cache_dir, load_profile, parse_size
+from scicatfs.mountpoint import find_mount
 
-__all__ = ["CommandError", "add_cache_options", "cache_location", "guarded", "setup_logging"]
+__all__ = [
+    "CommandError",
+    "add_cache_options",
+    "cache_location",
+    "guarded",
+    "read_from_mount",
+    "setup_logging",
+]
+
+MOUNT_TIMEOUT = 10.0
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -70,3 +82,39 @@ def setup_logging(level: str) -> None:
     if level != "debug":
         for chatty in ("httpx", "asyncssh"):  # every request or connection at INFO
             logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def read_from_mount(mountpoint: Path, name: str, missing: str, timeout: float = MOUNT_TIMEOUT) -> bytes:
+    """The bytes of control file ``name`` under a running scicatfs mount, or a CommandError.
+
+    ``missing`` is the message when the file does not exist.
+
+    Read in a daemon thread with a deadline: a hung mount gives a message, not
+    a hung command. A mount whose process died answers ENOTCONN, which gets
+    the fix in the message.
+    """
+    entry = find_mount(mountpoint)
+    if entry is None or entry.fstype != "fuse.scicatfs":
+        raise CommandError(f"{mountpoint} is not a scicatfs mount")
+    path = mountpoint / name
+    outcome: list[bytes | OSError] = []
+
+    def read() -> None:
+        try:
+            outcome.append(path.read_bytes())
+        except OSError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)  # a hung mount may keep it forever
+    reader.start()
+    reader.join(timeout)
+    if not outcome:
+        raise CommandError(f"the mount at {mountpoint} did not answer within {timeout:g} s")
+    result = outcome[0]
+    if isinstance(result, bytes):
+        return result
+    if result.errno == errno.ENOTCONN:
+        raise CommandError(f"the scicatfs process of {mountpoint} is gone: run 'scicatfs unmount {mountpoint}'")
+    if result.errno == errno.ENOENT:
+        raise CommandError(missing)
+    raise CommandError(f"cannot read {path}: {result.strerror}")

@@ -45,9 +45,8 @@ from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec, default_budget
 from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.errors import CatalogError
-from scicatfs.commands.common import CommandError, add_cache_options, guarded, setup_logging
+from scicatfs.commands.common import CommandError, add_cache_options, guarded, read_from_mount, setup_logging
 from scicatfs.config import ConfigError, MountOptions, mount_options
-from scicatfs.mountpoint import find_mount
 from scicatfs.progress import Progress, human_size
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.sftp import Transfer
@@ -59,8 +58,6 @@ log = logging.getLogger(__name__)
 DEFAULT_JOBS = 4
 #: Bytes per read through a mount: the kernel splits it into FUSE requests.
 MOUNT_READ = 4 * 1024 * 1024
-#: How long a mount may take to answer for its files.json before we give up on it.
-MOUNT_TIMEOUT = 30.0
 #: What the (pid, path) errors of the layers below look like to a user.
 FETCH_ERRORS = (CacheError, CatalogError, TransferError, OSError)
 
@@ -179,35 +176,19 @@ def select(items: Sequence[Item], globs: Sequence[str]) -> list[Item]:
 async def _through_mount(args: argparse.Namespace) -> int:
     if args.url is not None or args.profile is not None:
         raise CommandError("--mount takes the mount's settings: do not combine it with --url or --profile")
-    mountpoint = args.mount.resolve()
-    entry = find_mount(mountpoint)
-    if entry is None or entry.fstype != "fuse.scicatfs":
-        raise CommandError(f"{mountpoint} is not a scicatfs mount")
+    mountpoint = args.mount.absolute()
+    listing = await trio.to_thread.run_sync(
+        read_from_mount, mountpoint, f"{args.pid}/.scicat/files.json", f"no dataset {args.pid!r} in {mountpoint}"
+    )
+    files = json.loads(listing)["files"]
+    items = select([Item(f["path"], f["size"], f["cached"]) for f in files], args.globs)
     dataset = mountpoint / args.pid
-    listing = await _in_thread(_read_files_json, dataset / ".scicat" / "files.json", args.pid)
-    items = select([Item(f["path"], f["size"], f["cached"]) for f in listing], args.globs)
 
     async def fetch(item: Item, add: Callable[[int], None]) -> None:
         await _read_through(dataset / item.path, item, add)
 
     failures = await _fetch_all(items, fetch, args.jobs)
     return _report(items, failures, fetched=None)
-
-
-async def _in_thread(function: Callable[..., Any], *arguments: object) -> Any:
-    """Run blocking file I/O on the mount in a thread, so a hung mount cannot hang us."""
-    with trio.fail_after(MOUNT_TIMEOUT):
-        return await trio.to_thread.run_sync(function, *arguments, abandon_on_cancel=True)
-
-
-def _read_files_json(path: Path, pid: str) -> list[dict[str, Any]]:
-    try:
-        document = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise CommandError(f"no dataset {pid!r} in this mount ({path.parent.parent} does not exist)") from None
-    except OSError as error:
-        raise CommandError(f"cannot read {path}: {error.strerror}") from None
-    return document["files"]
 
 
 async def _read_through(path: Path, item: Item, add: Callable[[int], None]) -> None:

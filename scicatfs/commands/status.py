@@ -1,28 +1,22 @@
 """``scicatfs status MOUNTPOINT``: what a running mount is doing, from its ``.scicat/status.json``.
 
-The file is read in a worker thread with a deadline, so a hung mount gives an
-error message rather than a hung command; a mount whose process died answers
-ENOTCONN, which gets the fix (``scicatfs unmount``) in the message.
+The file is read with a deadline (:func:`read_from_mount`): a hung or dead
+mount gives a message naming the fix, never a hung command.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
-from scicatfs.commands.common import CommandError, guarded
-from scicatfs.mountpoint import find_mount
+from scicatfs.commands.common import CommandError, guarded, read_from_mount
 from scicatfs.progress import human_duration, human_size
 
 __all__ = ["read_status", "register", "render"]
 
 STATUS_FILE = ".scicat/status.json"
-READ_TIMEOUT = 10.0
 
 
 def register(subparsers: Any) -> None:
@@ -46,34 +40,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_status(mountpoint: Path, timeout: float = READ_TIMEOUT) -> dict[str, Any]:
+def read_status(mountpoint: Path) -> dict[str, Any]:
     """The parsed status document of the mount at ``mountpoint``; CommandError says why not."""
     mountpoint = mountpoint.absolute()
-    entry = find_mount(mountpoint)
-    if entry is None or entry.fstype != "fuse.scicatfs":
-        raise CommandError(f"{mountpoint} is not a scicatfs mount")
-    outcome: list[bytes | OSError] = []
-
-    def read() -> None:
-        try:
-            outcome.append((mountpoint / STATUS_FILE).read_bytes())
-        except OSError as error:
-            outcome.append(error)
-
-    reader = threading.Thread(target=read, daemon=True)  # a hung mount may keep it forever
-    reader.start()
-    reader.join(timeout)
-    if not outcome:
-        raise CommandError(f"the mount at {mountpoint} did not answer within {timeout:g} s")
-    result = outcome[0]
-    if isinstance(result, OSError):
-        if result.errno == errno.ENOTCONN:
-            raise CommandError(f"the scicatfs process of {mountpoint} is gone: run 'scicatfs unmount {mountpoint}'")
-        if result.errno == errno.ENOENT:
-            raise CommandError(f"the mount at {mountpoint} serves no {STATUS_FILE} (an older scicatfs?)")
-        raise CommandError(f"cannot read {mountpoint / STATUS_FILE}: {result.strerror}")
+    raw = read_from_mount(
+        mountpoint, STATUS_FILE, missing=f"the mount at {mountpoint} serves no {STATUS_FILE} (an older scicatfs?)"
+    )
     try:
-        document = json.loads(result)
+        document = json.loads(raw)
     except ValueError as error:
         raise CommandError(f"{mountpoint / STATUS_FILE} is not valid JSON: {error}") from None
     if not isinstance(document, dict):
