@@ -40,7 +40,7 @@ from scicatfs.catalog.client import CatalogClient, CatalogSettings
 from scicatfs.catalog.errors import CatalogError
 from scicatfs.config import MountOptions
 from scicatfs.fs.namespace import Namespace
-from scicatfs.fs.operations import FsOptions, ScicatOperations
+from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
 from scicatfs.transfer.sftp import SFTPSettings, Transfer
@@ -49,9 +49,6 @@ __all__ = ["MountError", "fuse_options", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
-#: pyfuse3 workers; reads may use READS of them, the rest stay free for metadata.
-MAX_TASKS = 64
-READS = 48
 #: The root must answer stat within this time after mounting, or the mount is abandoned.
 READY_TIMEOUT = 30.0
 READ_AHEAD_KB = 1024
@@ -145,7 +142,7 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
                     record_ttl=options.record_ttl,
                     listing_ttl=options.listing_ttl,
                 )
-                fs_options = FsOptions(xattrs=options.xattrs, max_reads=READS, negative_ttl=options.listing_ttl)
+                fs_options = FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl)
                 operations = ScicatOperations(namespace, fetcher, fs_options)
                 namespace.on_change = operations.forget_dataset
                 await _mount_and_serve(operations, options, ready)

@@ -3,19 +3,29 @@ over a real CatalogClient talking to the project's catalog server."""
 
 from __future__ import annotations
 
+import errno
+import logging
 from collections.abc import AsyncIterator
 
+import pyfuse3
 import pytest
 import trio
 
+from scicatfs.cache.errors import IntegrityError
 from scicatfs.cache.store import FileSpec
 from scicatfs.catalog.auth import Credentials, Secret
 from scicatfs.catalog.client import CatalogClient, CatalogSettings
-from scicatfs.catalog.errors import DatasetForbidden
+from scicatfs.catalog.errors import (
+    AuthenticationError,
+    BadResponse,
+    CatalogUnavailable,
+    DatasetForbidden,
+    DatasetNotFound,
+)
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.fs.dirstream import WINDOW, DirectoryStream
-from scicatfs.fs.errors import NoEntry
+from scicatfs.fs.errors import NoEntry, fuse_errors, to_errno
 from scicatfs.fs.inodes import InodeTable
 from scicatfs.fs.namespace import (
     ROOT,
@@ -27,6 +37,7 @@ from scicatfs.fs.namespace import (
     PidLevel,
     RecordFile,
 )
+from scicatfs.transfer.errors import RemoteFileNotFound, TransferTimeout
 
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
 FORBIDDEN = "20.500.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701"
@@ -230,3 +241,33 @@ def test_a_changed_dataset_reports_only_the_names_that_changed(make_catalog_serv
 
     trio.run(main)
     assert changes == [(pid, {"": {"data.txt", "metadata.json"}, ".scicat": {"metadata.json"}})]
+
+
+# -- errno mapping -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (NoEntry("x"), errno.ENOENT),
+        (DatasetNotFound("gone", "pid"), errno.ENOENT),
+        (DatasetForbidden("not yours", "pid"), errno.EACCES),
+        (AuthenticationError("expired"), errno.EACCES),
+        (CatalogUnavailable("down"), errno.EIO),
+        (BadResponse("garbage"), errno.EIO),
+        (RemoteFileNotFound("archived", host="h", path="/p"), errno.EIO),
+        (TransferTimeout("slow", host="h", path="/p"), errno.EIO),
+        (IntegrityError("checksum"), errno.EIO),
+        (RuntimeError("a bug"), errno.EIO),
+    ],
+)
+def test_errors_map_to_errno_and_are_logged_once(error: Exception, code: int, caplog: pytest.LogCaptureFixture) -> None:
+    assert to_errno(error) == code
+    with pytest.raises(pyfuse3.FUSEError) as raised, fuse_errors("read", "some/pid", "a/file"):
+        raise error
+    assert raised.value.errno == code
+    failures = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    if isinstance(error, NoEntry):
+        assert failures == []  # an everyday answer, not a failure
+    else:
+        assert len(failures) == 1 and "'some/pid'" in failures[0].getMessage() and "'a/file'" in failures[0].getMessage()

@@ -31,7 +31,7 @@ import os
 import stat
 from collections.abc import Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -53,26 +53,29 @@ from scicatfs.fs.namespace import (
     RecordFile,
 )
 
-__all__ = ["FsOptions", "ScicatOperations"]
+__all__ = ["MAX_TASKS", "FsOptions", "ScicatOperations"]
 
 log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _BLOCK = 4096
 
+#: Request handlers to give ``pyfuse3.main`` (its ``max_tasks``).
+MAX_TASKS = 64
+
 
 @dataclass(frozen=True, slots=True)
 class FsOptions:
     """Knobs of the filesystem itself (the mount's other options live elsewhere).
 
-    ``max_reads`` must stay below the ``max_tasks`` given to ``pyfuse3.main``
-    so that metadata requests always find a free worker.
+    ``max_reads`` must stay below :data:`MAX_TASKS` so that metadata requests
+    always find a free handler.
     """
 
     xattrs: bool = False
-    max_reads: int = 48
-    uid: int = os.getuid()
-    gid: int = os.getgid()
+    max_reads: int = MAX_TASKS * 3 // 4
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
     negative_ttl: float = 30.0
 
 
