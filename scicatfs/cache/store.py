@@ -267,7 +267,7 @@ class BlobStore:
             with self._transaction() as db:
                 for sql, parameters in statements:
                     db.execute(sql, parameters)
-        except sqlite3.OperationalError as error:
+        except sqlite3.Error as error:  # full disk; or the blob row itself could not be written
             log.debug("cache index not updated: %s", error)
 
     def blob_file(self, key: str) -> Path:
@@ -334,17 +334,26 @@ class BlobStore:
 
     def _load(self, key: str, spec: FileSpec, path: Path, fd: int, created: bool) -> Blob:
         checksum = str(spec.checksum) if spec.checksum is not None else None
-        with self._transaction() as db:  # may fail on a full disk: then open fails (EIO)
-            if created:  # rows without their file (deleted by hand?) describe nothing
-                db.execute("DELETE FROM chunks WHERE key = ?", (key,))
-            db.execute(
-                "INSERT OR IGNORE INTO blobs (key, size, checksum, atime) VALUES (?, ?, ?, ?)",
-                (key, spec.size, checksum, time.time()),
-            )
-            complete = db.execute("SELECT complete FROM blobs WHERE key = ?", (key,)).fetchone()[0]
-            present = {row[0] for row in db.execute("SELECT idx FROM chunks WHERE key = ?", (key,))}
+        try:
+            with self._transaction() as db:
+                if created:  # rows without their file (deleted by hand?) describe nothing
+                    db.execute("DELETE FROM chunks WHERE key = ?", (key,))
+                db.execute(
+                    "INSERT OR IGNORE INTO blobs (key, size, checksum, atime) VALUES (?, ?, ?, ?)",
+                    (key, spec.size, checksum, time.time()),
+                )
+        except sqlite3.OperationalError as error:
+            # A full disk must not fail the open: reads are then served uncached
+            # (the chunk writes fail and say so). A new file trusts no rows, since
+            # the stale ones could not be deleted.
+            if getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            if created:
+                return Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size)
+        state = self._db.execute("SELECT complete FROM blobs WHERE key = ?", (key,)).fetchone()
+        present = {row[0] for row in self._db.execute("SELECT idx FROM chunks WHERE key = ?", (key,))}
         blob = Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, present)
-        blob.complete = bool(complete) and blob.all_present
+        blob.complete = bool(state and state[0]) and blob.all_present
         return blob
 
     def release_blob(self, blob: Blob) -> None:
