@@ -168,7 +168,7 @@ class Fetcher:
         elif cold and first == last and end - offset <= DIRECT_READ_MAX:
             data = await self._race_direct_read(handle, flights[first], offset, end)
             if data is not None:
-                return data
+                return await self._checked(handle, end, data)
         await self._wait(handle, flights)
         parts = []
         for index in range(first, last + 1):
@@ -179,9 +179,28 @@ class Fetcher:
                 parts.append(data[start - index * chunk : stop - index * chunk])
             else:
                 parts.append(self.store.read(blob, start, stop - start))
+        return await self._checked(handle, end, b"".join(parts))
+
+    async def _checked(self, handle: Handle, end: int, data: bytes) -> bytes:
+        """``data``, unless the blob failed verification; the read that ends the file waits for it.
+
+        So a sequential reader of a file whose bytes do not match the catalog's
+        checksum gets EIO from its last read instead of a silent success. A file
+        not fully cached (only its tail was read, or the disk is full) cannot be
+        verified and is not waited for.
+        """
+        blob = handle.blob
+        if end == blob.size and blob.checksum is not None and not blob.complete:
+            under_way = [self._flights.get((blob.key, index)) for index in range(blob.chunk_count)]
+            with trio.move_on_after(self.read_timeout):
+                for flight in under_way:
+                    if flight is not None:
+                        await flight.settled.wait()
+            if blob.all_present:
+                await self._verify(handle)
         if blob.error is not None:  # verification failed (and truncated the blob) meanwhile
             raise blob.error
-        return b"".join(parts)
+        return data
 
     async def _race_direct_read(
         self, handle: Handle, flight: _Flight, offset: int, end: int
