@@ -195,3 +195,117 @@ def test_slow_catalog_does_not_block_cached_reads(make_mount) -> None:  # type: 
     assert not slow.done
     mount.server.latency = 0.0
     assert slow.outcome(40).unwrap() == catalog.content(unseen, "x.bin")
+
+
+# -- the scicatfs process dies ----------------------------------------------------------
+
+
+def test_kill_9_under_load_then_unmount_and_remount_from_the_surviving_cache(make_mount) -> None:  # type: ignore[no-untyped-def]
+    pid = "h5faults/crash"
+    names = [f"part{index}.bin" for index in range(4)]
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/crash"), [{"path": n, "size": 16 * MiB} for n in names],
+                        chk_alg="sha256")
+    mount: Mount = make_mount(catalog)
+    dataset = mount.dataset(pid)
+
+    def reader(name: str) -> None:
+        with open(dataset / name, "rb") as file:
+            while file.read(256 * 1024):
+                time.sleep(0.005)  # keep the load going until the kill
+
+    readers = [Background(lambda name=name: reader(name)) for name in names]
+    deadline = time.monotonic() + 30
+    while sum(entry["cached"] for entry in _files_json(mount, pid).values()) < 8 * MiB:
+        assert time.monotonic() < deadline, "nothing was cached under load"
+        time.sleep(0.05)
+    mount.process.kill()
+    mount.process.wait(timeout=10)
+    for background in readers:  # every reader ends with an error, none hangs
+        outcome = background.outcome(15)
+        assert outcome.error is None or isinstance(outcome.error, OSError)
+
+    result = subprocess.run([sys.executable, "-m", "scicatfs", "unmount", str(mount.path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert find_mount(mount.path) is None and os.listdir(mount.path) == []
+
+    again: Mount = make_mount(catalog, server=mount.server, cache_dir=mount.cache_dir)
+    survived = sum(entry["cached"] for entry in _files_json(again, pid).values())
+    assert survived >= 4 * MiB, "the chunks recorded before the crash should be reused"
+    for name in names:
+        assert bounded(EIO_BOUND, lambda: (again.dataset(pid) / name).read_bytes()) == catalog.content(pid, name)
+    assert "Traceback" not in again.log_text()
+
+
+# -- the cache disk fills up ------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs, unmounted after the test whatever happened."""
+    path = tmp_path / "small-disk"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(path)], check=True, timeout=30)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True, timeout=30)
+
+
+def test_disk_full_reads_still_succeed_and_caching_recovers(make_mount, small_disk: Path) -> None:  # type: ignore[no-untyped-def]
+    pid = "h5faults/diskfull"
+    names = [f"f{index}.bin" for index in range(3)]
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/diskfull"), [{"path": n, "size": 6 * MiB} for n in names],
+                        chk_alg="md5")
+    mount: Mount = make_mount(catalog, cache_dir=small_disk / "cache", args=["--cache-size", "1G"])
+    dataset = mount.dataset(pid)
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk)
+    filler.write_bytes(bytes(free.f_bavail * free.f_frsize - 256 * 1024))
+
+    for name in names:  # no room for a single chunk: every read is served from memory
+        assert bounded(EIO_BOUND, lambda: read_uncached(dataset / name)) == catalog.content(pid, name)
+    assert "cannot cache" in mount.log_text()
+    assert all(entry["cached"] < entry["size"] for entry in _files_json(mount, pid).values())
+
+    filler.unlink()
+    assert bounded(EIO_BOUND, lambda: read_uncached(dataset / names[0])) == catalog.content(pid, names[0])
+    _wait_cached(mount, pid, names[0])
+    assert "caching works again" in mount.log_text()
+    assert "Traceback" not in mount.log_text()
+
+
+# -- the server's file is not what the catalog says -------------------------------------
+
+
+def _complete_blobs(cache_dir: Path) -> int:
+    with sqlite3.connect(f"file:{cache_dir / 'index.sqlite3'}?mode=ro", uri=True, timeout=10) as index:
+        return index.execute("SELECT count(*) FROM blobs WHERE complete").fetchone()[0]
+
+
+def test_server_file_differs_from_the_catalog(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
+    sshd: OpenSSHServer = make_sshd()
+    pid = "h5faults/differs"
+    catalog = Catalog.load_default()
+    files = [{"path": "good.bin", "size": 6 * MiB}, {"path": "badsum.bin", "size": 6 * MiB, "chk": "0" * 32},
+             {"path": "short.bin", "size": 6 * MiB}, {"path": "long.bin", "size": 100}]
+    catalog.add_dataset(dataset_record(pid, "/h5faults/differs"), files, chk_alg="md5")
+    mount: Mount = make_mount(catalog, sftp=sshd)
+    sshd.put("/h5faults/differs/short.bin", catalog.content(pid, "short.bin")[:-1000])
+    sshd.put("/h5faults/differs/long.bin", catalog.content(pid, "long.bin") + b"more")
+    dataset = mount.dataset(pid)
+
+    assert (dataset / "good.bin").read_bytes() == catalog.content(pid, "good.bin")
+    _eio(lambda: (dataset / "badsum.bin").read_bytes())
+    _eio(lambda: (dataset / "short.bin").read_bytes())
+    _eio(lambda: (dataset / "long.bin").read_bytes())
+    time.sleep(0.5)  # any background verification has finished
+    cached = _files_json(mount, pid)
+    assert cached["good.bin"]["cached"] == 6 * MiB
+    assert _complete_blobs(mount.cache_dir) == 1  # good.bin, and nothing else, is marked complete
+    log = mount.log_text()
+    assert "checksum mismatch" in log and "badsum.bin" in log
+    assert "catalog says 6291456 bytes, server has 6290456" in log
+    assert "catalog says 100 bytes, server has 104" in log
