@@ -16,7 +16,13 @@ from typing import Any
 
 from scicatfs.cache.errors import CacheError
 from scicatfs.cache.store import BlobInfo, BlobStore, default_budget
-from scicatfs.commands.common import CommandError, add_cache_options, cache_location, guarded, setup_logging
+from scicatfs.commands.common import (
+    CommandError,
+    add_cache_options,
+    cache_location,
+    guarded,
+    setup_logging,
+)
 from scicatfs.config import parse_size
 from scicatfs.progress import human_size
 

@@ -11,7 +11,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from scicatfs.config import LOG_LEVELS, ConfigError, default_cache_dir, load_profile, parse_size
+from scicatfs.config import (
+    LOG_LEVELS,
+    ConfigError,
+    default_cache_dir,
+    load_profile,
+    parse_size,
+)
 from scicatfs.mountpoint import find_mount
 
 __all__ = [

@@ -45,8 +45,18 @@ from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec, default_budget
 from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.errors import CatalogError
-from scicatfs.commands.common import CommandError, add_cache_options, guarded, read_from_mount, setup_logging
+from scicatfs.commands.common import (
+    CommandError,
+    add_cache_options,
+    guarded,
+    read_from_mount,
+    setup_logging,
+)
 from scicatfs.config import ConfigError, MountOptions, mount_options
+from scicatfs.mount import (  # built exactly as the mount builds them
+    _catalog_settings,
+    _sftp_settings,
+)
 from scicatfs.progress import Progress, human_size
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.sftp import Transfer
@@ -222,8 +232,6 @@ def _options(args: argparse.Namespace) -> MountOptions:
 
 
 async def _standalone(args: argparse.Namespace) -> int:
-    from scicatfs.mount import _catalog_settings, _sftp_settings  # the mount's settings, exactly
-
     options = _options(args)
     budget = options.cache_size if options.cache_size is not None else default_budget(options.cache_dir)
     try:

@@ -61,10 +61,9 @@ def render(status: dict[str, Any]) -> str:
     Sections and counters are shown as the mount reports them, so new counters
     need no change here; counters of ``bytes`` get sizes, of ``seconds`` durations.
     """
-    lines = [
-        f"scicatfs {status.get('scicatfs', '?')} at {status.get('mountpoint', '?')}"
-        f" (process {status.get('process', '?')}, up {_value('uptime_seconds', status.get('uptime_seconds', 0))})"
-    ]
+    uptime = _value("uptime_seconds", status.get("uptime_seconds", 0))
+    where = f"{status.get('mountpoint', '?')} (process {status.get('process', '?')}, up {uptime})"
+    lines = [f"scicatfs {status.get('scicatfs', '?')} at {where}"]
     token = status.get("token")
     if token is None:
         lines.append("token: none (anonymous, or no expiry known)")
