@@ -309,3 +309,56 @@ def test_server_file_differs_from_the_catalog(make_mount, make_sshd) -> None:  #
     assert "checksum mismatch" in log and "badsum.bin" in log
     assert "catalog says 6291456 bytes, server has 6290456" in log
     assert "catalog says 100 bytes, server has 104" in log
+
+
+# -- many readers ---------------------------------------------------------------------------
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+@pytest.mark.slow
+def test_64_readers_over_16_files(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """Random ranges, around the page cache, for a fixed time: every byte right, no error, RSS bounded."""
+    pid = "h5faults/load"
+    names = [f"file{index:02d}.bin" for index in range(16)]
+    sizes = [(index % 4 + 1) * 3 * MiB + index * 4099 for index in range(16)]  # chunk-unaligned tails
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/load"),
+                        [{"path": n, "size": s} for n, s in zip(names, sizes)], chk_alg="md5")
+    mount: Mount = make_mount(catalog)
+    dataset = mount.dataset(pid)
+    expected = {name: catalog.content(pid, name) for name in names}
+    stop_at = time.monotonic() + 12.0
+    peak = [_rss(mount.process.pid)]
+
+    def reader(seed: int) -> int:
+        chooser = random.Random(seed)
+        checked = 0
+        while time.monotonic() < stop_at:
+            name = chooser.choice(names)
+            data = expected[name]
+            offset = chooser.randrange(len(data))
+            length = chooser.choice([1, 4096, 65536, MiB, 3 * MiB])
+            with open(dataset / name, "rb") as file:
+                os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                got = os.pread(file.fileno(), length, offset)
+            assert got == data[offset:offset + length], f"{name} at {offset}+{length}"
+            checked += len(got)
+        return checked
+
+    readers = [Background(lambda seed=seed: reader(seed)) for seed in range(64)]
+    while not all(background.done for background in readers) and time.monotonic() < stop_at + 60:
+        peak.append(_rss(mount.process.pid))
+        time.sleep(0.2)
+    checked = sum(background.outcome(60).unwrap() for background in readers)
+    assert checked > 64 * MiB
+    assert max(peak) < 400 * MiB, f"scicatfs grew to {max(peak) / MiB:.0f} MiB"
+    for name in names[:2]:  # and the cache holds exact, verified copies
+        assert read_uncached(dataset / name) == expected[name]
+    log = mount.log_text()
+    assert "WARNING" not in log and "ERROR" not in log, log
