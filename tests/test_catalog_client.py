@@ -18,9 +18,11 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scicatfs.catalog.auth import Credentials, Secret
-from scicatfs.catalog.client import CatalogClient, CatalogSettings
+from scicatfs.catalog.client import CatalogClient, CatalogSettings, _prefix_pattern
 from scicatfs.catalog.errors import (
     AuthenticationError,
     BadResponse,
@@ -31,7 +33,8 @@ from scicatfs.catalog.errors import (
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import normalise_base_url
 from scicatfs.demo.fixtures import Catalog
-from scicatfs.demo.routes import nest_error
+from scicatfs.demo.jsdate import parse_js_date
+from scicatfs.demo.routes import Reply, nest_error
 from scicatfs.demo.server import CatalogServer
 
 PASSWORD = "demo-password-0xC0FFEE"
@@ -47,6 +50,16 @@ class V3OnlyServer(CatalogServer):
         if path.lower().startswith("/api/v4/"):
             return nest_error(404, f"Cannot {method} {path}")
         return super().dispatch(method, target, headers, body)
+
+
+class V3WithoutIncludeServer(V3OnlyServer):
+    """A v3 server that ignores `include`: blocks only come from the block routes."""
+
+    def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+        reply = super().dispatch(method, target, headers, body)
+        if isinstance(reply.body, dict) and "origdatablocks" in reply.body:
+            return Reply(reply.status, {k: v for k, v in reply.body.items() if k != "origdatablocks"})
+        return reply
 
 
 def record(pid: str, **fields: Any) -> dict[str, Any]:
@@ -128,7 +141,7 @@ def test_get_dataset_with_slashes_and_spaces(server_class):
         assert not any("+" in urlsplit(p).path for p in raw_paths)
 
 
-def test_v3_fallback_is_detected_once_and_pages_past_the_block_cap():
+def test_v3_fallback_is_detected_once_and_gets_150_blocks_in_one_request():
     catalog = small_catalog()
     catalog.add_dataset(record("many/blocks"), files(300), blocks=150)
     with V3OnlyServer(catalog) as server:
@@ -143,8 +156,66 @@ def test_v3_fallback_is_detected_once_and_pages_past_the_block_cap():
     assert count == 6 and is_prefix
     paths = data_paths(server)
     assert sum(p.startswith("/api/v4/") for p in paths) == 1, paths
-    assert paths[1:4] == ["/api/v3/datasets/many/blocks", "/api/v3/datasets/many/blocks/origdatablocks",
-                          "/api/v3/origdatablocks"]
+    assert paths[1] == "/api/v3/datasets/many/blocks" and "/origdatablocks" not in " ".join(paths)
+
+
+def test_anonymous_v3_reads_a_published_dataset_past_the_block_cap():
+    """v3's /origdatablocks is 403 for anonymous callers; `include` is not."""
+    catalog = small_catalog()
+    catalog.add_dataset(record("pub/many", isPublished=True), files(120), blocks=120)
+    with V3OnlyServer(catalog) as server:
+        dataset = run(server, lambda client: client.get_dataset("pub/many"), credentials=Credentials())
+    assert len(dataset.files) == 120
+    assert data_paths(server)[1:] == ["/api/v3/datasets/pub/many"]
+
+
+@pytest.mark.parametrize("blocks, paging", [(150, 2), (100, 0)])
+def test_v3_without_include_counts_then_pages_past_the_block_cap(blocks, paging):
+    catalog = small_catalog()
+    catalog.add_dataset(record("many/blocks"), files(2 * blocks), blocks=blocks)
+    with V3WithoutIncludeServer(catalog) as server:
+        dataset = run(server, lambda client: client.get_dataset("many/blocks"))
+    assert len(dataset.files) == 2 * blocks
+    assert data_paths(server)[1:] == [
+        "/api/v3/datasets/many/blocks", "/api/v3/datasets/many/blocks/origdatablocks",
+        "/api/v3/datasets/many/blocks/origdatablocks/count"] + ["/api/v3/origdatablocks"] * paging
+
+
+def test_anonymous_v3_without_include_keeps_the_first_100_blocks_and_says_so(caplog):
+    catalog = small_catalog()
+    catalog.add_dataset(record("pub/many", isPublished=True), files(120), blocks=120)
+    with V3WithoutIncludeServer(catalog) as server:
+        with caplog.at_level(logging.WARNING, logger="scicatfs.catalog"):
+            dataset = run(server, lambda client: client.get_dataset("pub/many"), credentials=Credentials())
+    assert len(dataset.files) == 100
+    assert "'pub/many' has 120 origdatablocks" in caplog.text and "log in" in caplog.text
+    assert "/api/v3/origdatablocks" not in data_paths(server)
+
+
+@pytest.mark.parametrize("server_class", [CatalogServer, V3OnlyServer])
+def test_prefixes_that_javascript_reads_as_dates(server_class):
+    """v3 turns `where` strings that `new Date()` parses into Dates: "noprefix-1" is one."""
+    catalog = small_catalog()
+    for pid in ("noprefix-1/a", "noprefix-1/b", "run 1/x", "noprefix-12"):
+        catalog.add_dataset(record(pid), [])
+    with server_class(catalog) as server:
+        async def body(client: CatalogClient):
+            answers = [await client.is_pid_prefix(name) for name in ("noprefix-1", "run 1", "x-12", "noprefix")]
+            return answers, [pid async for pid in client.iter_pids("noprefix-1/")]
+
+        for credentials in (LOGIN, Credentials()):
+            answers, listed = run(server, body, credentials=credentials)
+            if credentials.anonymous:
+                assert answers == [False] * 4 and listed == []
+            else:
+                assert answers == [True, True, False, False]
+                assert listed == ["noprefix-1/a", "noprefix-1/b"]
+    assert not [path for _, path, status in server.requests if status == 400]
+
+
+@given(st.text(max_size=40))
+def test_prefix_patterns_never_parse_as_dates(prefix):
+    assert parse_js_date(_prefix_pattern(prefix)) is None
 
 
 def test_twenty_thousand_files_in_one_dataset_one_request():
@@ -383,6 +454,24 @@ def test_hostile_paths_from_the_server_are_dropped(caplog):
     assert [f.path for f in dataset.files] == ["inside.txt", "ok"]
     assert all(f.remote_path.startswith("/data/hostile/") for f in dataset.files)
     assert len(caplog.records) == 5 and all("'hostile'" in r.getMessage() for r in caplog.records)
+
+
+def test_files_hidden_by_block_access_get_one_hint(caplog):
+    catalog = small_catalog()
+    catalog.add_dataset(record("pub/hidden-blocks", isPublished=True), files(3),
+                        block_access={"ownerGroup": "archchancellor", "isPublished": False})
+    with CatalogServer(catalog) as server:
+        async def body(client: CatalogClient):
+            first = await client.get_dataset("pub/hidden-blocks")
+            await trio.sleep(0.15)  # past record_ttl: fetched again, hinted once
+            return first, await client.get_dataset("pub/hidden-blocks"), await client.get_dataset("public/one")
+
+        with caplog.at_level(logging.WARNING, logger="scicatfs.catalog"):
+            first, again, other = run(server, body, credentials=Credentials(), record_ttl=0.1)
+    assert first.files == again.files == () and len(other.files) == 2
+    hints = [r.getMessage() for r in caplog.records if "counts 3 files" in r.getMessage()]
+    assert len(hints) == 1 and "'pub/hidden-blocks'" in hints[0] and "(anonymous)" in hints[0]
+    assert sum("/public/pub%2Fhidden-blocks" in p for _, p, _ in server.requests) == 2
 
 
 def test_secrets_never_reach_the_log(caplog):

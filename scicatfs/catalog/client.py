@@ -1,12 +1,14 @@
 """The SciCat client the filesystem uses: datasets, listings, prefixes, counts.
 
-Routes follow scicat-backend-next. v4 is preferred (one request gives a
-dataset with all its origdatablocks); a server whose v4 routes do not exist
-(Nest answers 404 "Cannot GET /api/v4/…", unlike a missing dataset's
-"dataset: … not found") is detected on the first such answer, and the client
-uses v3 for the rest of its life, paging v3's 100-origdatablock cap.
-Anonymous callers use v4's ``/public`` routes, where a missing dataset is a
-200 with an empty body.
+Routes follow scicat-backend-next (docs/scicat-facts.md). v4 is preferred
+(one request gives a dataset with all its origdatablocks); a server whose v4
+routes do not exist (Nest answers 404 "Cannot GET /api/v4/…", unlike a missing
+dataset's "dataset: … not found") is detected on the first such answer, and
+the client uses v3 for the rest of its life. On v3 a dataset also comes in one
+request, with ``include`` (all blocks, anonymous too); only a server that
+ignores ``include`` costs the capped block route and, past its 100 blocks,
+paging. Anonymous callers use v4's ``/public`` routes, where a missing dataset
+is a 200 with an empty body.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from scicatfs.catalog.errors import (
     DatasetForbidden,
     DatasetNotFound,
 )
-from scicatfs.catalog.models import Dataset, parse_dataset
+from scicatfs.catalog.models import Dataset, parse_dataset, parse_size
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import Reply, Transport
 
@@ -99,6 +101,7 @@ class CatalogClient:
         )
         self._prefixes: SingleFlightCache[str, bool] = SingleFlightCache(4096, settings.listing_ttl)
         self._counts: SingleFlightCache[None, int] = SingleFlightCache(1, settings.listing_ttl)
+        self._hidden_hinted: set[str] = set()
 
     @property
     def base_url(self) -> str:
@@ -171,11 +174,19 @@ class CatalogClient:
         )
         if public and reply.status == 200 and not reply.body.strip():
             self._fail_missing(pid)
-        return await self._build(pid, reply)
+        return await self._build(pid, await self._decode(pid, reply))
 
     async def _dataset_v3(self, pid: str) -> Dataset:
+        """One request: v3 ``include`` returns every block, uncapped, to anonymous callers too."""
         segment = quote(pid, safe="")
-        record = await self._get(f"/v3/datasets/{segment}", pid=pid)
+        reply = await self._get(f"/v3/datasets/{segment}", _filter({"include": ["origdatablocks"]}), pid=pid)
+        raw = await self._decode(pid, reply)
+        if isinstance(raw, dict) and isinstance(raw.get("origdatablocks"), list):
+            return await self._build(pid, raw)
+        return await self._build(pid, raw, await self._blocks_v3(pid, segment))
+
+    async def _blocks_v3(self, pid: str, segment: str) -> list[Any]:
+        """The blocks from a server that ignored ``include``: the capped route, then paging."""
         blocks = self._json(
             await self._get(f"/v3/datasets/{segment}/origdatablocks", pid=pid),
             f"origdatablocks of {pid!r}",
@@ -183,12 +194,38 @@ class CatalogClient:
         )
         if not isinstance(blocks, list):
             raise BadResponse(f"catalog sent origdatablocks of {pid!r} that are not a JSON list", pid)
-        if len(blocks) >= V3_BLOCK_CAP:
-            blocks = await self._all_blocks_v3(pid)
-        return await self._build(pid, record, blocks)
+        if len(blocks) < V3_BLOCK_CAP:
+            return blocks
+        total = await self._block_count_v3(pid, segment)
+        if total is not None and total <= len(blocks):
+            return blocks
+        if self._tokens.anonymous:  # /v3/origdatablocks is 403 for anonymous callers
+            log.warning(
+                "dataset %r has %s origdatablocks but the catalog shows anonymous callers only the "
+                "first %d: some of its files are missing; log in to see them all",
+                pid, total if total is not None else "more than 100", len(blocks),
+            )
+            return blocks
+        return await self._all_blocks_v3(pid, total)
 
-    async def _all_blocks_v3(self, pid: str) -> list[Any]:
-        """Page ``/v3/origdatablocks`` past the cap; blocks are deduplicated by ``_id``."""
+    async def _block_count_v3(self, pid: str, segment: str) -> int | None:
+        """``/v3/datasets/{pid}/origdatablocks/count``; None when the server has no such route."""
+        headers = await self._tokens.headers()
+        path = f"/v3/datasets/{segment}/origdatablocks/count"
+        reply = await self._transport.request("GET", path, headers=headers, pid=pid)
+        if reply.status != 200:
+            return None
+        try:
+            count = json.loads(reply.body).get("count")
+        except (ValueError, AttributeError):
+            return None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+    async def _all_blocks_v3(self, pid: str, total: int | None) -> list[Any]:
+        """Page ``/v3/origdatablocks`` past the cap; blocks are deduplicated by ``_id``.
+
+        Paging stops at a short page, or once ``total`` blocks (when known) are in.
+        """
         blocks: dict[Any, Any] = {}
         skip = 0
         while True:
@@ -206,12 +243,12 @@ class CatalogClient:
             for index, block in enumerate(page):
                 key = block.get("_id") if isinstance(block, dict) else None
                 blocks[key if key is not None else (skip, index)] = block
-            if len(page) < V3_BLOCK_CAP:
+            if len(page) < V3_BLOCK_CAP or (total is not None and len(blocks) >= total):
                 return list(blocks.values())
             skip += V3_BLOCK_CAP
 
     async def _page(self, prefix: str, skip: int, limit: int) -> tuple[str, ...]:
-        where = {"pid": {"$regex": "^" + _regex_escape(prefix)}} if prefix else {}
+        where = {"pid": {"$regex": _prefix_pattern(prefix)}} if prefix else {}
 
         async def v4(_: None) -> tuple[str, ...]:
             public = "/public" if self._tokens.anonymous else ""
@@ -220,7 +257,7 @@ class CatalogClient:
             return self._pids(await self._get(f"/v4/datasets{public}", _filter(query)))
 
         async def v3(_: None) -> tuple[str, ...]:
-            v3_where = {"pid": {"like": where["pid"]["$regex"]}} if prefix else {}
+            v3_where = {"pid": {"like": where["pid"]["$regex"]}} if prefix else {}  # never a bare string
             limits = {"limit": limit, "skip": skip, "order": "pid:asc"}
             query = {"where": v3_where, "fields": ["pid"], "limits": limits}
             return self._pids(await self._get("/v3/datasets", _filter(query)))
@@ -337,26 +374,57 @@ class CatalogClient:
             self._transport.stats["bad_responses"] += 1
             raise
 
-    async def _build(self, pid: str, reply: Reply, blocks: list[Any] | None = None) -> Dataset:
-        """Decode and validate a dataset in a worker thread.
+    async def _decode(self, pid: str, reply: Reply) -> Any:
+        """The JSON of a dataset record, decoded in a worker thread (it can be megabytes)."""
+        return await self._off_loop(pid, lambda: reply.json(f"dataset {pid!r}", pid))
+
+    async def _build(self, pid: str, raw: Any, blocks: list[Any] | None = None) -> Dataset:
+        """Validate a decoded dataset in a worker thread.
 
         A dataset with 100,000 files takes seconds of pure Python; on the
         event loop that would stall every other filesystem request.
         """
 
         def build() -> Dataset:
-            raw = reply.json(f"dataset {pid!r}", pid)
             if isinstance(raw, dict) and raw.get("pid") != pid:
                 raise BadResponse(f"asked for dataset {pid!r}, the catalog sent {raw.get('pid')!r}", pid)
             return parse_dataset(raw, blocks)
 
+        dataset = await self._off_loop(pid, build)
+        if not dataset.files:
+            self._hint_hidden_files(pid, raw, blocks)
+        return dataset
+
+    async def _off_loop(self, pid: str, work: Callable[[], T]) -> T:
         try:
-            return await trio.to_thread.run_sync(build)
+            return await trio.to_thread.run_sync(work)
         except BadResponse as error:
             self._transport.stats["bad_responses"] += 1
             error.pid = pid
             log.warning("%s", error)
             raise
+
+    def _hint_hidden_files(self, pid: str, raw: Any, blocks: list[Any] | None) -> None:
+        """Say once per PID why a dataset that counts files shows none.
+
+        v4 filters origdatablocks by their own ownerGroup/accessGroups/isPublished,
+        which need not match the dataset's: a published dataset can come with
+        no visible blocks at all.
+        """
+        expected = parse_size(raw.get("numberOfFiles")) if isinstance(raw, dict) else None
+        if not expected:
+            return
+        if blocks is None:
+            blocks = raw.get("origdatablocks") or []
+        if any(isinstance(b, dict) and b.get("dataFileList") for b in blocks) or pid in self._hidden_hinted:
+            return
+        self._hidden_hinted.add(pid)
+        log.warning(
+            "dataset %r counts %d files but the catalog shows none of them to the credentials in use "
+            "(%s): SciCat hides origdatablocks by their own access fields; log in, or ask the "
+            "dataset's owner to share or publish its origdatablocks",
+            pid, expected, self._settings.credentials.source,
+        )
 
     def _pids(self, reply: Reply) -> tuple[str, ...]:
         rows = self._json(reply, "the dataset list")
@@ -399,7 +467,14 @@ def _cleartext(url: str) -> bool:
     return parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1")
 
 
-def _regex_escape(text: str) -> str:
-    """Escape only regex metacharacters: the result means the same to PCRE, JavaScript and Python."""
-    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+def _prefix_pattern(prefix: str) -> str:
+    """A regex matching strings that start with ``prefix``, safe to send to v3 and v4.
+
+    v3 turns every filter string that JavaScript's ``new Date()`` parses into a
+    Date before MongoDB sees it, and ``"^noprefix\\-1/"`` parses; a Date as
+    ``$regex`` is a 400 (and a bare PID string would silently match nothing).
+    V8's date parser skips parenthesised text and rejects a ``)`` or a word
+    after a number, so ``^(?:…)`` with escaped metacharacters never parses.
+    """
+    return "^(?:" + "".join("\\" + c if c in _REGEX_SPECIAL else c for c in prefix) + ")"
 
