@@ -1,4 +1,5 @@
-"""The ``scicatfs`` command: mount, unmount, demo.
+"""The ``scicatfs`` command: mount, unmount, demo (and prefetch, cache, status from
+:mod:`scicatfs.commands`).
 
 Also accepts the form libfuse's ``mount.fuse3`` uses for ``mount -t
 fuse.scicatfs`` and fstab (``scicatfs SOURCE MOUNTPOINT -o key=value,...``),
@@ -14,15 +15,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from scicatfs import __version__
+from scicatfs.commands import register_all
 from scicatfs.config import LOG_LEVELS, ConfigError, helper_argv_to_cli, mount_options, split_fuse_o
 
 __all__ = ["main"]
 
-COMMANDS = ("mount", "unmount", "demo")
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -30,7 +31,8 @@ def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
     parser.add_argument(name, action="store_const", const=True, default=None, help=help)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
+    """The parser, and the names of its commands."""
     parser = argparse.ArgumentParser(
         prog="scicatfs",
         description="Mount a SciCat data catalog as a read-only filesystem; "
@@ -83,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", type=Path,
                       help="an empty directory (default: a temporary one)")
     demo.add_argument("--log-level", choices=LOG_LEVELS, default="warning", help="log verbosity (default warning)")
-    return parser
+
+    register_all(commands)  # prefetch, cache ..., status: each sets its own handler (args.func)
+    return parser, commands.choices
 
 
 def _setup_logging(level: str, quiet: bool = False) -> None:
@@ -136,13 +140,17 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.mountpoint, args.log_level)
 
 
+_HANDLERS = {"mount": _mount, "unmount": _unmount, "demo": _demo}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = _parser()
     try:
-        if arguments and arguments[0] not in COMMANDS and not arguments[0].startswith("-"):
-            arguments = helper_argv_to_cli(arguments)
-        args = _parser().parse_args(arguments)
-        handler = {"mount": _mount, "unmount": _unmount, "demo": _demo}[args.command]
+        if arguments and arguments[0] not in commands and not arguments[0].startswith("-"):
+            arguments = helper_argv_to_cli(arguments)  # scicatfs SOURCE MOUNTPOINT -o ...
+        args = parser.parse_args(arguments)
+        handler = _HANDLERS.get(args.command, getattr(args, "func", None))
         return handler(args)
     except ConfigError as error:
         print(f"scicatfs: {error}", file=sys.stderr)

@@ -19,11 +19,13 @@ Order of events, and why:
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import logging.handlers
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -43,6 +45,7 @@ from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
+from scicatfs.status import collect_status
 from scicatfs.transfer.sftp import SFTPSettings, Transfer
 
 __all__ = ["MountError", "fuse_options", "run", "serve"]
@@ -135,12 +138,22 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
             raise MountError(str(error)) from None
         with store:
             async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
+                started = time.time()
+
+                def status() -> bytes:
+                    document = collect_status(
+                        catalog=catalog, transfer=transfer, fetcher=fetcher,
+                        mountpoint=options.mountpoint, started=started,
+                    )
+                    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
                 namespace = Namespace(
                     catalog,
                     fetcher.cached_bytes,
                     use_source_folder_host=options.sftp_host is None,
                     record_ttl=options.record_ttl,
                     listing_ttl=options.listing_ttl,
+                    status=status,
                 )
                 fs_options = FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl)
                 operations = ScicatOperations(namespace, fetcher, fs_options)

@@ -71,7 +71,7 @@ def test_root_listing_spans_catalog_pages(make_mount) -> None:  # type: ignore[n
         catalog.add_dataset(_record(f"{MANY_PREFIX}/{name}", f"/h5test/many/{name}"), [])
     mount = make_mount(catalog)
     assert sorted(os.listdir(mount.path / MANY_PREFIX)) == expected
-    assert sorted(os.listdir(mount.path)) == ["20.500.12269", MANY_PREFIX, "thaumometer-frames-0042"]
+    assert sorted(os.listdir(mount.path)) == [".scicat", "20.500.12269", MANY_PREFIX, "thaumometer-frames-0042"]
 
 
 def test_changed_file_gets_new_inode_and_new_bytes(make_mount, make_catalog_server) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ import mmap
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Callable
@@ -65,6 +66,8 @@ def catalog_files(mount: Mount, pids: list[str] = VISIBLE) -> dict[str, bytes]:
 
 def is_generated(relative: str) -> bool:
     """metadata.json / .scicat/ that scicatfs adds (not data files)."""
+    if relative.startswith(".scicat/"):
+        return True
     for dataset in VISIBLE:
         if relative.startswith(dataset + "/"):
             inner = relative[len(dataset) + 1:]
@@ -73,7 +76,7 @@ def is_generated(relative: str) -> bool:
 
 
 def test_root_and_prefix_listings(mounted: Mount) -> None:
-    assert sorted(os.listdir(mounted.path)) == ["20.500.12269", FRAMES]
+    assert sorted(os.listdir(mounted.path)) == [".scicat", "20.500.12269", FRAMES]
     assert sorted(os.listdir(mounted.path / "20.500.12269")) == sorted(
         [
             "0b9a6b7e-3c61-4d8e-9f0e-5a1d2c3b4e5f",
@@ -287,6 +290,17 @@ def test_unknown_top_level_name_costs_at_most_two_small_requests(mounted: Mount)
     assert len(mounted.server.requests) <= 2, mounted.server.requests
 
 
+def test_status_json_at_the_root(mounted: Mount) -> None:
+    assert os.listdir(mounted.path / ".scicat") == ["status.json"]
+    (mounted.dataset(THAUM) / "flux.dat").read_bytes()
+    status = json.loads((mounted.path / ".scicat" / "status.json").read_text())
+    assert status["mountpoint"] == str(mounted.path) and status["process"] == mounted.process.pid
+    assert status["catalog"]["url"].startswith(mounted.server.url)
+    result = subprocess.run([sys.executable, "-m", "scicatfs", "status", str(mounted.path)],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0 and f"at {mounted.path}" in result.stdout, result.stderr
+
+
 def test_mount_table_and_statfs(mounted: Mount) -> None:
     line = next(l for l in Path("/proc/self/mounts").read_text().splitlines() if l.split()[1] == str(mounted.path))
     source, _, fstype, options = line.split()[:4]
@@ -300,7 +314,7 @@ def test_mount_table_and_statfs(mounted: Mount) -> None:
 
 def test_anonymous_mount_shows_published_data_only(make_mount) -> None:  # type: ignore[no-untyped-def]
     mount = make_mount(user=None)
-    assert os.listdir(mount.path) == ["20.500.12269"]
+    assert sorted(os.listdir(mount.path)) == [".scicat", "20.500.12269"]
     assert os.listdir(mount.path / "20.500.12269") == [PUBLIC.split("/")[1]]
     assert (mount.dataset(PUBLIC) / "census.csv").read_bytes() == mount.catalog.content(PUBLIC, "census.csv")
     with pytest.raises(FileNotFoundError):  # anonymous callers cannot tell "private" from "missing"

@@ -3,6 +3,7 @@
 Layout::
 
     /                                   PID level "" (datasets and PID prefixes)
+    /.scicat/status.json                the mount's counters (for ``scicatfs status``)
     /20.500.12269/                      PID level "20.500.12269/"
     /20.500.12269/72fe.../              a dataset
         metadata.json                   the catalog record (unless a data file has that name)
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 CONTROL_DIR = ".scicat"
 METADATA = "metadata.json"
 FILES = "files.json"
+STATUS = "status.json"
+#: The PID of the mount's own ``/.scicat`` (no dataset has an empty PID).
+MOUNT = ""
 #: After the catalog failed to answer for a name, its last known meaning is served
 #: for this many seconds without asking again: each attempt costs the client's
 #: retries, and `ls -l` would pay them once per file.
@@ -87,19 +91,20 @@ class DatasetDir:
 
 @dataclass(frozen=True, slots=True)
 class ControlDir:
-    """``<dataset>/.scicat``."""
+    """``<dataset>/.scicat``, or the mount's own ``/.scicat`` when ``pid`` is :data:`MOUNT`."""
 
     pid: str
 
 
 @dataclass(frozen=True, slots=True)
 class RecordFile:
-    """A generated file: ``metadata.json`` (either place) or ``.scicat/files.json``.
+    """A generated file: ``metadata.json`` (either place), ``.scicat/files.json``,
+    or the mount's ``/.scicat/status.json`` (``pid`` :data:`MOUNT`).
 
     ``version`` is a digest of metadata.json's bytes, so a changed record is a
     new node (and a new inode, whose page cache cannot hold the old text).
-    files.json changes whenever the cache fills; it has no version and is read
-    with direct I/O instead.
+    files.json and status.json change all the time; they have no version and
+    are read with direct I/O instead.
     """
 
     pid: str
@@ -108,7 +113,7 @@ class RecordFile:
 
     @property
     def live(self) -> bool:
-        return self.path.endswith(FILES)
+        return self.path.endswith((FILES, STATUS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +196,8 @@ class Namespace:
     ``st_blocks``, files.json and xattrs). ``sftp_host`` is None when the user
     named a file server (every file is then read from that default host);
     otherwise each dataset's ``sourceFolderHost`` is used.
+    ``status()`` renders ``/.scicat/status.json`` (the mount's counters; no
+    ``/.scicat`` when None).
     ``on_change(pid, names)`` is called when a dataset's record or file list
     changed since it was last seen, with the names that changed by directory
     (see ``_DatasetView.changes_since``), so the caller can drop them from the
@@ -205,6 +212,7 @@ class Namespace:
         use_source_folder_host: bool = False,
         record_ttl: float = 60.0,
         listing_ttl: float = 30.0,
+        status: Callable[[], bytes] | None = None,
         on_change: Callable[[str, dict[str, list[str]]], None] | None = None,
     ) -> None:
         self._catalog = catalog
@@ -212,6 +220,7 @@ class Namespace:
         self._use_source_folder_host = use_source_folder_host
         self.record_ttl = record_ttl
         self.listing_ttl = listing_ttl
+        self._status = status
         self.on_change = on_change
         self._started = time.time()
         self._views: LRUCache[str, _DatasetView] = LRUCache(maxsize=64)
@@ -230,7 +239,13 @@ class Namespace:
     async def lookup(self, parent: Node, name: str) -> Node:
         """The child ``name`` of ``parent``; :class:`NoEntry` if there is none."""
         if isinstance(parent, PidLevel):
+            if parent == ROOT and name == CONTROL_DIR and self._status is not None:
+                return ControlDir(MOUNT)
             return await self._lookup_pid(parent.prefix + name)
+        if parent == ControlDir(MOUNT):
+            if name == STATUS:
+                return RecordFile(MOUNT, f"{CONTROL_DIR}/{STATUS}")
+            raise NoEntry(name)
         if isinstance(parent, DatasetDir):
             view = await self._view(parent.pid)
             entries = view.dirs.get(parent.path)
@@ -313,6 +328,10 @@ class Namespace:
             return self._level_attributes()
         if isinstance(node, DataFileNode):
             return self._file_attributes(node.spec)
+        if node.pid == MOUNT:
+            if isinstance(node, RecordFile):
+                return Attributes(False, len(await self.content(node)), time.time(), 1, ttl=1.0)
+            return Attributes(True, 0, self._started, 2, self.listing_ttl)
         view = await self._view(node.pid)
         created = view.dataset.creation_time
         if isinstance(node, DatasetDir):
@@ -345,6 +364,8 @@ class Namespace:
         """
         if isinstance(node, PidLevel):
             return lambda: self._pid_entries(node.prefix)
+        if node == ControlDir(MOUNT):
+            return lambda: _replay(iter([self._status_entry()]))
         if isinstance(node, (DatasetDir, ControlDir)):
             view = await self._view(node.pid)
             if isinstance(node, ControlDir):
@@ -378,17 +399,28 @@ class Namespace:
         files = RecordFile(pid, f"{CONTROL_DIR}/{FILES}")
         yield FILES, files, Attributes(False, len(self._files_json(view)), time.time(), 1, 1.0)
 
+    def _status_entry(self) -> Entry:
+        status = RecordFile(MOUNT, f"{CONTROL_DIR}/{STATUS}")
+        assert self._status is not None
+        return STATUS, status, Attributes(False, len(self._status()), time.time(), 1, ttl=1.0)
+
     async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
         """Next PID components below ``prefix``, from the catalog's PID-ordered stream.
 
         In PID order every PID that starts with a name follows it without a
         gap, so remembering the names that are prefixes of the current PID is
-        enough to list each name once while holding almost nothing.
+        enough to list each name once while holding almost nothing. The root
+        starts with the mount's own ``.scicat``.
         """
+        if prefix == "" and self._status is not None:
+            yield CONTROL_DIR, ControlDir(MOUNT), Attributes(True, 0, self._started, 2, self.listing_ttl)
         open_names: list[str] = []
         async for pid in self._catalog.iter_pids(prefix):
             rest = pid[len(prefix):]
             name, slash, _ = rest.partition("/")
+            if prefix == "" and name == CONTROL_DIR and self._status is not None:
+                self._report_once(pid, f"PID {pid!r} is hidden by the mount's reserved /{CONTROL_DIR}/")
+                continue
             if not _valid_component(name):
                 self._report_once(pid, f"PID {pid!r} cannot be shown: {name!r} is not a usable file name")
                 continue
@@ -419,6 +451,9 @@ class Namespace:
 
     async def content(self, node: RecordFile) -> bytes:
         """The bytes of a generated file."""
+        if node.pid == MOUNT:
+            assert self._status is not None
+            return self._status()
         view = await self._view(node.pid)
         return self._files_json(view) if node.live else self._record_bytes(view, node)
 
@@ -461,7 +496,7 @@ class Namespace:
             folder = view.dataset.source_folder.rstrip("/") or "/"
             remote = f"{folder}/{node.path}" if node.path else folder
             values = {"user.scicat.pid": node.pid, "user.scicat.remote_path": remote}
-        elif isinstance(node, (ControlDir, RecordFile)):
+        elif isinstance(node, (ControlDir, RecordFile)) and node.pid != MOUNT:
             values = {"user.scicat.pid": node.pid}
         else:
             values = {}
