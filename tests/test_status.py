@@ -160,9 +160,6 @@ def test_status_of_something_else(tmp_path: Path) -> None:
     assert result.returncode == 1 and result.stderr == f"scicatfs: {tmp_path} is not a scicatfs mount\n"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the fs does not serve .scicat/status.json at the root yet (see scicatfs/status.py)"
-)
 def test_status_of_a_running_mount(make_mount: Callable[..., Mount]) -> None:
     mount = make_mount()
     (mount.dataset(FLUX) / "flux.dat").read_bytes()
