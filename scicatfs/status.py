@@ -32,7 +32,7 @@ __all__ = ["ERROR_COUNTERS", "collect_status", "iso_time"]
 ERROR_COUNTERS = {
     "catalog": ("timeouts", "connection_errors", "server_errors", "unavailable", "auth_errors", "bad_responses"),
     "transfer": ("errors", "reconnects"),
-    "cache": ("chunks_uncached",),
+    "cache": ("fetch_errors", "integrity_errors", "chunks_uncached"),
 }
 
 
@@ -64,6 +64,7 @@ def collect_status(
             "directory": str(store.directory),
             "used_bytes": store.usage(),
             "budget_bytes": store.budget,
+            "chunks_in_flight": fetcher.chunks_in_flight,
             **fetcher.stats,
         },
     }

@@ -112,7 +112,14 @@ class Fetcher:
         self._cannot_cache = False  # the last chunk write failed (disk full?)
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = trio.open_nursery()
-        self.stats = {"chunks_fetched": 0, "chunks_uncached": 0, "reads_from_cache": 0}
+        # reads_from_cache / reads_fetched: cache hits and misses (a miss waits
+        # for the network); fetch_errors: chunk fetches that failed, whatever
+        # the cause; integrity_errors: size or checksum mismatches.
+        self.stats = dict.fromkeys(
+            ("chunks_fetched", "chunks_uncached", "reads_from_cache", "reads_fetched",
+             "fetch_errors", "integrity_errors"),
+            0,
+        )  # fmt: skip
 
     async def __aenter__(self) -> Fetcher:
         self._nursery = await self._nursery_manager.__aenter__()
@@ -147,6 +154,11 @@ class Fetcher:
     def cached_bytes(self, spec: FileSpec) -> int:
         return self.store.cached_bytes(spec)
 
+    @property
+    def chunks_in_flight(self) -> int:
+        """Chunks being fetched right now (demand and read-ahead), for status."""
+        return len(self._flights)
+
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
         blob = handle.blob
@@ -165,10 +177,12 @@ class Fetcher:
         self._read_ahead(handle, offset, end, last)
         if not flights:
             self.stats["reads_from_cache"] += 1
-        elif cold and first == last and end - offset <= DIRECT_READ_MAX:
-            data = await self._race_direct_read(handle, flights[first], offset, end)
-            if data is not None:
-                return await self._checked(handle, end, data)
+        else:
+            self.stats["reads_fetched"] += 1
+            if cold and first == last and end - offset <= DIRECT_READ_MAX:
+                data = await self._race_direct_read(handle, flights[first], offset, end)
+                if data is not None:
+                    return await self._checked(handle, end, data)
         await self._wait(handle, flights)
         parts = []
         for index in range(first, last + 1):
@@ -291,6 +305,7 @@ class Fetcher:
             await self._fetch_chunk(flight, spec, blob, index)
         except Exception as error:
             flight.error = error
+            self.stats["fetch_errors"] += 1
         except trio.Cancelled:
             if not flight.ready.is_set():
                 flight.error = CacheError("fetch cancelled: scicatfs is shutting down")
@@ -362,6 +377,7 @@ class Fetcher:
                 f"{spec.pid} {spec.path}: catalog says {spec.size} bytes,"
                 f" server has {actual} ({spec.remote_path})"
             )
+            self.stats["integrity_errors"] += 1
             log.error("%s", blob.error)
             raise blob.error
         return data
@@ -429,6 +445,7 @@ class Fetcher:
         try:
             await trio.to_thread.run_sync(self.store.complete, blob, handle.spec)
         except IntegrityError as error:
+            self.stats["integrity_errors"] += 1
             log.error("%s", error)
         except (CacheError, OSError) as error:  # stays incomplete; the next open retries
             log.warning("could not verify %s %s: %s", handle.spec.pid, handle.spec.path, error)
