@@ -184,9 +184,8 @@ def test_v3_without_include_counts_then_pages_past_the_block_cap(blocks, paging)
 def test_anonymous_v3_without_include_keeps_the_first_100_blocks_and_says_so(caplog):
     catalog = small_catalog()
     catalog.add_dataset(record("pub/many", isPublished=True), files(120), blocks=120)
-    with V3WithoutIncludeServer(catalog) as server:
-        with caplog.at_level(logging.WARNING, logger="scicatfs.catalog"):
-            dataset = run(server, lambda client: client.get_dataset("pub/many"), credentials=Credentials())
+    with V3WithoutIncludeServer(catalog) as server, caplog.at_level(logging.WARNING, logger="scicatfs.catalog"):
+        dataset = run(server, lambda client: client.get_dataset("pub/many"), credentials=Credentials())
     assert len(dataset.files) == 100
     assert "'pub/many' has 120 origdatablocks" in caplog.text and "log in" in caplog.text
     assert "/api/v3/origdatablocks" not in data_paths(server)

@@ -21,8 +21,8 @@ from typing import Any
 
 from scicatfs.demo.jsdate import parse_js_date
 
-__all__ = ["FilterError", "JsDate", "parse_filter", "reject_unknown_keys", "v3_dates", "matches",
-           "project", "sort_v4", "sort_v3", "limits"]
+__all__ = ["FilterError", "JsDate", "limits", "matches", "parse_filter", "project",
+           "reject_unknown_keys", "sort_v3", "sort_v4", "v3_dates"]
 
 
 class FilterError(ValueError):

@@ -24,14 +24,15 @@ The approximation, after V8's documented behaviour (ES5 ISO first, then its
   year is 2001; a month name takes the month's place.
 
 Times without a zone are taken as UTC (the server's zone in a container).
-Not modelled: V8's mix of a partial ES5 parse with the legacy rules, and
-dates outside the ±275,760-year range being rejected by the ES5 branch only.
+Not modelled: V8 continues a half-read ES5 string with the legacy rules
+(``"2024-01-01T10:00+0100"``); here such a string gets the legacy rules alone.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
 __all__ = ["parse_js_date"]
 
 _ES5 = re.compile(
