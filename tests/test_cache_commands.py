@@ -17,7 +17,7 @@ import pytest
 
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
-from scicatfs.commands import main
+from scicatfs.cli import main
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from tests.support.mounts import DEMO_USER
@@ -122,7 +122,7 @@ def test_prune_keeps_blobs_open_elsewhere(
     with BlobStore(cache, 1 << 30) as store:
         blob = store.open_blob(big_frame_spec(demo_catalog))
         result = subprocess.run(
-            [sys.executable, "-m", "scicatfs.commands", "cache", "prune", "--to", "0", "--cache-dir", str(cache)],
+            [sys.executable, "-m", "scicatfs", "cache", "prune", "--to", "0", "--cache-dir", str(cache)],
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         store.release_blob(blob)

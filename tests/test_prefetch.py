@@ -75,7 +75,7 @@ class Prefetch:
     def argv(self, *args: str) -> list[str]:
         s = self.sshd
         return [
-            sys.executable, "-m", "scicatfs.commands", "prefetch", *args,
+            sys.executable, "-m", "scicatfs", "prefetch", *args,
             "--url", self.server.url, "--username", DEMO_USER, "--password-file", str(self.password),
             "--sftp-host", s.host, "--sftp-port", str(s.port), "--sftp-user", s.username,
             "--identity-file", str(s.client_key), "--known-hosts", str(s.known_hosts),
@@ -206,7 +206,7 @@ def test_prefetch_while_mounted_shares_the_cache(
 
 def test_prefetch_through_a_mount(catalog: Catalog, make_mount: Callable[..., Mount], tmp_path: Path) -> None:
     mount = make_mount(catalog, cache_dir=tmp_path / "cache")
-    argv = [sys.executable, "-m", "scicatfs.commands", "prefetch", "--mount", str(mount.path), BIG, "raw/*"]
+    argv = [sys.executable, "-m", "scicatfs", "prefetch", "--mount", str(mount.path), BIG, "raw/*"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stderr + mount.log_text()
     assert "5/5 files" in result.stderr
@@ -232,7 +232,7 @@ def test_clear_errors(prefetch: Prefetch, tmp_path: Path) -> None:
     assert "no/such-dataset" in unknown.stderr
 
     not_mounted = subprocess.run(
-        [sys.executable, "-m", "scicatfs.commands", "prefetch", "--mount", str(tmp_path), BIG],
+        [sys.executable, "-m", "scicatfs", "prefetch", "--mount", str(tmp_path), BIG],
         capture_output=True, text=True, timeout=RUN_TIMEOUT,
     )  # fmt: skip
     assert not_mounted.returncode == 1 and "is not a scicatfs mount" in not_mounted.stderr
@@ -243,7 +243,7 @@ def test_clear_errors(prefetch: Prefetch, tmp_path: Path) -> None:
     assert small.returncode == 1 and "cache budget is 10.0 MiB" in small.stderr
 
     no_url = subprocess.run(
-        [sys.executable, "-m", "scicatfs.commands", "prefetch", BIG], capture_output=True, text=True, timeout=RUN_TIMEOUT
+        [sys.executable, "-m", "scicatfs", "prefetch", BIG], capture_output=True, text=True, timeout=RUN_TIMEOUT
     )
     assert no_url.returncode == 2 and "--url" in no_url.stderr
 

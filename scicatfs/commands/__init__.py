@@ -7,13 +7,11 @@ front end wires them all with :func:`register_all` and calls ``args.func``.
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
 from typing import Any
 
 from scicatfs.commands import cache, prefetch, status
 
-__all__ = ["main", "register_all"]
+__all__ = ["register_all"]
 
 
 def register_all(subparsers: Any) -> None:
@@ -21,10 +19,3 @@ def register_all(subparsers: Any) -> None:
     for module in (prefetch, cache, status):
         module.register(subparsers)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one of these commands on its own (``python -m scicatfs.commands ...``)."""
-    parser = argparse.ArgumentParser(prog="scicatfs")
-    register_all(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    return args.func(args)
