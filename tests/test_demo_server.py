@@ -257,6 +257,7 @@ def test_routes_are_case_insensitive_pids_are_not(http, auth):
 
 def test_unknown_route_is_nest_404(http):
     nest(http.get("/api/v3/nothing"), 404, "Cannot GET /api/v3/nothing")
+    nest(http.get("/api/v3/nothing?filter=%7B%7D"), 404, "Cannot GET /api/v3/nothing?filter=%7B%7D")
     nest(http.delete(f"/api/v3/datasets/{seg(THAUM)}"), 404, f"Cannot DELETE /api/v3/datasets/{seg(THAUM)}")
 
 

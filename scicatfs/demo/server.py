@@ -234,7 +234,8 @@ class CatalogServer:
             segments.pop()
         found = _match(method, segments)
         if found is None:
-            return nest_error(404, f"Cannot {method} {parts.path}")
+            query = f"?{parts.query}" if parts.query else ""
+            return nest_error(404, f"Cannot {method} {parts.path}{query}")
         route, raw_pid = found
         if route.data and self._should_fail():
             return nest_error(503, "Service Unavailable")
