@@ -99,7 +99,7 @@ def prefetch(server: CatalogServer, sshd: OpenSSHServer, catalog: Catalog, tmp_p
 
 
 def transferred(stderr: str) -> int:
-    match = re.search(r"\((\d+) bytes\) transferred", stderr)
+    match = re.search(r"\((\d+) bytes\) transferred", stderr)  # by us, or by the mount
     assert match, stderr
     return int(match.group(1))
 
@@ -210,13 +210,16 @@ def test_prefetch_through_a_mount(catalog: Catalog, make_mount: Callable[..., Mo
     result = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode == 0, result.stderr + mount.log_text()
     assert "5/5 files" in result.stderr
+    moved = transferred(result.stderr)
+    wanted = sum(size for path, size in FILES.items() if path.startswith("raw/"))
+    assert wanted <= moved <= wanted + 4 * MiB  # + at most one racing direct read per file
     state = cached(mount.cache_dir)
     assert {path for path, (size, _) in state.items() if size == FILES[path]} == {p for p in FILES if p.startswith("raw/")}
 
     again = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert again.returncode == 0
     assert "5/5 files" not in again.stderr  # nothing read: every file was complete
-    assert "5 files (30.0 MiB) cached" in again.stderr
+    assert "5 files (30.0 MiB) cached, 0 B (0 bytes) transferred by the mount meanwhile" in again.stderr
 
     with_url = subprocess.run([*argv, "--url", "http://x"], capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert with_url.returncode == 1 and "do not combine" in with_url.stderr

@@ -52,6 +52,7 @@ from scicatfs.commands.common import (
     read_from_mount,
     setup_logging,
 )
+from scicatfs.commands.status import read_status
 from scicatfs.config import ConfigError, MountOptions, mount_options
 from scicatfs.mount import (  # built exactly as the mount builds them
     _catalog_settings,
@@ -197,8 +198,16 @@ async def _through_mount(args: argparse.Namespace) -> int:
     async def fetch(item: Item, add: Callable[[int], None]) -> None:
         await _read_through(dataset / item.path, item, add)
 
+    before = await _mount_bytes_read(mountpoint)
     failures = await _fetch_all(items, fetch, args.jobs)
-    return _report(items, failures, fetched=None)
+    moved = await _mount_bytes_read(mountpoint) - before
+    return _report(items, failures, f"{_bytes(moved)} transferred by the mount meanwhile")
+
+
+async def _mount_bytes_read(mountpoint: Path) -> int:
+    """Every byte the mount fetched so far (for all its readers, not only us)."""
+    status = await trio.to_thread.run_sync(read_status, mountpoint)
+    return int(status["transfer"]["bytes_read"])
 
 
 async def _read_through(path: Path, item: Item, add: Callable[[int], None]) -> None:
@@ -268,7 +277,7 @@ async def _standalone(args: argparse.Namespace) -> int:
                 progress(item.size, item.size)
 
             failures = await _fetch_all(items, fetch, args.jobs)
-            return _report(items, failures, fetched=transfer.stats["bytes_read"])
+            return _report(items, failures, f"{_bytes(transfer.stats['bytes_read'])} transferred")
 
 
 # -- common ----------------------------------------------------------------------------
@@ -307,12 +316,16 @@ async def _fetch_all(items: Sequence[Item], fetch: FetchOne, jobs: int) -> list[
     return failures
 
 
-def _report(items: Sequence[Item], failures: list[tuple[str, str]], fetched: int | None) -> int:
-    total = sum(item.size for item in items)
-    moved = "" if fetched is None else f", {human_size(fetched)} ({fetched} bytes) transferred"
+def _bytes(count: int) -> str:
+    return f"{human_size(count)} ({count} bytes)"
+
+
+def _report(items: Sequence[Item], failures: list[tuple[str, str]], transferred: str) -> int:
+    """The last line: what is cached, or how many files failed, and what moved over the network."""
     if failures:
-        print(f"scicatfs: {len(failures)} of {len(items)} files could not be cached{moved}", file=sys.stderr)
+        print(f"scicatfs: {len(failures)} of {len(items)} files could not be cached, {transferred}", file=sys.stderr)
         return 1
     files = "1 file" if len(items) == 1 else f"{len(items)} files"
-    print(f"scicatfs: {files} ({human_size(total)}) cached{moved}", file=sys.stderr)
+    total = sum(item.size for item in items)
+    print(f"scicatfs: {files} ({human_size(total)}) cached, {transferred}", file=sys.stderr)
     return 0
