@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from scicatfs.cache.store import BlobStore
+from scicatfs.cache.store import BlobStore, FileSpec
+from scicatfs.catalog.models import Checksum
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.progress import Progress, human_duration, human_size
@@ -337,3 +338,19 @@ def test_file_server_down(prefetch: Prefetch) -> None:
     assert "scicatfs: 2 of 2 files could not be cached, 0 B (0 bytes) transferred" in result.stderr
     assert "Traceback" not in result.stderr
     assert cached(prefetch.cache) == {"notes.txt": (0, False), "raw/scan_00.dat": (0, False)}
+
+
+def test_unverified_complete_file_is_verified_not_refetched(prefetch: Prefetch, catalog: Catalog) -> None:
+    """All chunks on disk but no verification yet (a kill -9 in between): hash, do not fetch."""
+    entry = next(f for f in catalog.files(BIG) if f["path"] == "notes.txt")
+    spec = FileSpec(BIG, "notes.txt", None, "/prefetch/big/notes.txt", 100, 0.0, Checksum("md5", entry["chk"]))
+    with BlobStore(prefetch.cache, 1 << 30) as store:
+        blob = store.open_blob(spec)
+        store.write_chunk(blob, 0, catalog.content(BIG, "notes.txt"))
+        store.release_blob(blob)
+    assert cached(prefetch.cache) == {"notes.txt": (100, False)}
+
+    result = prefetch.run(BIG, "notes.txt")
+    assert result.returncode == 0, result.stderr
+    assert transferred(result.stderr) == 0
+    assert cached(prefetch.cache) == {"notes.txt": (100, True)}

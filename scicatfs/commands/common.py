@@ -65,7 +65,9 @@ def add_cache_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--profile", help="named profile from the config file (options given here override it)")
     group.add_argument("--config", type=Path, help="config file (default: ~/.config/scicatfs/config.toml)")
-    group.add_argument("--cache-dir", type=Path, help="cache directory (default: the profile's, else ~/.cache/scicatfs)")
+    group.add_argument(
+        "--cache-dir", type=Path, help="cache directory (default: the profile's, else ~/.cache/scicatfs)"
+    )
     group.add_argument(
         "--cache-size", help="cache budget, e.g. 20G (default: the profile's, else min(10G, 10%% of its filesystem))"
     )

@@ -42,7 +42,7 @@ import trio
 
 from scicatfs.cache.errors import CacheError
 from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.store import BlobStore, FileSpec, default_budget
+from scicatfs.cache.store import BlobStore, FileSpec, blob_key, default_budget
 from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.errors import CatalogError
 from scicatfs.commands.common import (
@@ -75,15 +75,13 @@ FETCH_ERRORS = (CacheError, CatalogError, TransferError, OSError)
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """One dataset file to prefetch: its path in the dataset, size, and bytes cached so far."""
+    """One dataset file to prefetch: its path in the dataset, size, bytes cached so far,
+    and whether it needs nothing more (all there and, with a checksum, verified)."""
 
     path: str
     size: int
     cached: int
-
-    @property
-    def complete(self) -> bool:
-        return self.cached >= self.size
+    complete: bool
 
 
 FetchOne = Callable[[Item, Callable[[int], None]], Awaitable[None]]
@@ -192,7 +190,9 @@ async def _through_mount(args: argparse.Namespace) -> int:
         read_from_mount, mountpoint, f"{args.pid}/.scicat/files.json", f"no dataset {args.pid!r} in {mountpoint}"
     )
     files = json.loads(listing)["files"]
-    items = select([Item(f["path"], f["size"], f["cached"]) for f in files], args.globs)
+    # The mount verifies a file once all its chunks are there: that is as
+    # complete as files.json can tell.
+    items = select([Item(f["path"], f["size"], f["cached"], f["cached"] >= f["size"]) for f in files], args.globs)
     dataset = mountpoint / args.pid
 
     async def fetch(item: Item, add: Callable[[int], None]) -> None:
@@ -255,7 +255,15 @@ async def _standalone(args: argparse.Namespace) -> int:
     except CacheError as error:
         raise CommandError(str(error)) from None
     with store:
-        items = select([Item(path, spec.size, store.cached_bytes(spec)) for path, spec in specs.items()], args.globs)
+        verified = {(e.pid, e.path, e.key) for e in store.entries() if e.pid == dataset.pid and e.complete}
+        items = select(
+            [
+                Item(path, spec.size, store.cached_bytes(spec),
+                     spec.size == 0 or (spec.pid, path, blob_key(spec)) in verified)
+                for path, spec in specs.items()
+            ],
+            args.globs,
+        )  # fmt: skip
         wanted = sum(item.size for item in items)
         if wanted > budget:
             raise CommandError(
