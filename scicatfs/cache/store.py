@@ -584,9 +584,9 @@ def _make_private_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError as error:
-        raise CacheError(f"{path} exists and is not a directory") from error
+        raise CacheError(f"cannot use cache directory {path}: it exists and is not a directory") from error
     if not path.is_dir():
-        raise CacheError(f"{path} exists and is not a directory")
+        raise CacheError(f"cannot use cache directory {path}: it exists and is not a directory")
     os.chmod(path, 0o700)
 
 
