@@ -63,6 +63,8 @@ def resolve_remote_path(source_folder: str, path: str) -> str | None:
     """
     if not path or "\0" in path or "\0" in source_folder:
         return None
+    if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in path.split("/")):
+        return None  # no filesystem can hold such a name
     folder = posixpath.normpath("/" + source_folder.lstrip("/"))
     joined = posixpath.normpath(posixpath.join(folder, path))
     if joined == folder or not joined.startswith(folder.rstrip("/") + "/"):
