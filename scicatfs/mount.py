@@ -138,27 +138,32 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
             raise MountError(str(error)) from None
         with store:
             async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
-                started = time.time()
+                await _mount_and_serve(_filesystem(options, catalog, transfer, fetcher), options, ready)
 
-                def status() -> bytes:
-                    document = collect_status(
-                        catalog=catalog, transfer=transfer, fetcher=fetcher,
-                        mountpoint=options.mountpoint, started=started,
-                    )
-                    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
-                namespace = Namespace(
-                    catalog,
-                    fetcher.cached_bytes,
-                    use_source_folder_host=options.sftp_host is None,
-                    record_ttl=options.record_ttl,
-                    listing_ttl=options.listing_ttl,
-                    status=status,
-                )
-                fs_options = FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl)
-                operations = ScicatOperations(namespace, fetcher, fs_options)
-                namespace.on_change = operations.forget_dataset
-                await _mount_and_serve(operations, options, ready)
+def _filesystem(
+    options: MountOptions, catalog: CatalogClient, transfer: Transfer, fetcher: Fetcher
+) -> ScicatOperations:
+    """The filesystem over the connected layers; ``/.scicat/status.json`` shows their counters."""
+    started = time.time()
+
+    def status() -> bytes:
+        document = collect_status(
+            catalog=catalog, transfer=transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
+        )
+        return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+    namespace = Namespace(
+        catalog,
+        fetcher.cached_bytes,
+        use_source_folder_host=options.sftp_host is None,
+        record_ttl=options.record_ttl,
+        listing_ttl=options.listing_ttl,
+        status=status,
+    )
+    operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
+    namespace.on_change = operations.forget_dataset
+    return operations
 
 
 async def _mount_and_serve(operations: ScicatOperations, options: MountOptions, ready: Callable[[], None]) -> None:
