@@ -144,17 +144,24 @@ def _stale_message(path: Path) -> str:
 
 
 def check_fuse() -> None:
-    """Refuse early when FUSE cannot work here at all (no /dev/fuse, no fusermount3)."""
-    try:
-        fd = os.open("/dev/fuse", os.O_RDWR)
-    except OSError as error:
+    """Refuse early when FUSE cannot work here at all.
+
+    Root opens /dev/fuse itself; everyone else mounts through the setuid
+    ``fusermount3``, which opens it for them (so /dev/fuse may be 0600).
+    """
+    if not os.path.exists("/dev/fuse"):
         raise MountpointError(
-            f"FUSE is not available: cannot open /dev/fuse ({error.strerror}); install fuse3, "
-            "load the fuse kernel module, or in a container pass --device /dev/fuse"
-        ) from None
-    os.close(fd)
-    if os.getuid() != 0 and shutil.which("fusermount3") is None:
-        raise MountpointError("FUSE is not usable: fusermount3 is not installed (Debian/Ubuntu: apt install fuse3)")
+            "FUSE is not available: /dev/fuse does not exist; install fuse3 and load the fuse kernel "
+            "module, or in a container pass --device /dev/fuse"
+        )
+    if os.getuid() != 0:
+        if shutil.which("fusermount3") is None:
+            raise MountpointError("FUSE is not usable: fusermount3 is not installed (Debian/Ubuntu: apt install fuse3)")
+        return
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as error:
+        raise MountpointError(f"FUSE is not available: cannot open /dev/fuse ({error.strerror})") from None
 
 
 def unmount(path: Path) -> None:
