@@ -227,3 +227,14 @@ def test_demo_command(tmp_path: Path, demo_catalog: Catalog) -> None:
     finally:
         unmount_quietly(mountpoint)
         stop_process(process)
+
+
+def test_unmount_of_a_busy_mount_says_so(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mount: Mount = make_mount()
+    with open(mount.dataset(THAUM) / "flux.dat", "rb"):
+        result = scicatfs("unmount", mount.path)
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"scicatfs: cannot unmount {mount.path}") and "busy" in result.stderr
+        assert find_mount(mount.path) is not None
+    assert scicatfs("unmount", mount.path).returncode == 0
+    assert mount.process.wait(timeout=15) == 0
