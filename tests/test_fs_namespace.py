@@ -271,3 +271,10 @@ def test_errors_map_to_errno_and_are_logged_once(error: Exception, code: int, ca
         assert failures == []  # an everyday answer, not a failure
     else:
         assert len(failures) == 1 and "'some/pid'" in failures[0].getMessage() and "'a/file'" in failures[0].getMessage()
+
+
+def test_a_repeated_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    for _ in range(3):  # as when the kernel retries a read and reads ahead
+        with pytest.raises(pyfuse3.FUSEError), fuse_errors("read", "repeat/pid", "same/file"):
+            raise TransferTimeout("no answer within 30 s", host="h", path="/p")
+    assert len([r for r in caplog.records if "repeat/pid" in r.getMessage()]) == 1

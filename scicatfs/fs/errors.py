@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pyfuse3
+from cachetools import TTLCache
 
 from scicatfs.cache.errors import CacheError
 from scicatfs.catalog.errors import (
@@ -28,6 +29,9 @@ from scicatfs.transfer.errors import TransferError
 __all__ = ["NoEntry", "fuse_errors", "to_errno"]
 
 log = logging.getLogger(__name__)
+
+#: Failure lines logged in the last seconds, so that a repeated failure is logged once.
+_recent: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=10.0)
 
 
 class NoEntry(LookupError):
@@ -78,7 +82,10 @@ def fuse_errors(operation: str, pid: str | None, path: str | None) -> Iterator[N
         code = to_errno(error)
         where = " ".join(part for part in (pid and f"pid={pid!r}", path and f"path={path!r}") if part)
         if isinstance(error, (CatalogError, TransferError, CacheError)):
-            log.warning("%s %s: %s (%s)", operation, where, _describe(error), errno.errorcode[code])
+            line = f"{operation} {where}: {_describe(error)} ({errno.errorcode[code]})"
+            if line not in _recent:  # the kernel retries and reads ahead: one failure, one line
+                _recent[line] = True
+                log.warning("%s", line)
         else:
             log.exception("%s %s: unexpected error, answering %s", operation, where, errno.errorcode[code])
         raise pyfuse3.FUSEError(code) from error
