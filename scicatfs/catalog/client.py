@@ -209,7 +209,7 @@ class CatalogClient:
         return await self._all_blocks_v3(pid, total)
 
     async def _block_count_v3(self, pid: str, segment: str) -> int | None:
-        """``/v3/datasets/{pid}/origdatablocks/count``; None when the server has no such route."""
+        """``/v3/datasets/{pid}/origdatablocks/count``; None when the server cannot say (no such route)."""
         headers = await self._tokens.headers()
         path = f"/v3/datasets/{segment}/origdatablocks/count"
         reply = await self._transport.request("GET", path, headers=headers, pid=pid)
