@@ -19,6 +19,8 @@ from urllib.parse import quote, quote_plus
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from scicatfs.demo import jwt
 from scicatfs.demo.fixtures import Catalog, hashlib_name, resolve_remote_path
@@ -488,6 +490,12 @@ def test_parse_js_date(text, iso):
     else:
         assert epoch_ms is not None
         assert datetime.fromtimestamp(epoch_ms / 1000, timezone.utc).replace(tzinfo=None).isoformat() == iso
+
+
+@given(st.text(alphabet=st.sampled_from("0123456789 -+:./()TZaAmMpPrRgGtT,^\\"), max_size=30) | st.text(max_size=30))
+def test_parse_js_date_never_fails_on_any_text(text):
+    epoch_ms = parse_js_date(text)
+    assert epoch_ms is None or abs(epoch_ms) <= 8.64e15
 
 
 def test_v3_like_pattern_that_parses_as_a_date_is_400(make_catalog_server):
