@@ -38,7 +38,7 @@ import trio
 
 from scicatfs.cache.fetcher import Fetcher, Handle
 from scicatfs.fs.dirstream import DirectoryStream
-from scicatfs.fs.errors import NoEntry, fuse_errors
+from scicatfs.fs.errors import fuse_errors
 from scicatfs.fs.inodes import InodeTable
 from scicatfs.fs.namespace import (
     ROOT,
