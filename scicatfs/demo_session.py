@@ -4,11 +4,12 @@ Starts the demo catalog server and the demo SFTP server (serving the fixture
 files materialized into a temporary directory), logs in as the demo user,
 mounts in the foreground, prints what to try, and on Ctrl-C or SIGTERM
 unmounts, stops both servers and deletes everything it created (a mountpoint
-given by the user is left in place, empty).
+that existed before is left in place, empty).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,7 @@ def run_demo(mountpoint: Path | None, log_level: str = "warning") -> int:
     """Run the demo until interrupted; returns the exit status."""
     catalog = Catalog.load_default()
     workdir = Path(tempfile.mkdtemp(prefix="scicatfs-demo-"))
+    created: Path | None = None
     try:
         root = workdir / "sftp-root"
         root.mkdir()
@@ -40,7 +42,9 @@ def run_demo(mountpoint: Path | None, log_level: str = "warning") -> int:
         password_file.write_text(catalog.users[DEMO_USER].password + "\n")
         if mountpoint is None:
             mountpoint = workdir / "mnt"
-            mountpoint.mkdir()
+        if not mountpoint.exists():  # `scicatfs demo /tmp/scicat` on a fresh machine just works
+            mountpoint.mkdir(parents=True)
+            created = mountpoint
         with CatalogServer(catalog) as server, DemoSFTPServer(root) as sftp:
             options = MountOptions(
                 url=server.url,
@@ -59,6 +63,9 @@ def run_demo(mountpoint: Path | None, log_level: str = "warning") -> int:
             return run(options, ready=_instructions(options))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if created is not None:
+            with contextlib.suppress(OSError):
+                created.rmdir()
 
 
 def _instructions(options: MountOptions) -> Callable[[], None]:
