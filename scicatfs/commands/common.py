@@ -23,6 +23,7 @@ from scicatfs.mountpoint import find_mount
 __all__ = [
     "CommandError",
     "add_cache_options",
+    "add_connection_options",
     "cache_location",
     "guarded",
     "read_from_mount",
@@ -58,6 +59,28 @@ def guarded(handler: Handler) -> Handler:
             return 1
 
     return run
+
+
+def add_connection_options(where: argparse._ActionsContainer) -> None:
+    """The options ``scicatfs mount`` takes to reach the catalog and the file server.
+
+    ``where`` is a parser or an argument group; values stay None unless given,
+    so that a profile's values are not overridden.
+    """
+    where.add_argument("--url", help="catalog URL, e.g. https://scicat.ess.eu/api/v3")
+    where.add_argument("--token-file", type=Path, help="file holding a SciCat token")
+    where.add_argument("--username", help="log in with this user name (needs --password-file)")
+    where.add_argument("--password-file", type=Path, help="file holding the password")
+    where.add_argument("--sftp-host", help="SFTP host for every dataset (default: each dataset's sourceFolderHost)")
+    where.add_argument("--sftp-port", help="SFTP port (default: ssh config, else 22)")
+    where.add_argument("--sftp-user", help="SFTP user name (default: ssh config, else your login name)")
+    where.add_argument("--identity-file", type=Path, help="SSH private key")
+    where.add_argument("--known-hosts", type=Path, help="known_hosts file (default: ~/.ssh/known_hosts)")
+    where.add_argument(
+        "--insecure-no-host-key-check", action="store_const", const=True, default=None,
+        help="accept any host key (INSECURE: only for throw-away test servers)",
+    )  # fmt: skip
+    where.add_argument("--sftp-connections", help="SSH connections per host (default 4)")
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:

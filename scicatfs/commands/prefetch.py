@@ -48,6 +48,7 @@ from scicatfs.catalog.errors import CatalogError
 from scicatfs.commands.common import (
     CommandError,
     add_cache_options,
+    add_connection_options,
     guarded,
     read_from_mount,
     setup_logging,
@@ -103,28 +104,10 @@ def register(subparsers: Any) -> None:
         help="fetch through this running scicatfs mount (its credentials, connections and cache)",
     )  # fmt: skip
     parser.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS, help=f"files at once (default {DEFAULT_JOBS})")
-    _add_connection_options(parser)
-    parser.set_defaults(func=guarded(run))
-
-
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
-    """The options ``scicatfs mount`` takes to reach the catalog and the file server."""
     where = parser.add_argument_group("without --mount: where the catalog and the files are (as for mount)")
-    where.add_argument("--url", help="catalog URL, e.g. https://scicat.ess.eu/api/v3")
-    where.add_argument("--token-file", type=Path, help="file holding a SciCat token")
-    where.add_argument("--username", help="log in with this user name (needs --password-file)")
-    where.add_argument("--password-file", type=Path, help="file holding the password")
-    where.add_argument("--sftp-host", help="SFTP host for every dataset (default: each dataset's sourceFolderHost)")
-    where.add_argument("--sftp-port", help="SFTP port (default: ssh config, else 22)")
-    where.add_argument("--sftp-user", help="SFTP user name (default: ssh config, else your login name)")
-    where.add_argument("--identity-file", type=Path, help="SSH private key")
-    where.add_argument("--known-hosts", type=Path, help="known_hosts file (default: ~/.ssh/known_hosts)")
-    where.add_argument(
-        "--insecure-no-host-key-check", action="store_const", const=True, default=None,
-        help="accept any host key (INSECURE: only for throw-away test servers)",
-    )  # fmt: skip
-    where.add_argument("--sftp-connections", help="SSH connections per host (default 4)")
+    add_connection_options(where)
     add_cache_options(parser)
+    parser.set_defaults(func=guarded(run))
 
 
 def run(args: argparse.Namespace) -> int:
