@@ -116,7 +116,7 @@ def test_no_secret_in_any_artefact(make_mount, tmp_path: Path) -> None:  # type:
             [sys.executable, "-m", "scicatfs", "mount", str(mountpoint), "--url", server.url, "--foreground",
              "--username", "leaktest", "--password-file", str(wrong), "--log-level", "debug",
              "--cache-dir", str(tmp_path / "refused-cache")],
-            capture_output=True, timeout=60)
+            check=False, capture_output=True, timeout=60)
         assert result.returncode != 0 and b"leaktest" in result.stderr
         assert PASSWORD.encode() not in result.stderr + result.stdout
     finally:
@@ -129,7 +129,7 @@ def test_no_secret_in_any_artefact(make_mount, tmp_path: Path) -> None:  # type:
 @pytest.fixture(scope="module")
 def other_user() -> str:
     """A system account that is not root (created once if missing)."""
-    if subprocess.run(["id", "-u", OTHER_USER], capture_output=True).returncode != 0:
+    if subprocess.run(["id", "-u", OTHER_USER], check=False, capture_output=True).returncode != 0:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER_USER],
                        check=True, timeout=30)
     return OTHER_USER
@@ -147,7 +147,7 @@ def public_work() -> Iterator[Path]:
 
 
 def _as(user: str, *command: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["runuser", "-u", user, "--", *command], capture_output=True, timeout=30)
+    return subprocess.run(["runuser", "-u", user, "--", *command], check=False, capture_output=True, timeout=30)
 
 
 def _super_options(mountpoint: Path) -> list[str]:
