@@ -370,3 +370,12 @@ def test_allow_other_lets_others_read_with_default_permissions(make_mount) -> No
     result = _cat_as_nobody(mount, f"{THAUM}/flux.dat")
     assert result.returncode == 0, result.stderr
     assert result.stdout == mount.catalog.content(THAUM, "flux.dat")
+
+
+def test_dot_entries_name_the_directory_and_its_parent(mounted: Mount) -> None:
+    for directory in (mounted.path, mounted.path / "20.500.12269", mounted.dataset(THAUM), mounted.dataset(THAUM) / "logs"):
+        output = run("ls", "-ai", directory).stdout.decode().split()
+        numbers = dict(zip(output[1::2], map(int, output[::2])))
+        assert numbers["."] == os.stat(directory).st_ino
+        if directory != mounted.path:  # the root's ".." is outside the mount
+            assert numbers[".."] == os.stat(directory.parent).st_ino

@@ -28,6 +28,7 @@ from scicatfs.fs.dirstream import WINDOW, DirectoryStream
 from scicatfs.fs.errors import NoEntry, fuse_errors, to_errno
 from scicatfs.fs.inodes import InodeTable
 from scicatfs.fs.namespace import (
+    MOUNT,
     ROOT,
     ControlDir,
     DataFileNode,
@@ -36,6 +37,7 @@ from scicatfs.fs.namespace import (
     Namespace,
     PidLevel,
     RecordFile,
+    parent_of,
 )
 from scicatfs.transfer.errors import RemoteFileNotFound, TransferTimeout
 
@@ -278,3 +280,24 @@ def test_a_repeated_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> 
         with pytest.raises(pyfuse3.FUSEError), fuse_errors("read", "repeat/pid", "same/file"):
             raise TransferTimeout("no answer within 30 s", host="h", path="/p")
     assert len([r for r in caplog.records if "repeat/pid" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize(
+    "node, parent",
+    [
+        (ROOT, ROOT),
+        (PidLevel("20.500.12269/"), ROOT),
+        (PidLevel("20.500.12269/BRIGHTNESS/"), PidLevel("20.500.12269/")),
+        (DatasetDir("thaumometer-frames-0042"), ROOT),
+        (DatasetDir(THAUM), PidLevel("20.500.12269/")),
+        (DatasetDir(THAUM, "logs/old"), DatasetDir(THAUM, "logs")),
+        (DatasetDir(THAUM, "logs"), DatasetDir(THAUM)),
+        (ControlDir(THAUM), DatasetDir(THAUM)),
+        (RecordFile(THAUM, "metadata.json", "v"), DatasetDir(THAUM)),
+        (RecordFile(THAUM, ".scicat/files.json"), ControlDir(THAUM)),
+        (ControlDir(MOUNT), ROOT),
+        (DataFileNode(FileSpec(THAUM, "logs/a.log", None, "/x/logs/a.log", 1, 0.0, None)), DatasetDir(THAUM, "logs")),
+    ],
+)
+def test_parent_of(node, parent) -> None:  # type: ignore[no-untyped-def]
+    assert parent_of(node) == parent

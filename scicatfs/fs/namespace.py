@@ -50,11 +50,13 @@ __all__ = [
     "DataFileNode",
     "DatasetDir",
     "Entry",
+    "MOUNT",
     "Namespace",
     "Node",
     "PidLevel",
     "ROOT",
     "RecordFile",
+    "parent_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -536,6 +538,23 @@ class Namespace:
         if key not in self._reported:
             self._reported[key] = True
             log.warning("%s", message)
+
+
+def parent_of(node: Node) -> Node:
+    """The directory that holds ``node`` (the root for the root): what ``..`` names."""
+    if isinstance(node, PidLevel):
+        head, slash, _ = node.prefix[:-1].rpartition("/")
+        return PidLevel(head + slash) if slash else ROOT
+    if isinstance(node, DataFileNode):
+        return DatasetDir(node.spec.pid, node.spec.path.rpartition("/")[0])
+    if isinstance(node, RecordFile):
+        return ControlDir(node.pid) if "/" in node.path else DatasetDir(node.pid)
+    if isinstance(node, ControlDir):
+        return ROOT if node.pid == MOUNT else DatasetDir(node.pid)
+    if node.path:
+        return DatasetDir(node.pid, node.path.rpartition("/")[0])
+    head, slash, _ = node.pid.rpartition("/")
+    return PidLevel(head + slash) if slash else ROOT
 
 
 def _valid_component(name: str) -> bool:

@@ -51,6 +51,7 @@ from scicatfs.fs.namespace import (
     Node,
     PidLevel,
     RecordFile,
+    parent_of,
 )
 
 __all__ = ["MAX_TASKS", "FsOptions", "ScicatOperations"]
@@ -214,23 +215,39 @@ class ScicatOperations(pyfuse3.Operations):
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        stream, node = self._dirs[fh]
+        """``.`` and ``..`` at offsets 0 and 1, then the listing's entry i at i + 2.
+
+        The kernel takes no reference for the two dot entries, so they are
+        not counted; every other accepted entry is (readdirplus).
+        """
+        stream, directory = self._dirs[fh]
+        dots = ((".", directory), ("..", parent_of(directory)))
+        for index, (name, node) in enumerate(dots):
+            if index >= start_id:
+                ino = self.inodes.ino_of(node) or pyfuse3.ROOT_INODE
+                if not pyfuse3.readdir_reply(token, name.encode(), self._dot_entry(ino), index + 1):
+                    return
         replied = 0
         try:
-            async with aclosing(stream.entries_from(start_id)) as entries:
+            async with aclosing(stream.entries_from(max(0, start_id - len(dots)))) as entries:
                 async for index, (name, node, attributes) in entries:
                     ino = self.inodes.acquire(node)
-                    if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._entry(ino, attributes), index + 1):
+                    next_id = index + len(dots) + 1
+                    if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._entry(ino, attributes), next_id):
                         self.inodes.forget(ino, 1)  # not delivered: the kernel holds no reference
                         return
                     replied += 1
         except Exception as error:
             if replied:
                 # Hand over what we have; the kernel's next readdir retries the rest.
-                log.warning("listing %s interrupted after %d entries: %s", _where(node), replied, error)
+                log.warning("listing %s interrupted after %d entries: %s", _where(directory), replied, error)
                 return
-            with fuse_errors("readdir", *_where(node)):
+            with fuse_errors("readdir", *_where(directory)):
                 raise
+
+    def _dot_entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        """A ``.`` or ``..`` entry: only its inode number and type reach the reader."""
+        return self._entry(ino, Attributes(True, 0, 0.0, 2, ttl=0.0))
 
     async def releasedir(self, fh: int) -> None:
         stream, _ = self._dirs.pop(fh)
