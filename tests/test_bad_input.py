@@ -109,7 +109,6 @@ def test_hostile_records_are_logged_and_the_rest_keeps_working(make_mount) -> No
     assert len(log.splitlines()) < 60, "a hostile catalog must not flood the log"
 
 
-@pytest.mark.slow
 def test_a_dataset_of_100000_files(make_mount, make_catalog_server, make_sshd) -> None:  # type: ignore[no-untyped-def]
     """The catalog lists 100,000 files; the file server holds only the three that are read."""
     catalog = Catalog.load_default()
