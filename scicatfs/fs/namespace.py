@@ -33,9 +33,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
+import trio
 from cachetools import LRUCache, TTLCache
 
 from scicatfs.cache.store import FileSpec
@@ -67,13 +69,19 @@ FILES = "files.json"
 STATUS = "status.json"
 #: The PID of the mount's own ``/.scicat`` (no dataset has an empty PID).
 MOUNT = ""
-#: After the catalog failed to answer for a name, its last known meaning is served
-#: for this many seconds without asking again: each attempt costs the client's
-#: retries, and `ls -l` would pay them once per file.
+#: After the catalog gave no usable answer, known datasets and PID prefixes are
+#: served from their last version for this many seconds without asking again:
+#: each attempt costs the client's retries, and `ls -l` would pay them per file.
 OFFLINE_RETRY = 10.0
+#: How long a lookup that has a last known answer waits for the catalog before
+#: using that answer (the client's own retries and deadlines can take minutes
+#: against a catalog that accepts requests and never answers).
+STALE_WAIT = 5.0
 #: Catalog answers that mean "no usable answer now" (down, overloaded, garbage), as
 #: opposed to "no such dataset" or "not yours": the last known version stands in.
 _NO_ANSWER = (CatalogUnavailable, BadResponse)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,8 +240,7 @@ class Namespace:
         # Every name ever found to be a PID prefix, without expiry: while the
         # catalog is unreachable, the path to the datasets already seen stays open.
         self._known_prefixes: LRUCache[str, bool] = LRUCache(maxsize=65536)
-        # Datasets and prefixes the catalog just failed to answer for (see OFFLINE_RETRY).
-        self._offline: TTLCache[str, bool] = TTLCache(maxsize=4096, ttl=OFFLINE_RETRY)
+        self._offline_until = 0.0  # time.monotonic() until which the catalog is not asked (OFFLINE_RETRY)
         self._reported: LRUCache[str, bool] = LRUCache(maxsize=4096)
 
     # -- lookup ------------------------------------------------------------------
@@ -274,14 +281,14 @@ class Namespace:
         no usable answer, so the datasets below it remain reachable offline.
         """
         known = candidate in self._known_prefixes
-        if self._seen_prefixes.get(candidate) or (known and candidate in self._offline):
+        if self._seen_prefixes.get(candidate) or (known and self._offline):
             return PidLevel(candidate + "/")
         try:
-            return await self._resolve_pid(candidate)
+            return await _ask(lambda: self._resolve_pid(candidate), impatient=known)
         except _NO_ANSWER as error:
             if not known:
                 raise
-            self._offline[candidate] = True
+            self._offline_until = time.monotonic() + OFFLINE_RETRY
             self._report_once(f"offline:{candidate}/", f"PID prefix {candidate!r}: no usable answer from "
                               f"the catalog, still shown as a directory ({error})")
             return PidLevel(candidate + "/")
@@ -513,14 +520,14 @@ class Namespace:
         served, so browsing what was already open survives a network outage.
         """
         previous = self._views.get(pid)
-        if previous is not None and pid in self._offline:
+        if previous is not None and self._offline:
             return previous
         try:
-            dataset = await self._catalog.get_dataset(pid)
+            dataset = await _ask(lambda: self._catalog.get_dataset(pid), impatient=previous is not None)
         except _NO_ANSWER as error:
             if previous is None:
                 raise
-            self._offline[pid] = True
+            self._offline_until = time.monotonic() + OFFLINE_RETRY
             self._report_once(f"offline:{pid}", f"dataset {pid!r}: no usable answer from the catalog, serving the last version seen ({error})")
             return previous
         if previous is not None and previous.dataset is dataset:
@@ -533,6 +540,11 @@ class Namespace:
             if self.on_change is not None:
                 self.on_change(pid, changes)
         return view
+
+    @property
+    def _offline(self) -> bool:
+        """The catalog gave no usable answer a moment ago: do not ask it again yet."""
+        return time.monotonic() < self._offline_until
 
     def _report_once(self, key: str, message: str) -> None:
         if key not in self._reported:
@@ -555,6 +567,15 @@ def parent_of(node: Node) -> Node:
         return DatasetDir(node.pid, node.path.rpartition("/")[0])
     head, slash, _ = node.pid.rpartition("/")
     return PidLevel(head + slash) if slash else ROOT
+
+
+async def _ask(call: Callable[[], Awaitable[T]], *, impatient: bool) -> T:
+    """``call()``; if ``impatient`` (a last known answer exists), CatalogUnavailable after STALE_WAIT s."""
+    if not impatient:
+        return await call()
+    with trio.move_on_after(STALE_WAIT):
+        return await call()
+    raise CatalogUnavailable(f"the catalog did not answer within {STALE_WAIT:g} s")
 
 
 def _valid_component(name: str) -> bool:
