@@ -25,6 +25,7 @@ import pytest
 
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
+from scicatfs.fs.namespace import STALE_WAIT
 from scicatfs.mountpoint import find_mount
 from tests.support.mounts import Mount
 from tests.support.probes import Background, bounded, read_uncached
@@ -173,12 +174,34 @@ def test_catalog_failure_serves_last_known_datasets(make_mount, fault: str) -> N
     assert later == catalog.content(pid, "later.bin")
     assert _eio(lambda: os.stat(mount.dataset(unseen)), seconds=20) < 15
     _eio(lambda: os.listdir(mount.path / "h5faults"), seconds=20)  # PID listings need the catalog
-    assert "serving the last version seen" in mount.log_text() and logged in mount.log_text()
+    assert "no usable answer from the catalog" in mount.log_text() and logged in mount.log_text()
 
     _heal(mount.server, fault)
     time.sleep(1.5)  # the failed lookup was cached as a negative entry for at most the listing TTL
     assert bounded(PROMPT, lambda: (mount.dataset(unseen) / "x.bin").read_bytes()) == catalog.content(unseen, "x.bin")
     assert "Traceback" not in mount.log_text()
+
+
+def test_hung_catalog_does_not_block_known_datasets(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """A catalog that accepts requests but never answers: known datasets wait a few seconds, once."""
+    pid = "h5faults/hung"
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/hung"), [{"path": "data.bin", "size": MiB}])
+    mount: Mount = make_mount(catalog, args=["--record-ttl", "1", "--listing-ttl", "1"])
+    dataset = mount.dataset(pid)
+    data = (dataset / "data.bin").read_bytes()
+    _wait_cached(mount, pid, "data.bin")
+
+    mount.server.latency = 600.0
+    time.sleep(1.5)  # every TTL has expired
+    first = Background(lambda: read_uncached(dataset / "data.bin")).outcome(STALE_WAIT + PROMPT)
+    assert first.unwrap() == data
+    for _ in range(3):  # and from then on without waiting, as long as the catalog stays silent
+        assert bounded(PROMPT / 2, lambda: read_uncached(dataset / "data.bin")) == data
+        assert bounded(PROMPT / 2, lambda: os.stat(dataset / "data.bin").st_size) == MiB
+        time.sleep(1.1)
+    assert "did not answer within" in mount.log_text()
+    mount.server.latency = 0.0
 
 
 @pytest.mark.slow
