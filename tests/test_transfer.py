@@ -329,6 +329,38 @@ def test_connection_refused_fails_fast(make_sshd: Callable[[], OpenSSHServer]) -
     with_transfer(settings_for(server), body)
 
 
+def test_warm_up_connects_before_the_first_read(sshd: OpenSSHServer, remote_dir: str) -> None:
+    path = sshd.put(f"{remote_dir}/f.bin", b"x" * 10)
+
+    async def body(transfer: Transfer) -> None:
+        transfer.warm_up()
+        with trio.fail_after(5):
+            while transfer.stats["connects"] == 0:
+                await trio.sleep(0.01)
+        assert await transfer.read(None, path, 0, 10) == b"x" * 10
+        assert transfer.stats["connects"] == 1  # the read used the warm connection
+
+    with_transfer(settings_for(sshd), body)
+
+
+def test_warm_up_of_a_dead_server_is_quiet_and_reads_still_fail_clearly(
+    make_sshd: Callable[[], OpenSSHServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = make_sshd()
+    server.stop()
+
+    async def body(transfer: Transfer) -> None:
+        with caplog.at_level(logging.INFO, logger="scicatfs.transfer.sftp"):
+            transfer.warm_up()
+            with trio.fail_after(5):
+                while "ahead of the first read" not in caplog.text:
+                    await trio.sleep(0.01)
+        with trio.fail_after(5), pytest.raises(ConnectionLost, match="cannot connect"):
+            await transfer.size(None, "/x")
+
+    with_transfer(settings_for(server), body)
+
+
 # -- faults: drops, restarts, stalls, cancellation ------------------------------
 
 

@@ -157,6 +157,24 @@ class Transfer:
         self._stats.bytes_read += len(data)
         return data
 
+    def warm_up(self, host: str | None = None) -> None:
+        """Start opening the first connection to ``host`` (default: the configured host).
+
+        Returns at once: the connect runs in the background on the asyncio loop,
+        so a mount can call this at start-up and its first read skips the SSH
+        handshake, while a server that is down never delays or fails the mount
+        (the failure is logged, and reads later fail or succeed as usual).
+        """
+        host = host or self._settings.host
+        if host:
+            self._thread.submit(lambda: self._warm_up(host))
+
+    async def _warm_up(self, host: str) -> None:
+        try:
+            await self._pool(host).warm_up()
+        except TransferError as error:
+            log.info("could not connect to %s ahead of the first read: %s", host, error)
+
     async def size(self, host: str | None, path: str) -> int:
         """The remote file's size in bytes (one SFTP stat)."""
         host = self._host(host, path)
@@ -181,12 +199,9 @@ class Transfer:
         self._stats.requests += 1
 
         async def on_asyncio() -> T:
-            pool = self._pools.get(host)
-            if pool is None:
-                pool = self._pools[host] = _Pool(host, self._settings, self._stats)
             try:
                 async with asyncio.timeout(self._settings.timeout):
-                    return await operation(pool)
+                    return await operation(self._pool(host))
             except TimeoutError:
                 raise TransferTimeout(
                     f"{host}:{path}: no answer within {self._settings.timeout:g} s",
@@ -201,6 +216,13 @@ class Transfer:
             error.host = error.host or host
             error.path = error.path or path
             raise
+
+    def _pool(self, host: str) -> _Pool:
+        """The host's pool, created on first use; call on the asyncio thread only."""
+        pool = self._pools.get(host)
+        if pool is None:
+            pool = self._pools[host] = _Pool(host, self._settings, self._stats)
+        return pool
 
     async def _close_pools(self) -> None:
         for pool in self._pools.values():
@@ -245,6 +267,14 @@ class _Pool:
 
     async def size(self, path: str) -> int:
         return await self._on_connection(path, lambda conn: conn.size(path))
+
+    async def warm_up(self) -> None:
+        """Connect the slot that the next operation picks, without leasing it.
+
+        Not leased, so a read arriving meanwhile chooses this slot too and waits
+        for this connect (under the slot's lock) instead of opening another.
+        """
+        await min(self._slots, key=_Slot.preference).connection()
 
     async def close(self) -> None:
         for slot in self._slots:
