@@ -138,6 +138,7 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
             raise MountError(str(error)) from None
         with store:
             async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
+                transfer.warm_up()  # in the background: the first read skips the SSH handshake
                 await _mount_and_serve(_filesystem(options, catalog, transfer, fetcher), options, ready)
 
 
