@@ -257,5 +257,7 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
         BlobStore(tmp_path / "file", budget=1)
     with pytest.raises(ValueError, match="budget"):
         BlobStore(tmp_path / "c", budget=-1)
-    with pytest.raises(ValueError, match="chunk size"):
+    with pytest.raises(ValueError, match="chunk and block size"):
         BlobStore(tmp_path / "c", budget=1, chunk_size=0)
+    with pytest.raises(ValueError, match="not a multiple of the block size"):
+        BlobStore(tmp_path / "c", budget=1, chunk_size=3 * 1024, block_size=2 * 1024)

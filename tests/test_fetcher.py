@@ -153,7 +153,7 @@ def test_large_file_sequential_then_random(sshd, remote, tmp_path: Path) -> None
     run(sshd, tmp_path, body, chunk=4 * MiB)
 
 
-def test_tail_of_a_cold_large_file_fetches_about_one_chunk(sshd, remote, tmp_path: Path) -> None:
+def test_a_small_read_in_a_cold_large_file_fetches_one_block(sshd, remote, tmp_path: Path) -> None:
     spec = remote("sparse.bin", b"", checksum=False)
     local = sshd.local_path(spec.remote_path)
     marker = os.urandom(4 * KiB)
@@ -169,10 +169,13 @@ def test_tail_of_a_cold_large_file_fetches_about_one_chunk(sshd, remote, tmp_pat
         assert await fetcher.read(handle, 512 * MiB, 4 * KiB) == marker
         elapsed = time.perf_counter() - started
         await trio.sleep(0.2)  # a read-ahead would have started by now
+        block = fetcher.store.block_size
+        assert await fetcher.read(handle, 512 * MiB + block - 1, 1) == b"\0"  # the block is cached
         await fetcher.release(handle)
-        assert fetcher.transfer.stats["bytes_read"] <= 4 * MiB + 4 * KiB  # the chunk + the range
+        assert fetcher.transfer.stats["requests"] == 1
+        assert fetcher.transfer.stats["bytes_read"] == block  # the block, not the 4 MiB chunk
         assert fetcher.stats["chunks_fetched"] == 1
-        assert fetcher.cached_bytes(spec) == 4 * MiB
+        assert fetcher.cached_bytes(spec) == block
         return elapsed
 
     elapsed = run(sshd, tmp_path, body, chunk=4 * MiB)
@@ -463,13 +466,14 @@ def test_kill_9_mid_download_never_yields_wrong_bytes(sshd, remote, tmp_path: Pa
         async def check(fetcher: Fetcher) -> None:
             handle = await fetcher.open(spec)
             present = sorted(handle.blob.present)
-            assert len(present) >= stop_after
-            for index in present:  # every recorded chunk holds the right bytes
-                start = index * MiB
-                assert fetcher.store.read(handle.blob, start, MiB) == data[start : start + MiB]
+            block = handle.blob.block_size
+            assert len(present) * block >= stop_after * MiB
+            for index in present:  # every recorded block holds the right bytes
+                start = index * block
+                assert fetcher.store.read(handle.blob, start, block) == data[start : start + block]
             await fetcher.release(handle)
             assert md5(await read_all(fetcher, spec, step=1 * MiB)) == md5(data)
-            assert fetcher.transfer.stats["bytes_read"] <= len(data) - len(present) * MiB + 1
+            assert fetcher.transfer.stats["bytes_read"] <= len(data) - len(present) * block + 1
 
         run(sshd, cache, check, chunk=1 * MiB)
 

@@ -1,20 +1,25 @@
-"""What to fetch and when: single-flight chunk fetches, growing read-ahead, deadlines.
+"""What to fetch and when: single-flight block fetches, growing read-ahead, deadlines.
 
-Runs on the trio thread. Reads of cached chunks are served inline with ``pread``
-(a thread hop per small read halves throughput); chunk writes, index commits,
+Runs on the trio thread. Reads of cached blocks are served inline with ``pread``
+(a thread hop per small read halves throughput); writes, index commits,
 hashing and eviction run in worker threads. Fetches run as tasks in the
 fetcher's own nursery, not in the reader's task, so a reader that gives up (its
 deadline passed, FUSE interrupted it) does not cancel a transfer that other
 readers share.
 
+Granularity: the store records presence per block (128 KiB); a *flight*
+fetches a run of missing blocks that never crosses a chunk (4 MiB) boundary.
+A random read fetches just the blocks it touches (one SFTP request for a small
+read), while a sequential reader's read-ahead fetches the rest of the current
+chunk and whole chunks after it, each with one request, one sync and one index
+transaction.
+
 Concurrency bounds:
-- At most ``max_in_flight`` bytes of chunks are held by read-ahead and prefetch
+- At most ``max_in_flight`` bytes of blocks are held by read-ahead and prefetch
   flights (being fetched or being written); demand reads add what FUSE asks for
-  concurrently. Half of those flights may use the network at once: a
-  ``trio.CapacityLimiter`` taken only around the transfer, so cache hits never
-  queue behind the network and a slow disk write does not hold a network slot.
-- A small read in a cold chunk also asks for just its own bytes, racing the chunk
-  fetch: the first 4 KiB of a file arrive after one round trip, not after 4 MiB.
+  concurrently. Flights use the network at most (max_in_flight / chunk / 2) at
+  once: a ``trio.CapacityLimiter`` taken only around the transfer, so cache hits
+  never queue behind the network and a slow disk write does not hold a slot.
 - Every transfer attempt has a deadline, and every reader waits at most
   ``read_timeout`` before getting ``FetchTimeout`` (EIO): never a hang.
 """
@@ -43,8 +48,6 @@ __all__ = ["Fetcher", "Handle"]
 log = logging.getLogger(__name__)
 
 LOCK_POLL_INTERVAL = 0.02
-#: Reads up to this size in a cold chunk also fetch just their range (one SFTP request).
-DIRECT_READ_MAX = 255 * 1024
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
@@ -58,19 +61,22 @@ class Handle:
     next_offset: int = 0
     last_chunk: int = -1
     window: int = 0
+    ahead: int = 0  # read-ahead has been started up to this block (exclusive)
 
 
 @dataclass(eq=False)
 class _Flight:
-    """One chunk being fetched; every reader of that chunk waits on the same flight.
+    """A run of blocks being fetched; every reader of those blocks waits on it.
 
-    ``ready`` is set as soon as ``data`` (the chunk's bytes) or ``error`` is
-    known, before the chunk is written: readers need not wait for the fsync, and
-    can be served when the chunk cannot be cached at all (disk full). ``settled``
-    is set when the flight is over (chunk recorded, or given up). ``data`` stays
-    None when another process cached the chunk: read it from the blob.
+    ``ready`` is set as soon as ``data`` (the run's bytes, from block ``first``)
+    or ``error`` is known, before the blocks are written: readers need not wait
+    for the fsync, and can be served when nothing can be cached (disk full).
+    ``settled`` is set when the flight is over (blocks recorded, or given up).
+    ``data`` stays None when another process cached the blocks: read the blob.
     """
 
+    first: int
+    count: int
     ready: trio.Event = field(default_factory=trio.Event)
     settled: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
@@ -101,19 +107,22 @@ class Fetcher:
         self.transfer = transfer
         chunk = store.chunk_size
         self._max_flights = max(2, max_in_flight // chunk)
+        self._max_blocks = max(2 * chunk, max_in_flight) // store.block_size
         self._limiter = trio.CapacityLimiter(self._max_flights // 2)
         self._readahead_chunks = max(1, readahead_max // chunk)
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
-        self._flights: dict[tuple[str, int], _Flight] = {}
+        self._flights: dict[tuple[str, int], _Flight] = {}  # (blob key, block) -> its flight
+        self._unevicted = 0  # bytes written since the last eviction pass
         self._verifications: dict[str, trio.Event] = {}
         self._evicting = False
         self._cannot_cache = False  # the last chunk write failed (disk full?)
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = trio.open_nursery()
-        # reads_from_cache / reads_fetched: cache hits and misses (a miss waits
-        # for the network); fetch_errors: chunk fetches that failed, whatever
+        # chunks_fetched / chunks_uncached: blocks fetched / not cached (disk
+        # full); reads_from_cache / reads_fetched: cache hits and misses (a miss
+        # waits for the network); fetch_errors: flights that failed, whatever
         # the cause; integrity_errors: size or checksum mismatches.
         self.stats = dict.fromkeys(
             ("chunks_fetched", "chunks_uncached", "reads_from_cache", "reads_fetched",
@@ -156,8 +165,8 @@ class Fetcher:
 
     @property
     def chunks_in_flight(self) -> int:
-        """Chunks being fetched right now (demand and read-ahead), for status."""
-        return len(self._flights)
+        """Flights (runs of blocks) under way right now, demand and read-ahead, for status."""
+        return len({id(flight) for flight in self._flights.values()})
 
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
@@ -169,28 +178,33 @@ class Fetcher:
         end = min(offset + size, blob.size)
         if offset >= end:
             return b""
-        chunk = self.store.chunk_size
-        first, last = offset // chunk, (end - 1) // chunk
-        missing = [index for index in range(first, last + 1) if index not in blob.present]
-        cold = len(missing) == 1 and (blob.key, missing[0]) not in self._flights
-        flights = {index: self._flight(handle, index) for index in missing}
-        self._read_ahead(handle, offset, end, last)
-        if not flights:
+        block = blob.block_size
+        first, last = offset // block, (end - 1) // block
+        present = blob.present
+        cached = all(index in present for index in range(first, last + 1))
+        ahead = self._read_ahead(handle, offset, end)
+        if cached:
             self.stats["reads_from_cache"] += 1
-        else:
-            self.stats["reads_fetched"] += 1
-            if cold and first == last and end - offset <= DIRECT_READ_MAX:
-                data = await self._race_direct_read(handle, flights[first], offset, end)
-                if data is not None:
-                    return await self._checked(handle, end, data)
+            if ahead > handle.ahead:
+                handle.ahead = self._start_flights(handle, max(last + 1, handle.ahead), last + 1, ahead)
+            return await self._checked(handle, end, self.store.read(blob, offset, end - offset))
+        self.stats["reads_fetched"] += 1
+        reached = self._start_flights(handle, first, last + 1, max(ahead, last + 1))
+        handle.ahead = max(handle.ahead, reached) if ahead else 0
+        flights = {
+            index: self._flights[blob.key, index]
+            for index in range(first, last + 1)
+            if index not in present and (blob.key, index) in self._flights
+        }
         await self._wait(handle, flights)
         parts = []
         for index in range(first, last + 1):
-            start = max(offset, index * chunk)
-            stop = min(end, (index + 1) * chunk)
-            data = flights[index].data if index in flights else None
-            if data is not None:
-                parts.append(data[start - index * chunk : stop - index * chunk])
+            start = max(offset, index * block)
+            stop = min(end, (index + 1) * block)
+            flight = flights.get(index)
+            if flight is not None and flight.data is not None:
+                base = flight.first * block
+                parts.append(flight.data[start - base : stop - base])
             else:
                 parts.append(self.store.read(blob, start, stop - start))
         return await self._checked(handle, end, b"".join(parts))
@@ -205,42 +219,17 @@ class Fetcher:
         """
         blob = handle.blob
         if end == blob.size and blob.checksum is not None and not blob.complete:
-            under_way = [self._flights.get((blob.key, index)) for index in range(blob.chunk_count)]
+            under_way = {
+                id(flight): flight for (key, _), flight in list(self._flights.items()) if key == blob.key
+            }
             with trio.move_on_after(self.read_timeout):
-                for flight in under_way:
-                    if flight is not None:
-                        await flight.settled.wait()
+                for flight in under_way.values():
+                    await flight.settled.wait()
             if blob.all_present:
                 await self._verify(handle)
         if blob.error is not None:  # verification failed (and truncated the blob) meanwhile
             raise blob.error
         return data
-
-    async def _race_direct_read(
-        self, handle: Handle, flight: _Flight, offset: int, end: int
-    ) -> bytes | None:
-        """The range itself from the server if that beats the chunk's flight, else None.
-
-        Errors and short answers of the direct read are ignored: the flight
-        reports them (with the size check) when the caller waits for it.
-        """
-        spec = handle.spec
-        result: bytes | None = None
-
-        async def direct(done: trio.CancelScope) -> None:
-            nonlocal result
-            with contextlib.suppress(TransferError):
-                data = await self.transfer.read(spec.host, spec.remote_path, offset, end - offset)
-                if len(data) == end - offset:
-                    result = data
-                    done.cancel()
-
-        with trio.move_on_after(self.read_timeout):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(direct, nursery.cancel_scope)
-                await flight.ready.wait()
-                nursery.cancel_scope.cancel()
-        return result
 
     async def _wait(
         self, handle: Handle, flights: dict[int, _Flight], *, settled: bool = False
@@ -262,20 +251,23 @@ class Fetcher:
                 raise flight.error
 
     async def prefetch(self, spec: FileSpec, progress: Progress | None = None) -> None:
-        """Fetch and verify a whole file; ``progress(cached_bytes, size)`` after each chunk."""
+        """Fetch and verify a whole file; ``progress(cached_bytes, size)`` after each flight."""
         handle = await self.open(spec)
         try:
             blob = handle.blob
             if blob.error is not None:
                 raise blob.error
-            pending: deque[tuple[int, _Flight]] = deque()
-            for index in range(blob.chunk_count):
-                if index not in blob.present:
-                    pending.append((index, self._flight(handle, index)))
-                while pending and (
-                    len(pending) >= self._max_flights or index == blob.chunk_count - 1
-                ):
-                    await self._wait(handle, dict([pending.popleft()]), settled=True)
+            pending: deque[_Flight] = deque()
+            per_chunk = blob.blocks_per_chunk
+            chunks = -(-blob.block_count // per_chunk)
+            for chunk in range(chunks):
+                low, high = chunk * per_chunk, min(blob.block_count, (chunk + 1) * per_chunk)
+                self._start_flights(handle, low, high, high)
+                started = (self._flights.get((blob.key, index)) for index in range(low, high))
+                pending.extend({id(flight): flight for flight in started if flight is not None}.values())
+                while pending and (len(pending) >= self._max_flights or chunk == chunks - 1):
+                    flight = pending.popleft()
+                    await self._wait(handle, {flight.first: flight}, settled=True)
                     if progress is not None:
                         progress(blob.present_bytes, blob.size)
             await self._verify(handle)
@@ -288,21 +280,46 @@ class Fetcher:
 
     # -- fetching ----------------------------------------------------------------
 
-    def _flight(self, handle: Handle, index: int) -> _Flight:
-        """The flight for one chunk: joined if under way, else started in the background."""
-        key = (handle.blob.key, index)
-        flight = self._flights.get(key)
-        if flight is None:
-            if self._nursery is None:
-                raise CacheError("the fetcher is not running (use it as an async context manager)")
-            flight = self._flights[key] = _Flight()
-            self.store.retain(handle.blob)
-            self._nursery.start_soon(self._run_flight, flight, handle.spec, handle.blob, index)
-        return flight
+    def _start_flights(self, handle: Handle, start: int, demand: int, stop: int) -> int:
+        """Start flights for the missing blocks in [start, stop); return where it stopped.
 
-    async def _run_flight(self, flight: _Flight, spec: FileSpec, blob: Blob, index: int) -> None:
+        Blocks before ``demand`` are being read and always fetched; the rest are
+        read-ahead, started only while fewer than ``max_in_flight`` bytes are in
+        flight. Blocks under way join their flight. A flight is a run of
+        consecutive missing blocks within one chunk, so it is one transfer, one
+        sync and one index transaction.
+        """
+        blob = handle.blob
+        key, present, flights = blob.key, blob.present, self._flights
+        per_chunk = blob.blocks_per_chunk
+        index = start
+        while index < stop:
+            if index in present or (key, index) in flights:
+                index += 1
+                continue
+            if index >= demand and len(flights) >= self._max_blocks:
+                return index
+            limit = min(stop, (index // per_chunk + 1) * per_chunk)
+            run_end = index + 1
+            while run_end < limit and run_end not in present and (key, run_end) not in flights:
+                run_end += 1
+            self._launch(handle, index, run_end - index)
+            index = run_end
+        return stop
+
+    def _launch(self, handle: Handle, first: int, count: int) -> None:
+        """Start fetching ``count`` blocks from ``first`` in the background."""
+        if self._nursery is None:
+            raise CacheError("the fetcher is not running (use it as an async context manager)")
+        flight = _Flight(first, count)
+        for index in range(first, first + count):
+            self._flights[handle.blob.key, index] = flight
+        self.store.retain(handle.blob)
+        self._nursery.start_soon(self._run_flight, flight, handle.spec, handle.blob)
+
+    async def _run_flight(self, flight: _Flight, spec: FileSpec, blob: Blob) -> None:
         try:
-            await self._fetch_chunk(flight, spec, blob, index)
+            await self._fetch_blocks(flight, spec, blob)
         except Exception as error:
             flight.error = error
             self.stats["fetch_errors"] += 1
@@ -311,34 +328,37 @@ class Fetcher:
                 flight.error = CacheError("fetch cancelled: scicatfs is shutting down")
             raise
         finally:
-            del self._flights[(blob.key, index)]
+            for index in range(flight.first, flight.first + flight.count):
+                del self._flights[blob.key, index]
             flight.ready.set()
             flight.settled.set()
             await self._unpin(blob)
 
-    async def _fetch_chunk(self, flight: _Flight, spec: FileSpec, blob: Blob, index: int) -> None:
-        """Fetch, hand to readers, write and record one chunk (unless another process did)."""
+    async def _fetch_blocks(self, flight: _Flight, spec: FileSpec, blob: Blob) -> None:
+        """Fetch, hand to readers, write and record a flight's blocks (unless another process did)."""
+        first, count = flight.first, flight.count
         with trio.move_on_after(self.read_timeout) as waiting:
-            while not self.store.try_lock_chunk(blob, index):
-                if self.store.refresh_chunk(blob, index):
+            while not self.store.try_lock_blocks(blob, first, count):
+                if self.store.refresh_blocks(blob, first, count):
                     return
                 await trio.sleep(LOCK_POLL_INTERVAL)
         if waiting.cancelled_caught:
             raise FetchTimeout(
-                f"{spec.pid} {spec.path}: chunk {index} stayed locked by another process"
+                f"{spec.pid} {spec.path}: blocks {first}..{first + count - 1}"
+                " stayed locked by another process"
             )
         try:
-            if self.store.refresh_chunk(blob, index):
+            if self.store.refresh_blocks(blob, first, count):
                 return
             async with self._limiter:
-                data = await self._download(spec, blob, index)
-            self.stats["chunks_fetched"] += 1
+                data = await self._download(spec, blob, first, count)
+            self.stats["chunks_fetched"] += count
             flight.data = data
             flight.ready.set()
             try:
-                await trio.to_thread.run_sync(self.store.write_chunk, blob, index, data)
+                await trio.to_thread.run_sync(self.store.write_blocks, blob, first, data)
             except OSError as error:
-                self.stats["chunks_uncached"] += 1
+                self.stats["chunks_uncached"] += count
                 if not self._cannot_cache:
                     log.warning(
                         "cannot cache %s %s (%s): serving reads uncached, read-ahead off",
@@ -352,20 +372,23 @@ class Fetcher:
                 log.warning("caching works again")
                 self._cannot_cache = False
         finally:
-            self.store.unlock_chunk(blob, index)
-        self._start(self._evict)
+            self.store.unlock_blocks(blob, first, count)
+        self._unevicted += len(data)
+        if self._unevicted >= self.store.chunk_size:  # not per block: eviction sums the index
+            self._unevicted = 0
+            self._start(self._evict)
         if blob.all_present and not blob.complete:
             self._start_verification(spec, blob)
 
-    async def _download(self, spec: FileSpec, blob: Blob, index: int) -> bytes:
-        """One chunk from the server, checking it against the catalog's size.
+    async def _download(self, spec: FileSpec, blob: Blob, first: int, count: int) -> bytes:
+        """Blocks from the server, checking them against the catalog's size.
 
-        The last chunk is asked for with one byte more, so that a server file
-        longer than the catalog says is noticed, not silently truncated.
+        A run that ends the file is asked for with one byte more, so that a server
+        file longer than the catalog says is noticed, not silently truncated.
         """
-        offset = index * blob.chunk_size
-        length = blob.chunk_length(index)
-        ask = length + 1 if index == blob.chunk_count - 1 else length
+        offset = first * blob.block_size
+        length = min(count * blob.block_size, blob.size - offset)
+        ask = length + 1 if first + count == blob.block_count else length
         data = await self._with_deadline(
             lambda: self.transfer.read(spec.host, spec.remote_path, offset, ask), spec
         )
@@ -406,29 +429,29 @@ class Fetcher:
         if self._nursery is not None:
             self._nursery.start_soon(function, *args)
 
-    def _read_ahead(self, handle: Handle, offset: int, end: int, last: int) -> None:
+    def _read_ahead(self, handle: Handle, offset: int, end: int) -> int:
         """Grow the window on sequential access (x2 per new chunk), drop it on a seek.
 
-        "Sequential" tolerates a chunk of disorder, because the kernel issues
-        its own read-ahead requests concurrently and they may arrive reordered.
-        Speculative fetches only take free tokens of the network limiter.
+        Returns the block up to which to read ahead: the rest of the current
+        chunk and ``window`` chunks after it; 0 when not reading ahead.
+        "Sequential" tolerates a chunk of disorder, because the kernel issues its
+        own read-ahead requests concurrently and they may arrive reordered.
         """
         blob = handle.blob
-        if self._cannot_cache:  # speculative chunks could not be kept anyway
-            return
-        if abs(offset - handle.next_offset) <= self.store.chunk_size:
+        chunk = self.store.chunk_size
+        last = (end - 1) // chunk
+        if abs(offset - handle.next_offset) <= chunk:
             if last > handle.last_chunk:
                 handle.window = min(max(1, handle.window * 2), self._readahead_chunks)
             handle.next_offset = max(handle.next_offset, end)
         else:
             handle.window = 0
             handle.next_offset = end
+            handle.ahead = 0
         handle.last_chunk = max(handle.last_chunk, last) if handle.window else last
-        for index in range(last + 1, min(last + 1 + handle.window, blob.chunk_count)):
-            if len(self._flights) >= self._max_flights:
-                break
-            if index not in blob.present and (blob.key, index) not in self._flights:
-                self._flight(handle, index)
+        if self._cannot_cache or not handle.window or blob.all_present:
+            return 0  # speculative blocks could not be kept, or there is nothing to fetch
+        return min(blob.block_count, (last + 1 + handle.window) * blob.blocks_per_chunk)
 
     # -- completion and eviction ---------------------------------------------
 
@@ -469,7 +492,8 @@ class Fetcher:
         """Drop one pin (even while cancelled: a leaked pin would keep the blob forever)."""
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.store.release_blob, blob)
-        self._start(self._evict)  # the blob may now be evictable
+        if blob.pins == 0:
+            self._start(self._evict)  # the blob may now be evictable
 
     async def _evict(self, target: int | None = None) -> None:
         """Shrink the cache to ``target`` (default: the budget); one eviction at a time."""

@@ -1,4 +1,8 @@
-"""Blobs on disk: sparse chunked files, the sqlite index of present chunks, eviction.
+"""Blobs on disk: sparse files, the sqlite index of present blocks, eviction.
+
+Presence is recorded per *block* (128 KiB), so a random small read fetches and
+records one block; sequential readers fetch whole *chunks* (4 MiB, a run of
+blocks) and record them with one sync and one transaction.
 
 Everything here is synchronous and thread-safe so that the fetcher can call cheap
 operations inline on the trio thread and push slow ones (fsync, hashing, eviction)
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     from scicatfs.catalog.models import Checksum, DataFile, Dataset
 
 __all__ = [
+    "BLOCK_SIZE",
     "CHUNK_SIZE",
     "Blob",
     "BlobInfo",
@@ -44,8 +49,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4 * 1024 * 1024
+#: One SFTP request on OpenSSH (whose limit is 255 KiB) and a cheap random read.
+BLOCK_SIZE = 128 * 1024
 DEFAULT_BUDGET = 10 * 1024**3
-SCHEMA_VERSION = 1
+#: Format 1 recorded whole chunks; its rows are dropped on upgrade (refetched).
+SCHEMA_VERSION = 2
 # A one-byte region far beyond any real file offset: every process that has a
 # blob open holds a shared fcntl lock on it; an evictor needs the exclusive lock.
 PIN_OFFSET = 1 << 62
@@ -133,8 +141,8 @@ def blob_key(spec: FileSpec) -> str:
 class Blob:
     """One open blob file, shared by every reader of the same content in this process.
 
-    ``present`` mirrors the index for this process; chunks written by another
-    process appear after ``BlobStore.refresh_chunk``.
+    ``present`` (block indices) mirrors the index for this process; blocks
+    written by another process appear after ``BlobStore.refresh_blocks``.
     """
 
     key: str
@@ -143,6 +151,7 @@ class Blob:
     size: int
     checksum: Checksum | None
     chunk_size: int
+    block_size: int
     present: set[int] = field(default_factory=set)
     complete: bool = False
     error: IntegrityError | None = None
@@ -156,16 +165,27 @@ class Blob:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
     @property
+    def block_count(self) -> int:
+        return -(-self.size // self.block_size)
+
+    def block_length(self, index: int) -> int:
+        return min(self.block_size, self.size - index * self.block_size)
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_size // self.block_size
+
+    @property
     def all_present(self) -> bool:
-        return len(self.present) == self.chunk_count
+        return len(self.present) == self.block_count
 
     @property
     def present_bytes(self) -> int:
         # arithmetic, not iteration: worker threads add to ``present`` concurrently
         count = len(self.present)
-        last = self.chunk_count - 1
-        short = self.chunk_size - self.chunk_length(last) if last in self.present else 0
-        return count * self.chunk_size - short
+        last = self.block_count - 1
+        short = self.block_size - self.block_length(last) if last in self.present else 0
+        return count * self.block_size - short
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,14 +206,20 @@ class BlobInfo:
 class BlobStore:
     """The persistent cache directory: ``index.sqlite3`` plus ``blobs/xx/<name>`` files."""
 
-    def __init__(self, directory: Path, budget: int, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(
+        self, directory: Path, budget: int, chunk_size: int = CHUNK_SIZE, block_size: int = BLOCK_SIZE
+    ) -> None:
         if budget < 0:
             raise ValueError(f"cache budget must not be negative, got {budget}")
-        if chunk_size <= 0:
-            raise ValueError(f"chunk size must be positive, got {chunk_size}")
+        if chunk_size <= 0 or block_size <= 0:
+            raise ValueError(f"chunk and block size must be positive, got {chunk_size} and {block_size}")
+        block_size = min(block_size, chunk_size)
+        if chunk_size % block_size:
+            raise ValueError(f"chunk size {chunk_size} is not a multiple of the block size {block_size}")
         self.directory = Path(directory)
         self.budget = budget
         self.chunk_size = chunk_size
+        self.block_size = block_size
         self._blobs_dir = self.directory / "blobs"
         self._lock = threading.Lock()
         self._open: dict[str, Blob] = {}
@@ -212,12 +238,14 @@ class BlobStore:
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise CacheError(
                 f"cache index {path} has format {version}, this scicatfs knows {SCHEMA_VERSION};"
                 " use another --cache-dir or delete this one"
             )
         db.executescript(SCHEMA)
+        if version == 1:  # rows of whole chunks: forgetting them is safe, the data is refetched
+            db.executescript("DELETE FROM chunks; UPDATE blobs SET complete = 0;")
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
@@ -349,10 +377,10 @@ class BlobStore:
             if getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
                 raise
             if created:
-                return Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size)
+                return Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, self.block_size)
         state = self._db.execute("SELECT complete FROM blobs WHERE key = ?", (key,)).fetchone()
         present = {row[0] for row in self._db.execute("SELECT idx FROM chunks WHERE key = ?", (key,))}
-        blob = Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, present)
+        blob = Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, self.block_size, present)
         blob.complete = bool(state and state[0]) and blob.all_present
         return blob
 
@@ -374,69 +402,79 @@ class BlobStore:
     # -- chunks ----------------------------------------------------------------
 
     def read(self, blob: Blob, offset: int, size: int) -> bytes:
-        """pread from the blob; the caller has checked that the chunks are present."""
+        """pread from the blob; the caller has checked that the blocks are present."""
         return os.pread(blob.fd, size, offset)
 
     def write_chunk(self, blob: Blob, index: int, data: bytes) -> None:
-        """Durably write one chunk, then record it: data first, index row second.
-
-        A crash between the two leaves bytes that no index row vouches for, which
-        the next start ignores. Raises OSError (e.g. ENOSPC) with nothing recorded.
-        """
+        """Durably write and record one whole chunk (``write_blocks`` of its blocks)."""
         if len(data) != blob.chunk_length(index):
             raise ValueError(f"chunk {index} of {blob.key} must be {blob.chunk_length(index)} bytes")
+        self.write_blocks(blob, index * blob.blocks_per_chunk, data)
+
+    def write_blocks(self, blob: Blob, first: int, data: bytes) -> None:
+        """Durably write consecutive blocks from block ``first``, then record them.
+
+        Data first (one ``fdatasync``), index rows second (one transaction): a
+        crash between the two leaves bytes that no row vouches for, which the
+        next start ignores. ``data`` must end on a block boundary or at the end
+        of the file. Raises OSError (e.g. ENOSPC) with nothing recorded.
+        """
+        offset = first * self.block_size
+        count = -(-len(data) // self.block_size)
+        if not data or offset + len(data) != min(offset + count * self.block_size, blob.size):
+            raise ValueError(f"{len(data)} bytes at block {first} of {blob.key} are not whole blocks")
         view = memoryview(data)
-        offset = index * self.chunk_size
         while view:
             written = os.pwrite(blob.fd, view, offset)
             view = view[written:]
             offset += written
         os.fdatasync(blob.fd)
+        rows = [(blob.key, index, blob.block_length(index)) for index in range(first, first + count)]
         try:
             with self._lock, self._transaction() as db:
-                db.execute(
-                    "INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)",
-                    (blob.key, index, len(data)),
-                )
+                db.executemany("INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)", rows)
         except sqlite3.Error as error:  # the index shares the disk: it fills up too
             full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
             raise OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}") from error
-        blob.present.add(index)
+        blob.present.update(range(first, first + count))
 
-    def refresh_chunk(self, blob: Blob, index: int) -> bool:
-        """Is the chunk present, also counting what other processes recorded meanwhile?"""
-        if index in blob.present:
+    def refresh_blocks(self, blob: Blob, first: int, count: int) -> bool:
+        """Are these blocks present, also counting what other processes recorded meanwhile?"""
+        wanted = range(first, first + count)
+        if blob.present.issuperset(wanted):
             return True
         with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM chunks WHERE key = ? AND idx = ?", (blob.key, index)
-            ).fetchone()
-        if row is not None:
-            blob.present.add(index)
-        return row is not None
+            rows = self._db.execute(
+                "SELECT idx FROM chunks WHERE key = ? AND idx >= ? AND idx < ?",
+                (blob.key, first, first + count),
+            ).fetchall()
+        blob.present.update(row[0] for row in rows)
+        return blob.present.issuperset(wanted)
 
-    def try_lock_chunk(self, blob: Blob, index: int) -> bool:
-        """Take the cross-process write lock on one chunk's byte range, without waiting.
+    def try_lock_blocks(self, blob: Blob, first: int, count: int) -> bool:
+        """Take the cross-process write lock on consecutive blocks' bytes, without waiting.
 
         fcntl locks belong to the process, so this only excludes other processes;
-        within a process the fetcher's single-flight table keeps one writer per chunk.
+        within a process the fetcher's single-flight table keeps one writer per block.
         """
         try:
-            fcntl.lockf(blob.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.chunk_size, index * self.chunk_size)
+            fcntl.lockf(
+                blob.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, count * self.block_size, first * self.block_size
+            )
         except (BlockingIOError, PermissionError):
             return False
         return True
 
-    def unlock_chunk(self, blob: Blob, index: int) -> None:
-        fcntl.lockf(blob.fd, fcntl.LOCK_UN, self.chunk_size, index * self.chunk_size)
+    def unlock_blocks(self, blob: Blob, first: int, count: int) -> None:
+        fcntl.lockf(blob.fd, fcntl.LOCK_UN, count * self.block_size, first * self.block_size)
 
     # -- completion and verification -----------------------------------------
 
     def complete(self, blob: Blob, spec: FileSpec) -> None:
-        """Mark a blob whose chunks are all present complete, after checking its checksum.
+        """Mark a blob whose blocks are all present complete, after checking its checksum.
 
         Hashes the whole blob: call it from a worker thread. On a mismatch the
-        blob's chunks are forgotten, ``blob.error`` is set and IntegrityError raised.
+        blob's blocks are forgotten, ``blob.error`` is set and IntegrityError raised.
         """
         if blob.complete or not blob.all_present:
             return
@@ -466,7 +504,7 @@ class BlobStore:
             return hashlib.file_digest(stream, algorithm).hexdigest()
 
     def discard(self, blob: Blob) -> None:
-        """Forget every chunk of a blob (rows first) and punch the file back to a hole."""
+        """Forget every block of a blob (rows first) and punch the file back to a hole."""
         with self._lock, self._index_errors(), self._transaction() as db:
             db.execute("DELETE FROM chunks WHERE key = ?", (blob.key,))
             db.execute("UPDATE blobs SET complete = 0 WHERE key = ?", (blob.key,))
@@ -497,7 +535,7 @@ class BlobStore:
     # -- accounting ------------------------------------------------------------
 
     def usage(self) -> int:
-        """Bytes of recorded chunks over all blobs (holes and torn writes not counted)."""
+        """Bytes of recorded blocks over all blobs (holes and torn writes not counted)."""
         with self._lock:
             return self._db.execute("SELECT COALESCE(SUM(length), 0) FROM chunks").fetchone()[0]
 
