@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -83,6 +84,51 @@ def test_recorded_chunks_survive_reopen(tmp_path: Path) -> None:
         blob = third.open_blob(spec)
         assert blob.complete and third.read(blob, 0, 2 * CHUNK) == data
         third.release_blob(blob)
+
+
+def test_blocks_within_a_chunk_are_recorded_one_by_one(tmp_path: Path) -> None:
+    data = os.urandom(4 * CHUNK + 10)
+    spec = spec_for(data, checksum=False)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=4 * CHUNK, block_size=CHUNK) as store:
+        blob = store.open_blob(spec)
+        assert (blob.chunk_count, blob.block_count, blob.blocks_per_chunk) == (2, 5, 4)
+        store.write_blocks(blob, 2, data[2 * CHUNK : 3 * CHUNK])
+        store.write_blocks(blob, 4, data[4 * CHUNK :])  # the short last block
+        assert blob.present == {2, 4}
+        assert store.cached_bytes(spec) == CHUNK + 10
+        with pytest.raises(ValueError, match="not whole blocks"):
+            store.write_blocks(blob, 0, data[: CHUNK + 1])
+        store.release_blob(blob)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=4 * CHUNK, block_size=CHUNK) as store:
+        blob = store.open_blob(spec)
+        assert blob.present == {2, 4} and store.refresh_blocks(blob, 2, 1)
+        assert not store.refresh_blocks(blob, 2, 2)
+        assert store.read(blob, 2 * CHUNK, CHUNK) == data[2 * CHUNK : 3 * CHUNK]
+        store.release_blob(blob)
+
+
+def set_format(cache: Path, version: int) -> None:
+    db = sqlite3.connect(cache / "index.sqlite3")
+    try:
+        db.execute(f"PRAGMA user_version = {version}")
+    finally:
+        db.close()
+
+
+def test_a_format_1_index_forgets_its_chunks(tmp_path: Path) -> None:
+    """Format 1 rows counted whole chunks; read as blocks they would vouch for holes."""
+    data = os.urandom(2 * CHUNK)
+    spec = spec_for(data)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        fill(store, spec, data)
+    set_format(tmp_path, 1)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        blob = store.open_blob(spec)
+        assert blob.present == set() and not blob.complete and store.usage() == 0
+        store.release_blob(blob)
+    set_format(tmp_path, 99)
+    with pytest.raises(CacheError, match="has format 99"):
+        BlobStore(tmp_path, budget=1 << 20)
 
 
 def test_torn_write_is_not_trusted(tmp_path: Path) -> None:
