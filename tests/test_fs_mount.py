@@ -379,3 +379,13 @@ def test_dot_entries_name_the_directory_and_its_parent(mounted: Mount) -> None:
         assert numbers["."] == os.stat(directory).st_ino
         if directory != mounted.path:  # the root's ".." is outside the mount
             assert numbers[".."] == os.stat(directory.parent).st_ino
+
+
+def test_df_shows_the_cache(make_mount) -> None:  # type: ignore[no-untyped-def]
+    mount = make_mount(args=["--cache-size", "64M"])
+    info = os.statvfs(mount.path)
+    assert info.f_blocks * info.f_frsize == 64 * 1024 * 1024
+    assert info.f_bfree == info.f_blocks  # nothing cached yet
+    (mount.dataset(FRAMES) / "frame_big.raw").read_bytes()
+    used = eventually(lambda: os.statvfs(mount.path), lambda i: (i.f_blocks - i.f_bfree) * i.f_frsize >= 9 * 1024 * 1024)
+    assert (used.f_blocks - used.f_bfree) * used.f_frsize >= 9 * 1024 * 1024

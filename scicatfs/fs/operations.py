@@ -194,10 +194,18 @@ class ScicatOperations(pyfuse3.Operations):
             return self._entry(inode, await self.namespace.attributes(node))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        """Read-only and network-backed: nothing free, sizes unknown (like sshfs without a quota)."""
+        """``df`` shows the local cache: its budget as the size, cached bytes as used.
+
+        The remote data has no meaningful size here, and what a user wants to
+        know from ``df`` on this mount is how full the cache is.
+        """
+        store = self.fetcher.store
+        used = await trio.to_thread.run_sync(store.usage)  # a sum over the index: keep it off the loop
+        free = max(0, store.budget - used)
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = _BLOCK
-        data.f_blocks = data.f_bfree = data.f_bavail = 0
+        data.f_blocks = store.budget // _BLOCK
+        data.f_bfree = data.f_bavail = free // _BLOCK
         data.f_files = data.f_ffree = data.f_favail = 0
         data.f_namemax = 255
         return data
