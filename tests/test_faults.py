@@ -87,7 +87,9 @@ def test_sshd_killed_mid_read_then_restarted(make_mount, make_sshd) -> None:  # 
         return b"".join(pieces)
 
     reader = Background(sequential_reader)
-    assert started.wait(30)
+    if not started.wait(30):
+        reader.outcome(5).unwrap()  # the reader's own error, if it failed
+        raise AssertionError("the first MiB did not arrive within 30 s")
     assert _files_json(mount, pid)["big.bin"]["cached"] < 32 * MiB, "the kill must come mid-read"
     sshd.kill()
     resume.set()
