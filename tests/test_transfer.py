@@ -333,12 +333,21 @@ def test_warm_up_connects_before_the_first_read(sshd: OpenSSHServer, remote_dir:
     path = sshd.put(f"{remote_dir}/f.bin", b"x" * 10)
 
     async def body(transfer: Transfer) -> None:
-        transfer.warm_up()
-        with trio.fail_after(5):
-            while transfer.stats["connects"] == 0:
-                await trio.sleep(0.01)
-        assert await transfer.read(None, path, 0, 10) == b"x" * 10
+        await transfer.warm_up()  # returns at once
+        assert transfer.stats["connects"] == 0
+        assert await transfer.read(None, path, 0, 10) == b"x" * 10  # waits for that connect
         assert transfer.stats["connects"] == 1  # the read used the warm connection
+        await transfer.warm_up(wait=5)  # nothing to do: a slot is connected
+        assert transfer.stats["connects"] == 1
+
+    with_transfer(settings_for(sshd), body)
+
+
+def test_warm_up_can_wait_for_the_connection(sshd: OpenSSHServer) -> None:
+    async def body(transfer: Transfer) -> None:
+        with trio.fail_after(5):
+            await transfer.warm_up(wait=5)
+        assert transfer.stats["connects"] == 1
 
     with_transfer(settings_for(sshd), body)
 
@@ -350,11 +359,9 @@ def test_warm_up_of_a_dead_server_is_quiet_and_reads_still_fail_clearly(
     server.stop()
 
     async def body(transfer: Transfer) -> None:
-        with caplog.at_level(logging.INFO, logger="scicatfs.transfer.sftp"):
-            transfer.warm_up()
-            with trio.fail_after(5):
-                while "ahead of the first read" not in caplog.text:
-                    await trio.sleep(0.01)
+        with caplog.at_level(logging.INFO, logger="scicatfs.transfer.sftp"), trio.fail_after(5):
+            await transfer.warm_up(wait=5)  # a refused connection ends the wait early
+        assert "could not connect to 127.0.0.1 ahead of the first read" in caplog.text
         with trio.fail_after(5), pytest.raises(ConnectionLost, match="cannot connect"):
             await transfer.size(None, "/x")
 

@@ -78,16 +78,6 @@ class AsyncioThread:
             raise
         return future.result()
 
-    def submit(self, coro_factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run ``coro_factory()`` on the loop without waiting for it (fire and forget).
-
-        The coroutine must handle its own errors; if still running at ``stop()``,
-        it is cancelled with everything else on the loop.
-        """
-        if self._loop is None:
-            raise RuntimeError("asyncio thread is not running")
-        asyncio.run_coroutine_threadsafe(coro_factory(), self._loop)
-
     def _main(self) -> None:
         loop = self._loop
         assert loop is not None

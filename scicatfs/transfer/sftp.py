@@ -125,6 +125,7 @@ class Transfer:
         self._settings = settings
         self._thread = AsyncioThread()
         self._pools: dict[str, _Pool] = {}  # touched only on the asyncio thread
+        self._background: set[asyncio.Task[None]] = set()  # warm-ups, asyncio thread only
         self._stats = _Stats()
         if not settings.check_host_keys:
             log.warning(
@@ -157,23 +158,31 @@ class Transfer:
         self._stats.bytes_read += len(data)
         return data
 
-    def warm_up(self, host: str | None = None) -> None:
+    async def warm_up(self, host: str | None = None, *, wait: float = 0.0) -> None:
         """Start opening the first connection to ``host`` (default: the configured host).
 
-        Returns at once: the connect runs in the background on the asyncio loop,
-        so a mount can call this at start-up and its first read skips the SSH
-        handshake, while a server that is down never delays or fails the mount
-        (the failure is logged, and reads later fail or succeed as usual).
+        Waits at most ``wait`` seconds for it; the connect goes on in the
+        background after that. Never raises: a server that is down must not
+        fail a mount, which still serves the cache offline (the failure is
+        logged, and reads later fail or succeed as usual). A mount calls this so
+        that its first read does not pay for the SSH handshake, as sshfs
+        connects before its mount is ready.
         """
         host = host or self._settings.host
         if host:
-            self._thread.submit(lambda: self._warm_up(host))
+            await self._thread.run(lambda: self._warm_up(host, wait))
 
-    async def _warm_up(self, host: str) -> None:
-        try:
-            await self._pool(host).warm_up()
-        except TransferError as error:
-            log.info("could not connect to %s ahead of the first read: %s", host, error)
+    async def _warm_up(self, host: str, wait: float) -> None:
+        async def connect() -> None:
+            try:
+                await self._pool(host).warm_up()
+            except TransferError as error:
+                log.info("could not connect to %s ahead of the first read: %s", host, error)
+
+        task = asyncio.get_running_loop().create_task(connect())
+        self._background.add(task)  # the loop holds tasks only weakly
+        task.add_done_callback(self._background.discard)
+        await asyncio.wait([task], timeout=wait)  # a timeout leaves the task running
 
     async def size(self, host: str | None, path: str) -> int:
         """The remote file's size in bytes (one SFTP stat)."""
