@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 #: The root must answer stat within this time after mounting, or the mount is abandoned.
 READY_TIMEOUT = 30.0
+WARM_UP_WAIT = 2.0  # seconds the mount waits for its first SSH connection
 READ_AHEAD_KB = 1024
 DEFAULT_CACHE_BUDGET = 10 * 1024**3
 
@@ -138,7 +139,9 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
             raise MountError(str(error)) from None
         with store:
             async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
-                transfer.warm_up()  # in the background: the first read skips the SSH handshake
+                # Like sshfs, be connected before the mount is ready (so the first read
+                # skips the SSH handshake), but never wait long for a server that is down.
+                await transfer.warm_up(wait=WARM_UP_WAIT)
                 await _mount_and_serve(_filesystem(options, catalog, transfer, fetcher), options, ready)
 
 
