@@ -20,10 +20,10 @@ from pathlib import Path
 
 from scicatfs import __version__
 from scicatfs.commands import register_all
+from scicatfs.commands.common import add_connection_options
 from scicatfs.config import LOG_LEVELS, ConfigError, helper_argv_to_cli, mount_options, split_fuse_o
 
 __all__ = ["main"]
-
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -43,21 +43,9 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
 
     mount = commands.add_parser("mount", help="mount a catalog", description="Mount a SciCat catalog at MOUNTPOINT.")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory you own")
-    mount.add_argument("--url", metavar="URL", help="catalog URL, e.g. https://scicat.ess.eu/api/v3 (with or without /api/v3)")
     mount.add_argument("--profile", metavar="NAME", help="named profile from the config file (command-line options override it)")
     mount.add_argument("--config", type=Path, metavar="FILE", help="config file (default: ~/.config/scicatfs/config.toml)")
-    login = mount.add_argument_group("catalog credentials (default: $SCICAT_TOKEN, systemd credential, else anonymous)")
-    login.add_argument("--token-file", type=Path, metavar="FILE", help="file holding a SciCat token (must not be group/world-readable)")
-    login.add_argument("--username", metavar="USER", help="log in with this user name (needs --password-file)")
-    login.add_argument("--password-file", type=Path, metavar="FILE", help="file holding the password (must not be group/world-readable)")
-    sftp = mount.add_argument_group("file server (SFTP)")
-    sftp.add_argument("--sftp-host", metavar="HOST", help="SFTP host for every dataset (default: each dataset's sourceFolderHost)")
-    sftp.add_argument("--sftp-port", metavar="PORT", help="SFTP port (default: ssh config, else 22)")
-    sftp.add_argument("--sftp-user", metavar="USER", help="SFTP user name (default: ssh config, else your login name)")
-    sftp.add_argument("--identity-file", type=Path, metavar="FILE", help="SSH private key (default: ssh-agent and ~/.ssh keys)")
-    sftp.add_argument("--known-hosts", type=Path, metavar="FILE", help="known_hosts file (default: ~/.ssh/known_hosts)")
-    _flag(sftp, "--insecure-no-host-key-check", "accept any host key (INSECURE: only for throw-away test servers)")
-    sftp.add_argument("--sftp-connections", metavar="N", help="SSH connections per host (default 4)")
+    add_connection_options(mount)
     cache = mount.add_argument_group("cache")
     cache.add_argument("--cache-dir", type=Path, metavar="DIR", help="persistent cache directory (default: ~/.cache/scicatfs)")
     cache.add_argument("--cache-size", metavar="SIZE", help="cache budget, e.g. 20G (default: min(10G, 10%% of its filesystem))")

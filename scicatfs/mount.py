@@ -36,7 +36,7 @@ import trio
 
 from scicatfs.cache.errors import CacheError
 from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.store import BlobStore
+from scicatfs.cache.store import BlobStore, default_budget
 from scicatfs.catalog.auth import resolve_credentials
 from scicatfs.catalog.client import CatalogClient, CatalogSettings
 from scicatfs.catalog.errors import CatalogError
@@ -48,7 +48,7 @@ from scicatfs.notify import notify_ready, notify_stopping
 from scicatfs.status import collect_status
 from scicatfs.transfer.sftp import SFTPSettings, Transfer
 
-__all__ = ["MountError", "fuse_options", "run", "serve"]
+__all__ = ["MountError", "cache_budget", "catalog_settings", "fuse_options", "run", "serve", "sftp_settings"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
 WARM_UP_WAIT = 2.0  # seconds the mount waits for its first SSH connection
 READ_AHEAD_KB = 1024
-DEFAULT_CACHE_BUDGET = 10 * 1024**3
 
 
 class MountError(Exception):
@@ -79,16 +78,14 @@ def fuse_options(options: MountOptions) -> set[str]:
 
 def cache_budget(options: MountOptions) -> int:
     """The cache size: as configured, else min(10 GiB, 10 % of the filesystem holding it)."""
-    if options.cache_size is not None:
-        return options.cache_size
-    existing = options.cache_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    stats = os.statvfs(existing)
-    return min(DEFAULT_CACHE_BUDGET, stats.f_blocks * stats.f_frsize // 10)
+    return options.cache_size if options.cache_size is not None else default_budget(options.cache_dir)
 
 
-def _catalog_settings(options: MountOptions) -> CatalogSettings:
+def catalog_settings(options: MountOptions) -> CatalogSettings:
+    """How to reach the catalog; also used by ``prefetch`` without a mount.
+
+    Raises :class:`CatalogError` when the credentials cannot be read.
+    """
     credentials = resolve_credentials(options.token_file, options.username, options.password_file)
     return CatalogSettings(
         url=options.url,
@@ -98,7 +95,8 @@ def _catalog_settings(options: MountOptions) -> CatalogSettings:
     )
 
 
-def _sftp_settings(options: MountOptions) -> SFTPSettings:
+def sftp_settings(options: MountOptions) -> SFTPSettings:
+    """How to reach the file server; also used by ``prefetch`` without a mount."""
     return SFTPSettings(
         host=options.sftp_host,
         port=options.sftp_port,
@@ -119,7 +117,7 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
     try:
         check_fuse()
         check_mountpoint(options.mountpoint)
-        catalog_settings = _catalog_settings(options)
+        settings = catalog_settings(options)
     except (MountpointError, CatalogError) as error:
         raise MountError(str(error)) from None
     for what, path in (("identity file", options.identity_file), ("known_hosts file", options.known_hosts)):
@@ -129,7 +127,7 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
 
     async with AsyncExitStack() as stack:
         try:
-            catalog = await stack.enter_async_context(CatalogClient(catalog_settings))
+            catalog = await stack.enter_async_context(CatalogClient(settings))
             await catalog.count()
         except CatalogError as error:
             raise MountError(f"catalog at {options.url}: {error}") from None
@@ -138,7 +136,7 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
         except (CacheError, OSError) as error:
             raise MountError(str(error)) from None
         with store:
-            async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
+            async with Transfer(sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
                 # Like sshfs, be connected before the mount is ready (so the first read
                 # skips the SSH handshake), but never wait long for a server that is down.
                 await transfer.warm_up(wait=WARM_UP_WAIT)

@@ -61,26 +61,42 @@ def guarded(handler: Handler) -> Handler:
     return run
 
 
-def add_connection_options(where: argparse._ActionsContainer) -> None:
+def add_connection_options(parser: argparse.ArgumentParser, when: str = "") -> None:
     """The options ``scicatfs mount`` takes to reach the catalog and the file server.
 
-    ``where`` is a parser or an argument group; values stay None unless given,
-    so that a profile's values are not overridden.
+    Two groups, catalog and file server; ``when`` is added to their titles
+    (prefetch: " (without --mount)"). Values stay None unless given, so that
+    a profile's values are not overridden.
     """
-    where.add_argument("--url", help="catalog URL, e.g. https://scicat.ess.eu/api/v3")
-    where.add_argument("--token-file", type=Path, help="file holding a SciCat token")
-    where.add_argument("--username", help="log in with this user name (needs --password-file)")
-    where.add_argument("--password-file", type=Path, help="file holding the password")
-    where.add_argument("--sftp-host", help="SFTP host for every dataset (default: each dataset's sourceFolderHost)")
-    where.add_argument("--sftp-port", help="SFTP port (default: ssh config, else 22)")
-    where.add_argument("--sftp-user", help="SFTP user name (default: ssh config, else your login name)")
-    where.add_argument("--identity-file", type=Path, help="SSH private key")
-    where.add_argument("--known-hosts", type=Path, help="known_hosts file (default: ~/.ssh/known_hosts)")
-    where.add_argument(
+    catalog = parser.add_argument_group(
+        f"catalog{when}", "credentials, the first that is given: --token-file, $SCICAT_TOKEN, the systemd"
+        " credential scicat-token, --username with --password-file; else anonymous",
+    )
+    catalog.add_argument(
+        "--url", metavar="URL", help="catalog URL, e.g. https://scicat.ess.eu/api/v3 (with or without /api/v3)"
+    )
+    catalog.add_argument(
+        "--token-file", type=Path, metavar="FILE", help="file holding a SciCat token (must not be group/world-readable)"
+    )
+    catalog.add_argument("--username", metavar="USER", help="log in with this user name (needs --password-file)")
+    catalog.add_argument(
+        "--password-file", type=Path, metavar="FILE", help="file holding the password (must not be group/world-readable)"
+    )
+    sftp = parser.add_argument_group(f"file server (SFTP){when}")
+    sftp.add_argument(
+        "--sftp-host", metavar="HOST", help="SFTP host for every dataset (default: each dataset's sourceFolderHost)"
+    )
+    sftp.add_argument("--sftp-port", metavar="PORT", help="SFTP port (default: ssh config, else 22)")
+    sftp.add_argument("--sftp-user", metavar="USER", help="SFTP user name (default: ssh config, else your login name)")
+    sftp.add_argument(
+        "--identity-file", type=Path, metavar="FILE", help="SSH private key (default: ssh-agent and ~/.ssh keys)"
+    )
+    sftp.add_argument("--known-hosts", type=Path, metavar="FILE", help="known_hosts file (default: ~/.ssh/known_hosts)")
+    sftp.add_argument(
         "--insecure-no-host-key-check", action="store_const", const=True, default=None,
         help="accept any host key (INSECURE: only for throw-away test servers)",
     )  # fmt: skip
-    where.add_argument("--sftp-connections", help="SSH connections per host (default 4)")
+    sftp.add_argument("--sftp-connections", metavar="N", help="SSH connections per host (default 4)")
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ import trio
 
 from scicatfs.cache.errors import CacheError
 from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.store import BlobStore, FileSpec, blob_key, default_budget
+from scicatfs.cache.store import BlobStore, FileSpec, blob_key
 from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.errors import CatalogError
 from scicatfs.commands.common import (
@@ -55,10 +55,7 @@ from scicatfs.commands.common import (
 )
 from scicatfs.commands.status import read_status
 from scicatfs.config import ConfigError, MountOptions, mount_options
-from scicatfs.mount import (  # built exactly as the mount builds them
-    _catalog_settings,
-    _sftp_settings,
-)
+from scicatfs.mount import cache_budget, catalog_settings, sftp_settings  # exactly as the mount builds them
 from scicatfs.progress import Progress, human_size
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.sftp import Transfer
@@ -104,8 +101,7 @@ def register(subparsers: Any) -> None:
         help="fetch through this running scicatfs mount (its credentials, connections and cache)",
     )  # fmt: skip
     parser.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS, help=f"files at once (default {DEFAULT_JOBS})")
-    where = parser.add_argument_group("without --mount: where the catalog and the files are (as for mount)")
-    add_connection_options(where)
+    add_connection_options(parser, " (without --mount)")
     add_cache_options(parser)
     parser.set_defaults(func=guarded(run))
 
@@ -225,9 +221,9 @@ def _options(args: argparse.Namespace) -> MountOptions:
 
 async def _standalone(args: argparse.Namespace) -> int:
     options = _options(args)
-    budget = options.cache_size if options.cache_size is not None else default_budget(options.cache_dir)
+    budget = cache_budget(options)
     try:
-        async with CatalogClient(_catalog_settings(options)) as catalog:
+        async with CatalogClient(catalog_settings(options)) as catalog:
             dataset = await catalog.get_dataset(args.pid)
     except CatalogError as error:
         raise CommandError(f"catalog at {options.url}: {error}") from None
@@ -253,7 +249,7 @@ async def _standalone(args: argparse.Namespace) -> int:
                 f"the selected files need {human_size(wanted)} but the cache budget is {human_size(budget)}:"
                 " pass a larger --cache-size or select fewer files with GLOBs"
             )
-        async with Transfer(_sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
+        async with Transfer(sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
 
             async def fetch(item: Item, add: Callable[[int], None]) -> None:
                 counted = item.cached
