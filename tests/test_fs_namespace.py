@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from scicatfs.cache.errors import IntegrityError
-from scicatfs.cache.store import FileSpec
+from scicatfs.cache.store import FileSpec, blob_key
 from scicatfs.catalog.auth import Credentials, Secret
 from scicatfs.catalog.client import CatalogClient, CatalogSettings
 from scicatfs.catalog.errors import (
@@ -243,6 +243,32 @@ def test_a_changed_dataset_reports_only_the_names_that_changed(make_catalog_serv
 
     trio.run(main)
     assert changes == [(pid, {"": {"data.txt", "metadata.json"}, ".scicat": {"metadata.json"}})]
+
+
+@pytest.mark.parametrize("sftp_host_given", [False, True])
+def test_file_specs_match_what_prefetch_builds(make_catalog_server, sftp_host_given: bool) -> None:  # type: ignore[no-untyped-def]
+    """Without a checksum the host is part of the blob key: mount and prefetch must agree on it."""
+    pid = "hosts/elsewhere"
+    catalog = Catalog.load_default()
+    record = {"pid": pid, "owner": "Ponder Stibbons", "ownerGroup": "uu", "contactEmail": "p.stibbons@uu.am",
+              "creationLocation": "UnseenUniversity", "sourceFolder": "/hosts/elsewhere",
+              "sourceFolderHost": "files.example.org", "creationTime": "2023-05-01T10:00:00.000Z"}
+    catalog.add_dataset(record, [{"path": "sub/data.txt", "size": 3}], contents={"sub/data.txt": b"abc"})
+    server = make_catalog_server(catalog)
+    token = Credentials(token=Secret(server.issue_token("stibbons")), source="test token")
+
+    async def main() -> None:
+        async with CatalogClient(CatalogSettings(url=server.url, credentials=token)) as client:
+            namespace = Namespace(client, cached_bytes=lambda spec: 0, use_source_folder_host=not sftp_host_given)
+            node = await namespace.lookup(DatasetDir(pid, "sub"), "data.txt")
+            dataset = await client.get_dataset(pid)
+        assert isinstance(node, DataFileNode) and node.spec.checksum is None
+        host = None if sftp_host_given else dataset.source_folder_host  # scicatfs.commands.prefetch's rule
+        assert host == (None if sftp_host_given else "files.example.org")
+        expected = FileSpec.for_file(dataset, dataset.files[0], host)
+        assert node.spec == expected and blob_key(node.spec) == blob_key(expected)
+
+    trio.run(main)
 
 
 # -- errno mapping -------------------------------------------------------------------

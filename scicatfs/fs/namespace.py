@@ -319,15 +319,8 @@ class Namespace:
         return DataFileNode(self._spec(view.dataset, child))
 
     def _spec(self, dataset: Dataset, datafile: DataFile) -> FileSpec:
-        return FileSpec(
-            pid=dataset.pid,
-            path=datafile.path,
-            host=dataset.source_folder_host if self._use_source_folder_host else None,
-            remote_path=datafile.remote_path,
-            size=datafile.size,
-            mtime=datafile.mtime,
-            checksum=datafile.checksum,
-        )
+        """Built as ``prefetch`` builds it, so both find the same blobs."""
+        return FileSpec.for_file(dataset, datafile, dataset.source_folder_host if self._use_source_folder_host else None)
 
     # -- attributes ----------------------------------------------------------------
 
