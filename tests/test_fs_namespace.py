@@ -200,6 +200,36 @@ def test_listed_datasets_get_provisional_attributes_until_looked_up(catalog_serv
     _namespace_test(catalog_server, body)
 
 
+def test_a_listing_is_built_once_per_record_ttl(catalog_server: CatalogServer) -> None:
+    """A second ``ls`` of a dataset costs no per-file work (with a zero record TTL it does)."""
+    asked: list[str] = []
+
+    def cached_bytes(spec: FileSpec) -> int:
+        asked.append(spec.path)
+        return 7
+
+    async def main() -> None:
+        token = Credentials(token=Secret(catalog_server.issue_token("stibbons")), source="test token")
+        async with CatalogClient(CatalogSettings(url=catalog_server.url, credentials=token)) as catalog:
+            for ttl, per_listing in ((60.0, 0), (0.0, 1)):
+                namespace = Namespace(catalog, cached_bytes=cached_bytes, record_ttl=ttl)
+                first = [entry async for entry in (await namespace.listing(DatasetDir(THAUM)))()]
+                assert asked == ["flux.dat"]
+                flux = next(attributes for name, _, attributes in first if name == "flux.dat")
+                assert flux.cached == 7
+                again = [entry async for entry in (await namespace.listing(DatasetDir(THAUM)))()]
+                assert again == first and asked == ["flux.dat"] * (1 + per_listing)
+                asked.clear()
+
+            namespace = Namespace(catalog, cached_bytes=cached_bytes)
+            for _ in range(3):  # files.json's size: rendered once, not per stat or listing
+                await _names(namespace, ControlDir(THAUM))
+                await namespace.attributes(RecordFile(THAUM, ".scicat/files.json"))
+            assert sorted(asked) == ["flux.dat", "logs/measurement.log"]
+
+    trio.run(main)
+
+
 def test_prefix_seen_in_a_listing_needs_no_request(catalog_server: CatalogServer) -> None:
     async def body(namespace: Namespace) -> None:
         await _names(namespace, ROOT)

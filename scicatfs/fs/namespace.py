@@ -77,6 +77,14 @@ OFFLINE_RETRY = 10.0
 #: using that answer (the client's own retries and deadlines can take minutes
 #: against a catalog that accepts requests and never answers).
 STALE_WAIT = 5.0
+#: Built listings of dataset directories are kept for the record TTL, up to
+#: this many entries in all: a second ``ls -lR`` or ``find`` then costs no
+#: per-entry work (cached-bytes look-ups in the cache index above all). A
+#: directory larger than this is streamed from the dataset's tree every time.
+LISTING_CACHE_ENTRIES = 20_000
+#: How long the size of a ``files.json`` (rendered over every file of a dataset)
+#: is reused for its attributes; its content is rendered afresh on every open.
+FILES_JSON_TTL = 1.0
 #: Catalog answers that mean "no usable answer now" (down, overloaded, garbage), as
 #: opposed to "no such dataset" or "not yours": the last known version stands in.
 _NO_ANSWER = (CatalogUnavailable, BadResponse)
@@ -242,6 +250,13 @@ class Namespace:
         self._known_prefixes: LRUCache[str, bool] = LRUCache(maxsize=65536)
         self._offline_until = 0.0  # time.monotonic() until which the catalog is not asked (OFFLINE_RETRY)
         self._reported: LRUCache[str, bool] = LRUCache(maxsize=4096)
+        # (pid, path) -> (the view it was built from, its entries); see LISTING_CACHE_ENTRIES
+        self._listings: TTLCache[tuple[str, str], tuple[_DatasetView, tuple[Entry, ...]]] = TTLCache(
+            maxsize=LISTING_CACHE_ENTRIES, ttl=max(record_ttl, 1e-3), getsizeof=lambda item: len(item[1])
+        )
+        self._files_json_sizes: TTLCache[str, tuple[_DatasetView, int]] = TTLCache(
+            maxsize=1024, ttl=FILES_JSON_TTL
+        )
 
     # -- lookup ------------------------------------------------------------------
 
@@ -344,7 +359,7 @@ class Namespace:
         if isinstance(node, ControlDir):
             return Attributes(True, 0, created, 2, self.record_ttl)
         if node.live:
-            return Attributes(False, len(self._files_json(view)), time.time(), 1, ttl=1.0)
+            return Attributes(False, self._files_json_size(view), time.time(), 1, FILES_JSON_TTL)
         return Attributes(False, len(self._record_bytes(view, node)), created, 1, self.record_ttl)
 
     def _level_attributes(self) -> Attributes:
@@ -374,8 +389,29 @@ class Namespace:
                 return lambda: _replay(self._control_entries(view))
             if node.path not in view.dirs:
                 raise NoEntry(f"{node.path} is no longer a directory of {node.pid}")
-            return lambda: _replay(self._dataset_entries(view, node.path))
+            entries = self._built_listing(view, node.path)
+            if entries is None:
+                return lambda: _replay(self._dataset_entries(view, node.path))
+            return lambda: _replay(iter(entries))
         raise NotADirectoryError(str(node))
+
+    def _built_listing(self, view: _DatasetView, path: str) -> tuple[Entry, ...] | None:
+        """The entries of a dataset directory, built once per view and record TTL.
+
+        None for a directory too large to keep (or with a zero record TTL):
+        its entries are then produced as the kernel reads them. Attributes in
+        a kept listing are as old as the listing, at most the record TTL,
+        which is how long the kernel trusts them anyway.
+        """
+        if self.record_ttl <= 0 or len(view.dirs[path]) + 2 > LISTING_CACHE_ENTRIES:
+            return None
+        key = (view.dataset.pid, path)
+        kept = self._listings.get(key)
+        if kept is not None and kept[0] is view:
+            return kept[1]
+        entries = tuple(self._dataset_entries(view, path))
+        self._listings[key] = (view, entries)
+        return entries
 
     def _dataset_entries(self, view: _DatasetView, path: str) -> Iterator[Entry]:
         pid = view.dataset.pid
@@ -399,7 +435,7 @@ class Namespace:
         record = RecordFile(pid, f"{CONTROL_DIR}/{METADATA}", view.version)
         yield METADATA, record, Attributes(False, len(view.metadata), created, 1, self.record_ttl)
         files = RecordFile(pid, f"{CONTROL_DIR}/{FILES}")
-        yield FILES, files, Attributes(False, len(self._files_json(view)), time.time(), 1, 1.0)
+        yield FILES, files, Attributes(False, self._files_json_size(view), time.time(), 1, FILES_JSON_TTL)
 
     def _status_entry(self) -> Entry:
         status = RecordFile(MOUNT, f"{CONTROL_DIR}/{STATUS}")
@@ -464,6 +500,18 @@ class Namespace:
             raise NoEntry(f"{node.path} of {node.pid} changed in the catalog; look it up again")
         return view.metadata
 
+    def _files_json_size(self, view: _DatasetView) -> int:
+        """The size of files.json, rendered at most once per FILES_JSON_TTL per dataset.
+
+        ``ls -l`` and ``find`` stat it; rendering asks the cache about every
+        file of the dataset. The file is read with direct I/O, so a size a
+        moment old does not cut its content short.
+        """
+        kept = self._files_json_sizes.get(view.dataset.pid)
+        if kept is not None and kept[0] is view:
+            return kept[1]
+        return len(self._files_json(view))
+
     def _files_json(self, view: _DatasetView) -> bytes:
         dataset = view.dataset
         files = []
@@ -480,7 +528,9 @@ class Namespace:
                 }
             )
         document = {"pid": dataset.pid, "sourceFolder": dataset.source_folder, "files": files}
-        return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        content = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
+        self._files_json_sizes[dataset.pid] = (view, len(content))
+        return content
 
     async def xattrs(self, node: Node) -> dict[str, bytes]:
         """``user.scicat.*`` attributes of ``node`` (only with ``-o xattrs``)."""
