@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, IntegrityError
 from scicatfs.cache.store import BlobStore, FileSpec, blob_key
 from scicatfs.catalog.models import Checksum
@@ -129,6 +130,38 @@ def test_a_format_1_index_forgets_its_chunks(tmp_path: Path) -> None:
     set_format(tmp_path, 99)
     with pytest.raises(CacheError, match="has format 99"):
         BlobStore(tmp_path, budget=1 << 20)
+
+
+def test_running_digest_hashes_the_recorded_prefix_only(store: BlobStore) -> None:
+    data = os.urandom(4 * CHUNK + 10)
+    spec = spec_for(data)
+    blob = store.open_blob(spec)
+    running = RunningDigest("md5")
+    store.write_chunk(blob, 1, data[CHUNK : 2 * CHUNK])
+    running.advance(store, blob)
+    assert running.position == 0  # block 0 is missing: nothing contiguous to hash
+    store.write_chunk(blob, 0, data[:CHUNK])
+    store.write_chunk(blob, 3, data[3 * CHUNK : 4 * CHUNK])
+    running.advance(store, blob)
+    assert running.position == 2 * CHUNK  # up to the gap at block 2
+    store.write_chunk(blob, 2, data[2 * CHUNK : 3 * CHUNK])
+    store.write_chunk(blob, 4, data[4 * CHUNK :])
+    digest = running.finish(store, blob)
+    assert digest == hashlib.md5(data).hexdigest()
+    store.complete(blob, spec, digest)
+    assert blob.complete
+    store.release_blob(blob)
+
+
+def test_a_wrong_running_digest_is_a_mismatch(store: BlobStore) -> None:
+    data = os.urandom(CHUNK)
+    spec = spec_for(data)
+    blob = store.open_blob(spec)
+    store.write_chunk(blob, 0, data)
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        store.complete(blob, spec, "0" * 32)
+    assert blob.present == set() and not blob.complete
+    store.release_blob(blob)
 
 
 def test_torn_write_is_not_trusted(tmp_path: Path) -> None:

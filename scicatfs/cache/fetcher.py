@@ -26,8 +26,8 @@ Concurrency bounds:
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
 from scicatfs.cache.store import Blob, BlobStore, FileSpec, is_disk_full
 from scicatfs.transfer.errors import ConnectionLost, TransferError, TransferTimeout
@@ -116,6 +117,7 @@ class Fetcher:
         self._flights: dict[tuple[str, int], _Flight] = {}  # (blob key, block) -> its flight
         self._unevicted = 0  # bytes written since the last eviction pass
         self._verifications: dict[str, trio.Event] = {}
+        self._digests: weakref.WeakKeyDictionary[Blob, RunningDigest] = weakref.WeakKeyDictionary()
         self._evicting = False
         self._cannot_cache = False  # the last chunk write failed (disk full?)
         self._nursery: trio.Nursery | None = None
@@ -379,6 +381,8 @@ class Fetcher:
             self._start(self._evict)
         if blob.all_present and not blob.complete:
             self._start_verification(spec, blob)
+        elif blob.checksum is not None:
+            self._hash_ahead(blob)
 
     async def _download(self, spec: FileSpec, blob: Blob, first: int, count: int) -> bytes:
         """Blocks from the server, checking them against the catalog's size.
@@ -465,8 +469,13 @@ class Fetcher:
         if blob.complete or not blob.all_present:
             return
         done = self._verifications[blob.key] = trio.Event()
+        running = self._digests.pop(blob, None)
         try:
-            await trio.to_thread.run_sync(self.store.complete, blob, handle.spec)
+            digest = None
+            if running is not None:
+                async with running.lock:
+                    digest = await trio.to_thread.run_sync(running.finish, self.store, blob)
+            await trio.to_thread.run_sync(self.store.complete, blob, handle.spec, digest)
         except IntegrityError as error:
             self.stats["integrity_errors"] += 1
             log.error("%s", error)
@@ -475,6 +484,34 @@ class Fetcher:
         finally:
             del self._verifications[blob.key]
             done.set()
+
+    def _hash_ahead(self, blob: Blob) -> None:
+        """Hash the blob's newly recorded prefix in the background (see cache.digest)."""
+        running = self._digests.get(blob)
+        if running is None:
+            assert blob.checksum is not None
+            try:
+                running = self._digests[blob] = RunningDigest(blob.checksum.algorithm)
+            except ValueError:  # store.complete reports the unknown algorithm
+                return
+        if (
+            self._nursery is not None
+            and not running.lock.locked()
+            and running.position // blob.block_size in blob.present  # else nothing to hash yet
+        ):
+            self.store.retain(blob)  # the blob's descriptor must outlive the hashing
+            self._nursery.start_soon(self._hash_in_background, blob, running)
+
+    async def _hash_in_background(self, blob: Blob, running: RunningDigest) -> None:
+        try:
+            async with running.lock:
+                await trio.to_thread.run_sync(running.advance, self.store, blob)
+        except (CacheError, OSError) as error:  # verification will hash the whole blob
+            log.debug("hashing %s ahead failed: %s", blob.key, error)
+            if self._digests.get(blob) is running:
+                del self._digests[blob]
+        finally:
+            await self._unpin(blob)
 
     def _start_verification(self, spec: FileSpec, blob: Blob) -> None:
         if self._nursery is not None and blob.key not in self._verifications:

@@ -470,17 +470,19 @@ class BlobStore:
 
     # -- completion and verification -----------------------------------------
 
-    def complete(self, blob: Blob, spec: FileSpec) -> None:
+    def complete(self, blob: Blob, spec: FileSpec, digest: str | None = None) -> None:
         """Mark a blob whose blocks are all present complete, after checking its checksum.
 
-        Hashes the whole blob: call it from a worker thread. On a mismatch the
-        blob's blocks are forgotten, ``blob.error`` is set and IntegrityError raised.
+        Hashes the whole blob unless ``digest`` (the caller hashed the recorded
+        blocks as they arrived) is given: call it from a worker thread. On a
+        mismatch the blob's blocks are forgotten, ``blob.error`` is set and
+        IntegrityError raised.
         """
         if blob.complete or not blob.all_present:
             return
         if blob.checksum is not None:
             try:
-                actual = self._digest(blob.file, blob.checksum.algorithm)
+                actual = digest or self._digest(blob.file, blob.checksum.algorithm)
             except ValueError:  # the catalog layer should have dropped such checksums
                 log.warning("cannot verify %s %s: unknown algorithm %r", spec.pid, spec.path,
                             blob.checksum.algorithm)  # fmt: skip
