@@ -491,7 +491,7 @@ def test_kill_9_mid_download_never_yields_wrong_bytes(sshd, remote, tmp_path: Pa
             child.send_signal(signal.SIGKILL)
             child.wait(10)
 
-        async def check(fetcher: Fetcher) -> None:
+        async def check(fetcher: Fetcher, stop_after: int = stop_after) -> None:
             handle = await fetcher.open(spec)
             present = sorted(handle.blob.present)
             block = handle.blob.block_size

@@ -39,7 +39,7 @@ import trio
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
 from scicatfs.cache.store import Blob, BlobStore, FileSpec, is_disk_full
-from scicatfs.transfer.errors import ConnectionLost, TransferError, TransferTimeout
+from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
 
 if TYPE_CHECKING:
     from scicatfs.transfer.sftp import Transfer

@@ -471,7 +471,7 @@ class _Connection:
     async def read(self, path: str, offset: int, length: int) -> bytes:
         entry = await self._acquire(path)
         try:
-            return await entry.file.read(length, offset)
+            return _in_order(offset, [piece async for piece in await entry.file.read_parallel(length, offset)])
         finally:
             entry.users -= 1
             if entry.evicted and entry.users == 0:
@@ -544,6 +544,23 @@ class _OpenFiles(cachetools.LRUCache[str, _OpenFile]):
 async def _close_quietly(file: asyncssh.SFTPClientFile) -> None:
     with suppress(asyncssh.Error, OSError):
         await file.close()
+
+
+def _in_order(offset: int, pieces: list[tuple[int, bytes]]) -> bytes:
+    """The answers to pipelined requests, joined in file order up to the first gap (EOF).
+
+    One copy of the data (none for a single request), where asyncssh's own
+    ``read`` makes two (into a bytearray, then to bytes): at zero RTT the asyncio
+    thread is CPU-bound and that copy was a sixth of its time.
+    """
+    pieces.sort(key=lambda piece: piece[0])
+    parts = []
+    for start, data in pieces:
+        if start != offset:
+            break
+        parts.append(data)
+        offset += len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _split(offset: int, length: int, connections: int) -> list[tuple[int, int]]:
