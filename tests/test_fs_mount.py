@@ -25,6 +25,7 @@ from typing import TypeVar
 import numpy
 import pytest
 
+from scicatfs.cache.store import BlobStore
 from tests.support.mounts import Mount
 
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
@@ -135,6 +136,34 @@ def test_st_blocks_follow_cached_bytes(make_mount) -> None:  # type: ignore[no-u
     # The kernel trusts attributes for the TTL; a new mount on the same cache shows the change.
     second = make_mount(cache_dir=first.cache_dir)
     assert os.stat(second.dataset(FRAMES) / "frame_small.raw").st_blocks == 1024 // 512
+
+
+def test_a_verified_file_is_read_without_the_fetcher(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """After a remount, a file cached whole and verified is served by plain preads of its blob."""
+    first = make_mount()
+    name = "frame_big.raw"
+    expected = first.catalog.content(FRAMES, name)
+    assert (first.dataset(FRAMES) / name).read_bytes() == expected
+
+    def complete() -> bool:
+        with BlobStore(first.cache_dir, 1 << 30) as store:
+            info = store.where(FRAMES, name)
+            return info is not None and info.complete
+
+    assert eventually(complete, bool)
+    first.unmount()
+    second = make_mount(cache_dir=first.cache_dir)  # a new inode: nothing in the page cache
+    path = second.dataset(FRAMES) / name
+    with open(path, "rb") as file:
+        assert file.read(4096) == expected[:4096]
+        file.seek(len(expected) - 5)
+        assert file.read() == expected[-5:]
+    assert path.read_bytes() == expected
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        assert mapped[4 * 1024 * 1024 - 3:4 * 1024 * 1024 + 5] == expected[4 * 1024 * 1024 - 3:4 * 1024 * 1024 + 5]
+    status = json.loads((second.path / ".scicat" / "status.json").read_text())
+    assert status["cache"]["reads_from_cache"] == status["cache"]["reads_fetched"] == 0
+    assert status["transfer"]["bytes_read"] == 0
 
 
 def test_lookup_of_deep_path_without_listing(mounted: Mount) -> None:

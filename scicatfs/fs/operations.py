@@ -12,6 +12,9 @@ Rules this module keeps (the numbers behind them are in
   :mod:`scicatfs.fs.inodes`) and never with ``direct_io``, so re-reads come
   from the page cache and shared ``mmap`` works. Only ``.scicat/files.json``,
   whose content follows the cache, is read with direct I/O.
+* A data file whose cached copy is complete and verified when it is opened
+  is read with one inline ``pread`` per request (:mod:`scicatfs.fs.localfile`),
+  without the fetcher.
 * Reads that may need the network are capped (``max_reads``) below
   pyfuse3's worker count, so however many readers wait for a slow file
   server, some workers are always free to answer ``stat``, ``lookup``,
@@ -40,6 +43,7 @@ from scicatfs.cache.fetcher import Fetcher, Handle
 from scicatfs.fs.dirstream import DirectoryStream
 from scicatfs.fs.errors import fuse_errors
 from scicatfs.fs.inodes import InodeTable
+from scicatfs.fs.localfile import LocalFile
 from scicatfs.fs.namespace import (
     ROOT,
     Attributes,
@@ -112,6 +116,7 @@ class ScicatOperations(pyfuse3.Operations):
         self.inodes: InodeTable[Node] = InodeTable(ROOT)
         self._handles = itertools.count(1)
         self._files: dict[int, Handle] = {}
+        self._local: dict[int, LocalFile] = {}  # the handles in _files whose blob is complete
         self._records: dict[int, bytes] = {}
         self._dirs: dict[int, tuple[DirectoryStream[Entry], Node]] = {}
         self._reads = trio.CapacityLimiter(options.max_reads)
@@ -270,7 +275,9 @@ class ScicatOperations(pyfuse3.Operations):
         fh = next(self._handles)
         with fuse_errors("open", *_where(node)):
             if isinstance(node, DataFileNode):
-                self._files[fh] = await self.fetcher.open(node.spec)
+                handle = self._files[fh] = await self.fetcher.open(node.spec)
+                if handle.blob.complete:  # verified: reads need no fetcher while it stays open
+                    self._local[fh] = LocalFile(handle.blob.fd, handle.spec.size)
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             if isinstance(node, RecordFile):
                 self._records[fh] = await self.namespace.content(node)
@@ -280,12 +287,20 @@ class ScicatOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EISDIR)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        local = self._local.get(fh)
+        if local is not None:
+            try:
+                return local.read(off, size)
+            except OSError as error:
+                spec = self._files[fh].spec
+                log.error("reading the cached copy of %s %s: %s", spec.pid, spec.path, error)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         record = self._records.get(fh)
         if record is not None:
             return record[off:off + size]
         handle = self._files[fh]
         with fuse_errors("read", handle.spec.pid, handle.spec.path):
-            if self.fetcher.cached_bytes(handle.spec) >= handle.spec.size:
+            if handle.blob.all_present:
                 return await self.fetcher.read(handle, off, size)  # no network: never queued
             async with self._reads:
                 return await self.fetcher.read(handle, off, size)
@@ -293,6 +308,7 @@ class ScicatOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         if self._records.pop(fh, None) is not None:
             return
+        self._local.pop(fh, None)
         handle = self._files.pop(fh)
         with fuse_errors("release", handle.spec.pid, handle.spec.path):
             await self.fetcher.release(handle)
