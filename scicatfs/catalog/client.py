@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, urlsplit
 
 import trio
+from cachetools import TTLCache
 
 from scicatfs.catalog.auth import Credentials, Secret, TokenKeeper
 from scicatfs.catalog.errors import (
@@ -30,7 +31,7 @@ from scicatfs.catalog.errors import (
     DatasetForbidden,
     DatasetNotFound,
 )
-from scicatfs.catalog.models import Dataset, parse_dataset, parse_size
+from scicatfs.catalog.models import Dataset, parse_dataset, parse_size, parse_time
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import Reply, Transport
 
@@ -102,6 +103,8 @@ class CatalogClient:
         self._prefixes: SingleFlightCache[str, bool] = SingleFlightCache(4096, settings.listing_ttl)
         self._counts: SingleFlightCache[None, int] = SingleFlightCache(1, settings.listing_ttl)
         self._hidden_hinted: set[str] = set()
+        # creationTime of each PID on the listing pages fetched lately (see listed_creation_time)
+        self._listed_times: TTLCache[str, float] = TTLCache(maxsize=65536, ttl=max(settings.listing_ttl, 1e-3))
 
     @property
     def base_url(self) -> str:
@@ -156,6 +159,14 @@ class CatalogClient:
             if len(page) < size:
                 return
             skip += size
+
+    def listed_creation_time(self, pid: str) -> float | None:
+        """The creation time (POSIX seconds) a listing page showed for ``pid`` lately; no request.
+
+        Lets a listing give its datasets real attributes without fetching
+        each record. None if no page within the listing TTL showed it.
+        """
+        return self._listed_times.get(pid)
 
     async def is_pid_prefix(self, name: str) -> bool:
         """True if some visible PID starts with ``name + "/"``; one small request, cached."""
@@ -253,13 +264,13 @@ class CatalogClient:
         async def v4(_: None) -> tuple[str, ...]:
             public = "/public" if self._tokens.anonymous else ""
             limits = {"limit": limit, "skip": skip, "sort": {"pid": "asc"}}
-            query = {"where": where, "fields": ["pid"], "limits": limits}
+            query = {"where": where, "fields": ["pid", "creationTime"], "limits": limits}
             return self._pids(await self._get(f"/v4/datasets{public}", _filter(query)))
 
         async def v3(_: None) -> tuple[str, ...]:
             v3_where = {"pid": {"like": where["pid"]["$regex"]}} if prefix else {}  # never a bare string
             limits = {"limit": limit, "skip": skip, "order": "pid:asc"}
-            query = {"where": v3_where, "fields": ["pid"], "limits": limits}
+            query = {"where": v3_where, "fields": ["pid", "creationTime"], "limits": limits}
             return self._pids(await self._get("/v3/datasets", _filter(query)))
 
         return await self._either(v4, v3, None)
@@ -432,6 +443,10 @@ class CatalogClient:
             self._transport.stats["bad_responses"] += 1
             raise BadResponse("the catalog sent a dataset list that is not a JSON list")
         pids = tuple(row["pid"] for row in rows if isinstance(row, dict) and isinstance(row.get("pid"), str))
+        for row in rows:
+            created = parse_time(row.get("creationTime")) if isinstance(row, dict) else None
+            if created is not None and isinstance(row.get("pid"), str):
+                self._listed_times[row["pid"]] = created
         if len(pids) != len(rows):
             log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(pids))
         return pids
