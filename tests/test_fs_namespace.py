@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from datetime import datetime
 from collections.abc import AsyncIterator
 
 import pyfuse3
@@ -185,17 +186,23 @@ def test_real_metadata_json_file_wins(catalog_server: CatalogServer) -> None:
     _namespace_test(catalog_server, body)
 
 
-def test_listed_datasets_get_provisional_attributes_until_looked_up(catalog_server: CatalogServer) -> None:
+def test_listed_datasets_get_their_creation_time_from_the_listing(catalog_server: CatalogServer) -> None:
+    """``ls -l`` of many datasets asks for no record: the listing page carries the time."""
+    created = Catalog.load_default().dataset(THAUM)["creationTime"]
+
     async def body(namespace: Namespace) -> None:
         prefix = PidLevel("20.500.12269/")
+        catalog_server.reset_requests()
         source = await namespace.listing(prefix)
         entries: list[Entry] = [entry async for entry in source()]
+        assert {path.partition("?")[0] for _, path, _ in catalog_server.requests} == {"/api/v4/datasets"}  # pages only
         thaum = next(attributes for name, _, attributes in entries if name == THAUM.split("/")[1])
-        assert thaum.ttl == 0  # the kernel will look it up to get the real times
+        assert thaum.ttl == namespace.listing_ttl and thaum.nlink == 1
+        assert thaum.mtime == datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
         await namespace.lookup(prefix, THAUM.split("/")[1])
         entries = [entry async for entry in source()]
         thaum = next(attributes for name, _, attributes in entries if name == THAUM.split("/")[1])
-        assert thaum.ttl == namespace.record_ttl and thaum.mtime < 1.7e9
+        assert thaum.ttl == namespace.record_ttl and thaum.nlink == 4  # the record: its subdirectories
 
     _namespace_test(catalog_server, body)
 

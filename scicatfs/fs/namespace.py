@@ -473,17 +473,21 @@ class Namespace:
                 yield name, DatasetDir(pid), self._listed_dataset_attributes(pid)
 
     def _listed_dataset_attributes(self, pid: str) -> Attributes:
-        """Attributes for a dataset seen only as a PID in a listing.
+        """Attributes for a dataset seen as a PID in a listing, without fetching its record.
 
-        Its creation time is unknown without fetching the record, which a
-        listing must not do for every entry; so unless the record is already
-        at hand the entry gets provisional attributes with a zero TTL, and the
-        kernel's next access looks it up (and gets the real ones).
+        The listing page carries the creation time, so ``ls -l`` of many
+        datasets costs no request per dataset; the subdirectory count is then
+        unknown (nlink 1, as for PID levels). Only if the page had no usable
+        time does the entry get provisional attributes with a zero TTL, so
+        that the kernel's next access looks the dataset up.
         """
         view = self._views.get(pid)
-        if view is None:
+        if view is not None:
+            return Attributes(True, 0, view.dataset.creation_time, 3 + view.subdirectories(""), self.record_ttl)
+        created = self._catalog.listed_creation_time(pid)
+        if created is None:
             return Attributes(True, 0, self._started, 1, ttl=0.0)
-        return Attributes(True, 0, view.dataset.creation_time, 3 + view.subdirectories(""), self.record_ttl)
+        return Attributes(True, 0, created, 1, self.listing_ttl)
 
     # -- contents ------------------------------------------------------------------
 
