@@ -29,6 +29,7 @@ from scicatfs.fs.dirstream import WINDOW, DirectoryStream
 from scicatfs.fs.errors import NoEntry, fuse_errors, to_errno
 from scicatfs.fs.inodes import InodeTable
 from scicatfs.fs.namespace import (
+    LISTING_CACHE_ENTRIES,
     MOUNT,
     ROOT,
     ControlDir,
@@ -130,9 +131,13 @@ def _namespace_test(server: CatalogServer, body, user: str | None = "stibbons") 
     trio.run(main)
 
 
+async def _entries(namespace: Namespace, node) -> list[Entry]:  # type: ignore[no-untyped-def]
+    listing = await namespace.listing(node)
+    return list(listing) if isinstance(listing, tuple) else [entry async for entry in listing()]
+
+
 async def _names(namespace: Namespace, node) -> list[str]:  # type: ignore[no-untyped-def]
-    source = await namespace.listing(node)
-    return [name async for name, _, _ in source()]
+    return [name for name, _, _ in await _entries(namespace, node)]
 
 
 def test_pid_levels_and_datasets(catalog_server: CatalogServer) -> None:
@@ -193,14 +198,13 @@ def test_listed_datasets_get_their_creation_time_from_the_listing(catalog_server
     async def body(namespace: Namespace) -> None:
         prefix = PidLevel("20.500.12269/")
         catalog_server.reset_requests()
-        source = await namespace.listing(prefix)
-        entries: list[Entry] = [entry async for entry in source()]
+        entries = await _entries(namespace, prefix)
         assert {path.partition("?")[0] for _, path, _ in catalog_server.requests} == {"/api/v4/datasets"}  # pages only
         thaum = next(attributes for name, _, attributes in entries if name == THAUM.split("/")[1])
         assert thaum.ttl == namespace.listing_ttl and thaum.nlink == 1
         assert thaum.mtime == datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
         await namespace.lookup(prefix, THAUM.split("/")[1])
-        entries = [entry async for entry in source()]
+        entries = await _entries(namespace, prefix)
         thaum = next(attributes for name, _, attributes in entries if name == THAUM.split("/")[1])
         assert thaum.ttl == namespace.record_ttl and thaum.nlink == 4  # the record: its subdirectories
 
@@ -220,11 +224,11 @@ def test_a_listing_is_built_once_per_record_ttl(catalog_server: CatalogServer) -
         async with CatalogClient(CatalogSettings(url=catalog_server.url, credentials=token)) as catalog:
             for ttl, per_listing in ((60.0, 0), (0.0, 1)):
                 namespace = Namespace(catalog, cached_bytes=cached_bytes, record_ttl=ttl)
-                first = [entry async for entry in (await namespace.listing(DatasetDir(THAUM)))()]
+                first = await _entries(namespace, DatasetDir(THAUM))
                 assert asked == ["flux.dat"]
                 flux = next(attributes for name, _, attributes in first if name == "flux.dat")
                 assert flux.cached == 7
-                again = [entry async for entry in (await namespace.listing(DatasetDir(THAUM)))()]
+                again = await _entries(namespace, DatasetDir(THAUM))
                 assert again == first and asked == ["flux.dat"] * (1 + per_listing)
                 asked.clear()
 
@@ -233,6 +237,27 @@ def test_a_listing_is_built_once_per_record_ttl(catalog_server: CatalogServer) -
                 await _names(namespace, ControlDir(THAUM))
                 await namespace.attributes(RecordFile(THAUM, ".scicat/files.json"))
             assert sorted(asked) == ["flux.dat", "logs/measurement.log"]
+
+    trio.run(main)
+
+
+def test_a_directory_too_large_to_keep_is_streamed(make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    pid = "h5test/huge"
+    names = [f"f{index:05d}" for index in range(LISTING_CACHE_ENTRIES)]  # + metadata.json, .scicat
+    catalog = Catalog.load_default()
+    record = {"pid": pid, "owner": "Ponder Stibbons", "ownerGroup": "uu", "contactEmail": "p.stibbons@uu.am",
+              "creationLocation": "UnseenUniversity", "sourceFolder": "/h5test/huge",
+              "creationTime": "2023-05-01T10:00:00.000Z"}
+    catalog.add_dataset(record, [{"path": name, "size": 1} for name in names], blocks=4)
+    server = make_catalog_server(catalog)
+    token = Credentials(token=Secret(server.issue_token("stibbons")), source="test token")
+
+    async def main() -> None:
+        async with CatalogClient(CatalogSettings(url=server.url, credentials=token)) as client:
+            namespace = Namespace(client, cached_bytes=lambda spec: 0)
+            listing = await namespace.listing(DatasetDir(pid))
+            assert not isinstance(listing, tuple)
+            assert [name for name, _, _ in await _entries(namespace, DatasetDir(pid))][2:] == names
 
     trio.run(main)
 

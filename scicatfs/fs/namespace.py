@@ -52,6 +52,7 @@ __all__ = [
     "DataFileNode",
     "DatasetDir",
     "Entry",
+    "Listing",
     "MOUNT",
     "Namespace",
     "Node",
@@ -158,6 +159,8 @@ class Attributes:
 
 
 Entry = tuple[str, Node, Attributes]
+#: A directory's entries: a snapshot, or a source restarted to re-read them (see fs.dirstream).
+Listing = tuple[Entry, ...] | Callable[[], AsyncIterator[Entry]]
 
 
 class _DatasetView:
@@ -371,46 +374,48 @@ class Namespace:
 
     # -- listings --------------------------------------------------------------------
 
-    async def listing(self, node: Node) -> Callable[[], AsyncIterator[Entry]]:
-        """A restartable source of the entries of directory ``node``.
+    async def listing(self, node: Node) -> Listing:
+        """The entries of directory ``node``: a snapshot, or a restartable source.
 
-        A dataset directory is fixed now, at opendir: every restart replays
-        the same version. A PID level is streamed page by page from the
-        catalog on each (re)start, so no listing of the whole catalog is ever
-        held in memory.
+        A dataset directory is fixed now, at opendir: a tuple, or for a
+        directory too large to keep a source that replays the same version on
+        every restart. A PID level is streamed page by page from the catalog
+        on each (re)start, so no listing of the whole catalog is ever held in
+        memory.
         """
         if isinstance(node, PidLevel):
             return lambda: self._pid_entries(node.prefix)
         if node == ControlDir(MOUNT):
-            return lambda: _replay(iter([self._status_entry()]))
+            return (self._status_entry(),)
         if isinstance(node, (DatasetDir, ControlDir)):
             view = await self._view(node.pid)
             if isinstance(node, ControlDir):
-                return lambda: _replay(self._control_entries(view))
+                return tuple(self._control_entries(view))
             if node.path not in view.dirs:
                 raise NoEntry(f"{node.path} is no longer a directory of {node.pid}")
             entries = self._built_listing(view, node.path)
             if entries is None:
                 return lambda: _replay(self._dataset_entries(view, node.path))
-            return lambda: _replay(iter(entries))
+            return entries
         raise NotADirectoryError(str(node))
 
     def _built_listing(self, view: _DatasetView, path: str) -> tuple[Entry, ...] | None:
         """The entries of a dataset directory, built once per view and record TTL.
 
-        None for a directory too large to keep (or with a zero record TTL):
-        its entries are then produced as the kernel reads them. Attributes in
-        a kept listing are as old as the listing, at most the record TTL,
-        which is how long the kernel trusts them anyway.
+        None for a directory too large to keep: its entries are then produced
+        as the kernel reads them. Attributes in a kept listing are as old as
+        the listing, at most the record TTL, which is how long the kernel
+        trusts them anyway.
         """
-        if self.record_ttl <= 0 or len(view.dirs[path]) + 2 > LISTING_CACHE_ENTRIES:
+        if len(view.dirs[path]) + 2 > LISTING_CACHE_ENTRIES:
             return None
         key = (view.dataset.pid, path)
         kept = self._listings.get(key)
         if kept is not None and kept[0] is view:
             return kept[1]
         entries = tuple(self._dataset_entries(view, path))
-        self._listings[key] = (view, entries)
+        if self.record_ttl > 0:
+            self._listings[key] = (view, entries)
         return entries
 
     def _dataset_entries(self, view: _DatasetView, path: str) -> Iterator[Entry]:

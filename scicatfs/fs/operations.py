@@ -118,7 +118,7 @@ class ScicatOperations(pyfuse3.Operations):
         self._files: dict[int, Handle] = {}
         self._local: dict[int, LocalFile] = {}  # the handles in _files whose blob is complete
         self._records: dict[int, bytes] = {}
-        self._dirs: dict[int, tuple[DirectoryStream[Entry], Node]] = {}
+        self._dirs: dict[int, tuple[tuple[Entry, ...] | DirectoryStream[Entry], Node]] = {}
         self._reads = trio.CapacityLimiter(options.max_reads)
 
     # -- helpers -----------------------------------------------------------------
@@ -222,32 +222,36 @@ class ScicatOperations(pyfuse3.Operations):
         with fuse_errors("opendir", *_where(node)):
             if isinstance(node, (RecordFile, DataFileNode)):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            source = await self.namespace.listing(node)
+            listing = await self.namespace.listing(node)
         fh = next(self._handles)
-        self._dirs[fh] = (DirectoryStream(source), node)
+        self._dirs[fh] = (listing if isinstance(listing, tuple) else DirectoryStream(listing), node)
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """``.`` and ``..`` at offsets 0 and 1, then the listing's entry i at i + 2.
 
         The kernel takes no reference for the two dot entries, so they are
-        not counted; every other accepted entry is (readdirplus).
+        not counted; every other accepted entry is (readdirplus). A snapshot
+        is indexed directly; a stream is read from where the kernel resumes.
         """
-        stream, directory = self._dirs[fh]
+        listing, directory = self._dirs[fh]
         dots = ((".", directory), ("..", parent_of(directory)))
         for index, (name, node) in enumerate(dots):
             if index >= start_id:
                 ino = self.inodes.ino_of(node) or pyfuse3.ROOT_INODE
                 if not pyfuse3.readdir_reply(token, name.encode(), self._dot_entry(ino), index + 1):
                     return
+        first = max(0, start_id - len(dots))
+        if isinstance(listing, tuple):
+            for index in range(first, len(listing)):
+                if not self._reply(token, listing[index], index + len(dots) + 1):
+                    return
+            return
         replied = 0
         try:
-            async with aclosing(stream.entries_from(max(0, start_id - len(dots)))) as entries:
-                async for index, (name, node, attributes) in entries:
-                    ino = self.inodes.acquire(node)
-                    next_id = index + len(dots) + 1
-                    if not pyfuse3.readdir_reply(token, name.encode("utf-8"), self._entry(ino, attributes), next_id):
-                        self.inodes.forget(ino, 1)  # not delivered: the kernel holds no reference
+            async with aclosing(listing.entries_from(first)) as entries:
+                async for index, entry in entries:
+                    if not self._reply(token, entry, index + len(dots) + 1):
                         return
                     replied += 1
         except Exception as error:
@@ -258,13 +262,23 @@ class ScicatOperations(pyfuse3.Operations):
             with fuse_errors("readdir", *_where(directory)):
                 raise
 
+    def _reply(self, token: pyfuse3.ReaddirToken, entry: Entry, next_id: int) -> bool:
+        """Offer one entry to the kernel; False when its buffer is full (the entry was not taken)."""
+        name, node, attributes = entry
+        ino = self.inodes.acquire(node)
+        if pyfuse3.readdir_reply(token, name.encode("utf-8"), self._entry(ino, attributes), next_id):
+            return True
+        self.inodes.forget(ino, 1)  # not delivered: the kernel holds no reference
+        return False
+
     def _dot_entry(self, ino: int) -> pyfuse3.EntryAttributes:
         """A ``.`` or ``..`` entry: only its inode number and type reach the reader."""
         return self._entry(ino, Attributes(True, 0, 0.0, 2, ttl=0.0))
 
     async def releasedir(self, fh: int) -> None:
-        stream, _ = self._dirs.pop(fh)
-        await stream.aclose()
+        listing, _ = self._dirs.pop(fh)
+        if isinstance(listing, DirectoryStream):
+            await listing.aclose()
 
     # -- files --------------------------------------------------------------------
 
