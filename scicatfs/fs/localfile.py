@@ -7,9 +7,9 @@ throughput). With the mount's 1 MiB requests that is one ``pread`` and one
 reply per MiB.
 
 Asking the disk for the blob ahead of a sequential reader
-(``POSIX_FADV_WILLNEED``, 4 or 16 MiB ahead) was measured and made first reads
-after a remount slower, not faster: the kernel's own read-ahead on the blob
-is enough.
+(``POSIX_FADV_WILLNEED``, 4 or 16 MiB ahead) was tried: first reads after a
+remount were slower in most runs, so the kernel's own read-ahead on the blob
+is left to do that.
 """
 
 from __future__ import annotations
