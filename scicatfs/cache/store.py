@@ -307,25 +307,20 @@ class BlobStore:
     def open_blob(self, spec: FileSpec) -> Blob:
         """Pin the blob for ``spec`` (creating it empty if new) and record (pid, path) -> blob."""
         key = blob_key(spec)
-        now = time.time()
+        touch: list[tuple[str, tuple[object, ...]]] = [
+            ("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), key)),
+            ("INSERT OR REPLACE INTO files (pid, path, key) VALUES (?, ?, ?)", (spec.pid, spec.path, key)),
+        ]
         with self._lock, self._index_errors():
             blob = self._open.get(key)
             if blob is None:
-                blob = self._open_file(key, spec)
-                self._open[key] = blob
+                blob = self._open[key] = self._open_file(key, spec, touch)
+            else:
+                self._touch(touch)
             blob.pins += 1
-            self._touch(
-                [
-                    ("UPDATE blobs SET atime = ? WHERE key = ?", (now, key)),
-                    (
-                        "INSERT OR REPLACE INTO files (pid, path, key) VALUES (?, ?, ?)",
-                        (spec.pid, spec.path, key),
-                    ),
-                ]
-            )
             return blob
 
-    def _open_file(self, key: str, spec: FileSpec) -> Blob:
+    def _open_file(self, key: str, spec: FileSpec, touch: list[tuple[str, tuple[object, ...]]]) -> Blob:
         """Open and pin-lock the blob file, then load what the index says is present.
 
         Order matters against an evictor in another process: we hold the shared
@@ -354,13 +349,17 @@ class BlobStore:
                 continue
             try:
                 os.fchmod(fd, 0o600)
-                return self._load(key, spec, path, fd, created)
+                return self._load(key, spec, path, fd, created, touch)
             except BaseException:
                 os.close(fd)
                 raise
         raise CacheError(f"cannot open cache blob {path}: it keeps being evicted")
 
-    def _load(self, key: str, spec: FileSpec, path: Path, fd: int, created: bool) -> Blob:
+    def _load(
+        self, key: str, spec: FileSpec, path: Path, fd: int, created: bool,
+        touch: list[tuple[str, tuple[object, ...]]],
+    ) -> Blob:  # fmt: skip
+        """Read the blob's rows; ``touch`` (open's bookkeeping) shares the one transaction."""
         checksum = str(spec.checksum) if spec.checksum is not None else None
         try:
             with self._transaction() as db:
@@ -370,6 +369,8 @@ class BlobStore:
                     "INSERT OR IGNORE INTO blobs (key, size, checksum, atime) VALUES (?, ?, ?, ?)",
                     (key, spec.size, checksum, time.time()),
                 )
+                for sql, parameters in touch:
+                    db.execute(sql, parameters)
         except sqlite3.OperationalError as error:
             # A full disk must not fail the open: reads are then served uncached
             # (the chunk writes fail and say so). A new file trusts no rows, since
