@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,14 @@ import pytest
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.mountpoint import find_mount
-from tests.support.mounts import Mount, stop_process, unmount_quietly, wait_for_mount
+from tests.support.mounts import (
+    Mount,
+    daemons_of,
+    stop_process,
+    unmount_quietly,
+    wait_for_mount,
+    wait_until,
+)
 from tests.support.sshd import OpenSSHServer
 
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
@@ -41,40 +47,8 @@ def mount_args(server: CatalogServer, sshd: OpenSSHServer, tmp_path: Path, passw
     ]
 
 
-def processes_using(path: Path) -> list[int]:
-    """PIDs of processes whose command line mentions ``path`` (the detached daemon)."""
-    found = []
-    needle = os.fsencode(path)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def wait_gone(path: Path, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not processes_using(path):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-@pytest.fixture
-def mountpoint(tmp_path: Path) -> Iterator[Path]:
-    """An empty directory that is unmounted, and whose daemon is killed, after the test."""
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        unmount_quietly(path)
-        for pid in processes_using(path):
-            os.kill(pid, signal.SIGKILL)
+    return wait_until(lambda: not daemons_of(path), timeout)
 
 
 def test_background_mount_returns_once_it_answers(
@@ -86,7 +60,7 @@ def test_background_mount_returns_once_it_answers(
     assert result.stderr == ""  # quiet on success, like sshfs
     # No polling: the command returned only after the mount answered.
     assert (mountpoint / THAUM / "flux.dat").read_bytes() == demo_catalog.content(THAUM, "flux.dat")
-    assert processes_using(mountpoint), "the daemon should keep running"
+    assert daemons_of(mountpoint), "the daemon should keep running"
 
     result = scicatfs("unmount", mountpoint)
     assert result.returncode == 0, result.stderr

@@ -8,21 +8,19 @@ FUSE mount that is always taken down again.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
+from tests.support.mounts import daemons_of, wait_until
 from tests.support.sshd import OpenSSHServer
 
 THAUM_FLUX = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
@@ -45,42 +43,6 @@ def _mount_entry(mountpoint: Path) -> list[str] | None:
         if fields[1] == str(mountpoint):
             return fields
     return None
-
-
-def _daemons(mountpoint: Path) -> list[int]:
-    """PIDs of scicatfs processes serving ``mountpoint`` (the helper's daemon)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            is_scicatfs = any(arg.endswith(b"scicatfs") for arg in argv[:2])
-            if entry.name.isdigit() and is_scicatfs and str(mountpoint).encode() in argv:
-                found.append(int(entry.name))
-    return found
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-@pytest.fixture
-def mountpoint(tmp_path: Path) -> Iterator[Path]:
-    """An empty directory; whatever gets mounted there is unmounted and its daemon ended."""
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        if _mount_entry(path) is not None:
-            subprocess.run(["fusermount3", "-u", "-z", str(path)], timeout=30, check=False)
-        for pid in _daemons(path):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -120,13 +82,13 @@ def test_mount_fuse3_form_mounts_reads_and_unmounts(
     assert (dataset / "flux.dat").read_bytes() == demo_catalog.content(THAUM_FLUX, "flux.dat")
     assert THAUM_FLUX.split("/")[0] in os.listdir(mountpoint)
 
-    daemons = _daemons(mountpoint)
+    daemons = daemons_of(mountpoint)
     assert daemons, "no scicatfs process serves the mount"
     # `umount` as root (what fstab users type), fusermount3 otherwise.
     unmount = ["umount"] if os.geteuid() == 0 else ["fusermount3", "-u"]
     subprocess.run([*unmount, str(mountpoint)], check=True, timeout=30)
     assert _mount_entry(mountpoint) is None
-    assert _wait(lambda: not _daemons(mountpoint), timeout=20), "scicatfs did not exit after the unmount"
+    assert wait_until(lambda: not daemons_of(mountpoint), timeout=20), "scicatfs did not exit after the unmount"
 
 
 def test_mount_fuse3_form_reports_a_bad_option_in_one_line(mountpoint: Path) -> None:

@@ -29,13 +29,16 @@ from tests.support.sshd import OpenSSHServer
 
 __all__ = [
     "Mount",
+    "daemons_of",
     "demo_sftp_files",
     "make_mount",
+    "mountpoint",
     "mounted",
     "start_mount",
     "stop_process",
     "unmount_quietly",
     "wait_for_mount",
+    "wait_until",
 ]
 
 DEMO_USER = "stibbons"
@@ -93,6 +96,46 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def daemons_of(path: Path) -> list[int]:
+    """PIDs of other processes whose command line names ``path``: a detached mount daemon."""
+    found = []
+    needle = os.fsencode(path)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "cmdline").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory; whatever gets mounted there is unmounted and its daemon killed afterwards."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        unmount_quietly(path)
+        for pid in daemons_of(path):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _stat_within(path: Path, timeout: float) -> bool:
