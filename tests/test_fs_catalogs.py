@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from scicatfs.demo.fixtures import Catalog
+from tests.support.records import dataset_record
 
 BIG = "h5test/big-10000"
 HOSTILE = "h5test/hostile"
@@ -17,23 +18,10 @@ FILES = 10_000
 DATASETS = 1_200  # more than one catalog page (1000 PIDs)
 
 
-def _record(pid: str, folder: str) -> dict:
-    return {
-        "pid": pid,
-        "datasetName": pid,
-        "owner": "Ponder Stibbons",
-        "ownerGroup": "uu",
-        "contactEmail": "p.stibbons@uu.am",
-        "creationLocation": "UnseenUniversity",
-        "sourceFolder": folder,
-        "creationTime": "2023-05-01T10:00:00.000Z",
-    }
-
-
 def test_ten_thousand_files_list_completely(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = Catalog.load_default()
     names = [f"frame_{index:05d}.dat" for index in range(FILES)]
-    catalog.add_dataset(_record(BIG, "/h5test/big"), [{"path": name, "size": 16} for name in names], blocks=7)
+    catalog.add_dataset(dataset_record(BIG, "/h5test/big"), [{"path": name, "size": 16} for name in names], blocks=7)
     mount = make_mount(catalog)
     dataset = mount.dataset(BIG)
 
@@ -51,7 +39,7 @@ def test_hostile_paths_never_appear(make_mount) -> None:  # type: ignore[no-unty
     hostile = ["../escape.txt", "/etc/passwd", "a/../../b.txt", "dir//double.txt", "./dot.txt",
                "nul\0name.txt", "/h5test/elsewhere/outside.txt", ""]
     files = [{"path": "ok.txt", "size": 7}, {"path": "/h5test/hostile/inside.txt", "size": 9}]
-    catalog.add_dataset(_record(HOSTILE, "/h5test/hostile"), files + [{"path": p, "size": 5} for p in hostile])
+    catalog.add_dataset(dataset_record(HOSTILE, "/h5test/hostile"), files + [{"path": p, "size": 5} for p in hostile])
     mount = make_mount(catalog)
     dataset = mount.dataset(HOSTILE)
 
@@ -68,7 +56,7 @@ def test_root_listing_spans_catalog_pages(make_mount) -> None:  # type: ignore[n
     catalog = Catalog.load_default()
     expected = [f"ds-{index:04d}" for index in range(DATASETS)]
     for name in expected:
-        catalog.add_dataset(_record(f"{MANY_PREFIX}/{name}", f"/h5test/many/{name}"), [])
+        catalog.add_dataset(dataset_record(f"{MANY_PREFIX}/{name}", f"/h5test/many/{name}"), [])
     mount = make_mount(catalog)
     assert sorted(os.listdir(mount.path / MANY_PREFIX)) == expected
     assert sorted(os.listdir(mount.path)) == [".scicat", "20.500.12269", MANY_PREFIX, "thaumometer-frames-0042"]
@@ -78,7 +66,7 @@ def test_changed_file_gets_new_inode_and_new_bytes(make_mount, make_catalog_serv
     def catalog_with(content: bytes) -> Catalog:
         catalog = Catalog.load_default()
         files = [{"path": "data.txt", "size": len(content)}, {"path": "same.txt", "size": 4}]
-        catalog.add_dataset(_record(CHANGING, "/h5test/changing"), files,
+        catalog.add_dataset(dataset_record(CHANGING, "/h5test/changing"), files,
                             contents={"data.txt": content, "same.txt": b"same"})
         return catalog
 
@@ -104,7 +92,7 @@ def test_changed_file_gets_new_inode_and_new_bytes(make_mount, make_catalog_serv
 def test_pids_that_cannot_be_names_are_not_listed(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = Catalog.load_default()
     for suffix in ("ok", "..", ".", "/double", "nul\0name", "y" * 256):
-        catalog.add_dataset(_record(f"h5bad/{suffix}", "/h5test/bad"), [])
+        catalog.add_dataset(dataset_record(f"h5bad/{suffix}", "/h5test/bad"), [])
     mount = make_mount(catalog)
     assert os.listdir(mount.path / "h5bad") == ["ok"]
     assert "cannot be shown" in mount.log_text()
