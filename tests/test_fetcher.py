@@ -26,25 +26,12 @@ from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
-from scicatfs.transfer.sftp import SFTPSettings, Transfer
+from scicatfs.transfer.sftp import Transfer
 from tests.support.sshd import OpenSSHServer, _descendants
 
 T = TypeVar("T")
 KiB, MiB = 1024, 1024 * 1024
 SMALL_CHUNK = 64 * KiB
-
-
-def sftp_settings(server: OpenSSHServer) -> SFTPSettings:
-    return SFTPSettings(
-        host=server.host,
-        port=server.port,
-        username=server.username,
-        identity_files=(server.client_key,),
-        known_hosts=server.known_hosts,
-        ssh_config=Path(os.devnull),
-        timeout=5,
-        connect_timeout=3,
-    )
 
 
 def run(
@@ -60,7 +47,7 @@ def run(
 
     async def main() -> T:
         with BlobStore(cache, budget, chunk) as store:
-            async with Transfer(sftp_settings(server)) as transfer:
+            async with Transfer(server.sftp_settings(timeout=5, connect_timeout=3)) as transfer:
                 async with Fetcher(store, transfer, **options) as fetcher:
                     return await body(fetcher)
 
@@ -454,7 +441,7 @@ trio.run(main)
 
 
 def prefetch_process(server: OpenSSHServer, cache: Path, spec: FileSpec, chunk: int) -> subprocess.Popen[str]:
-    settings = sftp_settings(server)
+    settings = server.sftp_settings(timeout=5, connect_timeout=3)
     arguments = {
         "cache": str(cache),
         "chunk": chunk,

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,20 +32,6 @@ from tests.support.sshd import OpenSSHServer
 T = TypeVar("T")
 KiB, MiB = 1024, 1024 * 1024
 OPENSSH_MAX_READ = 255 * KiB
-
-
-def settings_for(server: OpenSSHServer, **overrides: object) -> SFTPSettings:
-    settings = SFTPSettings(
-        host=server.host,
-        port=server.port,
-        username=server.username,
-        identity_files=(server.client_key,),
-        known_hosts=server.known_hosts,
-        ssh_config=Path(os.devnull),  # the test must not depend on the runner's ~/.ssh/config
-        timeout=10,
-        connect_timeout=5,
-    )
-    return replace(settings, **overrides)
 
 
 def with_transfer(settings: SFTPSettings, body: Callable[[Transfer], Awaitable[T]]) -> T:
@@ -97,7 +82,7 @@ def test_reads_exact_bytes(sshd: OpenSSHServer, remote_dir: str, size: int) -> N
             length = min(OPENSSH_MAX_READ + 7, size)
             assert await transfer.read(None, path, offset, length) == data[offset : offset + length]
 
-    with_transfer(settings_for(sshd), body)
+    with_transfer(sshd.sftp_settings(), body)
 
 
 @pytest.mark.slow
@@ -113,7 +98,7 @@ def test_large_file_random_offsets_and_whole(sshd: OpenSSHServer, remote_dir: st
         pieces = [await transfer.read(None, path, offset, length) for offset, length in ranges]
         return whole, pieces
 
-    whole, pieces = with_transfer(settings_for(sshd), body)
+    whole, pieces = with_transfer(sshd.sftp_settings(), body)
     assert hashlib.sha256(whole).digest() == hashlib.sha256(data).digest()
     for (offset, length), piece in zip(ranges, pieces, strict=True):
         assert piece == data[offset : offset + length], (offset, length)
@@ -129,7 +114,7 @@ def test_reads_past_end_of_file(sshd: OpenSSHServer, remote_dir: str) -> None:
         assert await transfer.read(None, path, 5000, 10 * MiB) == b""
         assert await transfer.read(None, path, 10, 0) == b""
 
-    with_transfer(settings_for(sshd), body)
+    with_transfer(sshd.sftp_settings(), body)
 
 
 def test_rejects_negative_ranges(sshd: OpenSSHServer) -> None:
@@ -137,7 +122,7 @@ def test_rejects_negative_ranges(sshd: OpenSSHServer) -> None:
         with pytest.raises(ValueError, match="bad range"):
             await transfer.read(None, "/x", -1, 10)
 
-    with_transfer(settings_for(sshd), body)
+    with_transfer(sshd.sftp_settings(), body)
 
 
 def test_concurrent_reads_and_exact_byte_count(sshd: OpenSSHServer, remote_dir: str) -> None:
@@ -161,7 +146,7 @@ def test_concurrent_reads_and_exact_byte_count(sshd: OpenSSHServer, remote_dir: 
                     nursery.start_soon(one, index, *job)
         return transfer.stats
 
-    stats = with_transfer(settings_for(sshd, connections=3), body)
+    stats = with_transfer(sshd.sftp_settings(connections=3), body)
     for index, (path, offset, length) in enumerate(jobs):
         assert results[index] == files[path][offset : offset + length]
     assert stats["bytes_read"] == sum(len(data) for data in results.values())
@@ -176,7 +161,7 @@ def test_large_read_is_spread_over_connections(sshd: OpenSSHServer, remote_dir: 
     async def body(transfer: Transfer) -> tuple[bytes, dict[str, int]]:
         return await transfer.read(None, path, 1, len(data)), transfer.stats
 
-    got, stats = with_transfer(settings_for(sshd, connections=4), body)
+    got, stats = with_transfer(sshd.sftp_settings(connections=4), body)
     assert got == data[1:]
     assert stats["connects"] == 4
     assert stats["bytes_read"] == len(data) - 1
@@ -196,7 +181,7 @@ def test_missing_file_is_remote_file_not_found(sshd: OpenSSHServer, remote_dir: 
         assert read_error.value.path == missing
         assert read_error.value.host == sshd.host
 
-    with_transfer(settings_for(sshd), body)
+    with_transfer(sshd.sftp_settings(), body)
 
 
 def test_no_host_asks_for_sftp_host(sshd: OpenSSHServer) -> None:
@@ -204,7 +189,7 @@ def test_no_host_asks_for_sftp_host(sshd: OpenSSHServer) -> None:
         with pytest.raises(TransferError, match="--sftp-host"):
             await transfer.read(None, "/data/x", 0, 1)
 
-    with_transfer(settings_for(sshd, host=None), body)
+    with_transfer(sshd.sftp_settings(host=None), body)
 
 
 def test_unknown_host_key_is_refused(sshd: OpenSSHServer, remote_dir: str, tmp_path: Path) -> None:
@@ -219,7 +204,7 @@ def test_unknown_host_key_is_refused(sshd: OpenSSHServer, remote_dir: str, tmp_p
         assert f"127.0.0.1:{sshd.port}" in message
         assert str(empty) in message
 
-    with_transfer(settings_for(sshd, known_hosts=empty), body)
+    with_transfer(sshd.sftp_settings(known_hosts=empty), body)
 
 
 def test_changed_host_key_is_refused(sshd: OpenSSHServer, remote_dir: str, tmp_path: Path) -> None:
@@ -234,7 +219,7 @@ def test_changed_host_key_is_refused(sshd: OpenSSHServer, remote_dir: str, tmp_p
         with pytest.raises(HostKeyError, match="CHANGED"):
             await transfer.read(None, path, 0, 6)
 
-    with_transfer(settings_for(sshd, known_hosts=known), body)
+    with_transfer(sshd.sftp_settings(known_hosts=known), body)
 
 
 def test_host_key_checking_can_be_disabled_loudly(
@@ -248,7 +233,7 @@ def test_host_key_checking_can_be_disabled_loudly(
         return await transfer.read(None, path, 0, 7)
 
     with caplog.at_level(logging.WARNING, logger="scicatfs.transfer"):
-        got = with_transfer(settings_for(sshd, known_hosts=empty, check_host_keys=False), body)
+        got = with_transfer(sshd.sftp_settings(known_hosts=empty, check_host_keys=False), body)
     assert got == b"payload"
     assert "host key checking is DISABLED" in caplog.text
 
@@ -264,7 +249,7 @@ def test_unauthorised_key_is_auth_error(
             await transfer.size(None, "/anything")
 
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # never borrow the runner's agent keys
-    with_transfer(settings_for(sshd, identity_files=(stranger,)), body)
+    with_transfer(sshd.sftp_settings(identity_files=(stranger,)), body)
 
 
 def test_ssh_config_alias_port_user_and_identity(
@@ -279,8 +264,8 @@ def test_ssh_config_alias_port_user_and_identity(
         f"  User {sshd.username}\n"
         f"  IdentityFile {sshd.client_key}\n"
     )
-    settings = settings_for(
-        sshd, host=None, port=None, username=None, identity_files=(), ssh_config=config
+    settings = sshd.sftp_settings(
+        host=None, port=None, username=None, identity_files=(), ssh_config=config
     )
 
     async def body(transfer: Transfer) -> bytes:
@@ -310,7 +295,7 @@ def test_ssh_agent_supplies_the_key(
         async def body(transfer: Transfer) -> bytes:
             return await transfer.read(None, path, 0, 100)
 
-        assert with_transfer(settings_for(sshd, identity_files=()), body) == b"via agent"
+        assert with_transfer(sshd.sftp_settings(identity_files=()), body) == b"via agent"
     finally:
         agent.terminate()
         agent.wait(timeout=5)
@@ -326,7 +311,7 @@ def test_connection_refused_fails_fast(make_sshd: Callable[[], OpenSSHServer]) -
             await transfer.size(None, "/x")
         assert time.monotonic() - started < 3
 
-    with_transfer(settings_for(server), body)
+    with_transfer(server.sftp_settings(), body)
 
 
 def test_warm_up_connects_before_the_first_read(sshd: OpenSSHServer, remote_dir: str) -> None:
@@ -340,7 +325,7 @@ def test_warm_up_connects_before_the_first_read(sshd: OpenSSHServer, remote_dir:
         await transfer.warm_up(wait=5)  # nothing to do: a slot is connected
         assert transfer.stats["connects"] == 1
 
-    with_transfer(settings_for(sshd), body)
+    with_transfer(sshd.sftp_settings(), body)
 
 
 def test_warm_up_can_wait_for_the_connection(sshd: OpenSSHServer) -> None:
@@ -349,7 +334,7 @@ def test_warm_up_can_wait_for_the_connection(sshd: OpenSSHServer) -> None:
             await transfer.warm_up(wait=5)
         assert transfer.stats["connects"] == 1
 
-    with_transfer(settings_for(sshd), body)
+    with_transfer(sshd.sftp_settings(), body)
 
 
 def test_warm_up_of_a_dead_server_is_quiet_and_reads_still_fail_clearly(
@@ -365,7 +350,7 @@ def test_warm_up_of_a_dead_server_is_quiet_and_reads_still_fail_clearly(
         with trio.fail_after(5), pytest.raises(ConnectionLost, match="cannot connect"):
             await transfer.size(None, "/x")
 
-    with_transfer(settings_for(server), body)
+    with_transfer(server.sftp_settings(), body)
 
 
 # -- faults: drops, restarts, stalls, cancellation ------------------------------
@@ -395,7 +380,7 @@ def test_reconnects_after_sshd_killed_and_restarted(
         assert await transfer.read(None, path, 0, len(data)) == data
         return transfer.stats
 
-    stats = with_transfer(settings_for(server, connections=connections), body)
+    stats = with_transfer(server.sftp_settings(connections=connections), body)
     assert stats["reconnects"] >= 2
 
 
@@ -414,7 +399,7 @@ def test_stalled_server_hits_deadline(make_sshd: Callable[[], OpenSSHServer]) ->
         finally:
             server.signal_connections(signal.SIGCONT)
 
-    with_transfer(settings_for(server, timeout=1, connections=1), body)
+    with_transfer(server.sftp_settings(timeout=1, connections=1), body)
 
 
 def test_trio_cancellation_cancels_the_transfer(make_sshd: Callable[[], OpenSSHServer]) -> None:
@@ -437,7 +422,7 @@ def test_trio_cancellation_cancels_the_transfer(make_sshd: Callable[[], OpenSSHS
             server.signal_connections(signal.SIGCONT)
         assert await transfer.read(None, path, 0, len(data)) == data
 
-    with_transfer(settings_for(server, timeout=30, connections=1), body)
+    with_transfer(server.sftp_settings(timeout=30, connections=1), body)
 
 
 # -- the bridge on its own ------------------------------------------------------
@@ -502,7 +487,7 @@ def test_chunked_reader_keeps_one_remote_handle(make_sshd: Callable[[], OpenSSHS
             assert await transfer.read(None, path, offset, MiB) == data[offset : offset + MiB]
         return server.open_files()
 
-    still_open = with_transfer(settings_for(server, connections=1), body)
+    still_open = with_transfer(server.sftp_settings(connections=1), body)
     assert still_open == [server.local_path(path)]
 
 
@@ -518,5 +503,5 @@ def test_evicted_handles_are_closed(make_sshd: Callable[[], OpenSSHServer]) -> N
                 await trio.sleep(0.02)
         return server.open_files()
 
-    still_open = with_transfer(settings_for(server, connections=1, open_files=3), body)
+    still_open = with_transfer(server.sftp_settings(connections=1, open_files=3), body)
     assert sorted(still_open) == [server.local_path(path) for path in paths[-3:]]

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -31,6 +30,8 @@ from tests.support.sshd import OpenSSHServer
 MiB = 1024 * 1024
 REMOTE_PATH = "/bench/data.bin"
 SMALL_READ = 4096
+#: Deadline per transfer operation: generous, a loaded machine must not fail a benchmark run.
+BENCH_TIMEOUT = 30.0
 
 
 def parse_size(text: str) -> int:
@@ -50,23 +51,11 @@ def write_file(server: OpenSSHServer, size: int) -> None:
             out.write(block[: min(len(block), size - start)])
 
 
-def settings_for(server: OpenSSHServer, **tuning: Any) -> SFTPSettings:
-    return SFTPSettings(
-        host=server.host,
-        port=server.port,
-        username=server.username,
-        identity_files=(server.client_key,),
-        known_hosts=server.known_hosts,
-        ssh_config=Path(os.devnull),
-        **tuning,
-    )
-
-
 def transfer_reader(
     server: OpenSSHServer, args: argparse.Namespace, size: int
 ) -> Callable[[], None]:
-    settings = settings_for(
-        server,
+    settings = server.sftp_settings(
+        timeout=BENCH_TIMEOUT,
         connections=args.connections,
         max_requests=args.max_requests,
         ciphers=(args.cipher,) if args.cipher else DEFAULT_CIPHERS,
@@ -136,7 +125,7 @@ def sshfs_reader(server: OpenSSHServer) -> Callable[[], None]:
 
 def transfer_small_reads(server: OpenSSHServer, offsets: list[int]) -> list[float]:
     """Seconds per 4 KiB read at each offset, on a warm connection (the bridge's latency)."""
-    settings = settings_for(server)
+    settings = server.sftp_settings(timeout=BENCH_TIMEOUT)
 
     async def measure() -> list[float]:
         async with Transfer(settings) as transfer:

@@ -22,9 +22,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from scicatfs.transfer.sftp import SFTPSettings
 
 __all__ = ["OpenSSHServer", "SSHD_BINARY", "make_sshd", "sshd"]
 
@@ -146,6 +150,20 @@ class OpenSSHServer:
                         if target.is_relative_to(self.root):
                             found.append(target)
         return found
+
+    def sftp_settings(self, **overrides: Any) -> SFTPSettings:
+        """Transfer settings that reach this server, with ``overrides`` (short deadlines by default)."""
+        settings = SFTPSettings(
+            host=self.host,
+            port=self.port,
+            username=self.username,
+            identity_files=(self.client_key,),
+            known_hosts=self.known_hosts,
+            ssh_config=Path(os.devnull),  # independent of the runner's ~/.ssh/config
+            timeout=10,
+            connect_timeout=5,
+        )
+        return replace(settings, **overrides)
 
     def ssh_options(self) -> list[str]:
         """Command-line options for OpenSSH clients (sftp, sshfs, ssh) to reach this server."""
