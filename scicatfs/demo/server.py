@@ -287,13 +287,14 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("catalog server: %s %s failed", self.command, self.path)
             reply = nest_error(500, "Internal server error")
         payload = reply.encode()
+        # Logged before answering: a client that has its answer finds its request in the log.
+        self.catalog_server._record(self.command, self.path, reply.status)
         self.send_response(reply.status)
         if payload:  # Express sends an empty body without a Content-Type
             self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
-        self.catalog_server._record(self.command, self.path, reply.status)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
 
