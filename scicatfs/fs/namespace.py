@@ -312,19 +312,45 @@ class Namespace:
             return PidLevel(candidate + "/")
 
     async def _resolve_pid(self, candidate: str) -> Node:
-        try:
-            await self._view(candidate)
-        except DatasetNotFound:
-            if await self._catalog.is_pid_prefix(candidate):
-                return self._prefix_level(candidate)
-            raise NoEntry(candidate) from None
-        except DatasetForbidden:
-            # A prefix of visible PIDs is still browsable; a dataset we may not
-            # read is EACCES (see docs: the catalog itself says it exists).
-            if await self._catalog.is_pid_prefix(candidate):
-                return self._prefix_level(candidate)
-            raise
-        return DatasetDir(candidate)
+        """Ask the catalog both questions at once: is ``candidate`` a dataset, a PID prefix?
+
+        One after the other, the first path through a DOI-style prefix waited
+        for a 404 before asking about the prefix (half of a fresh mount's first
+        open). The prefix answer is cached, so asking it early costs one small
+        request per name and listing TTL; it is dropped once the name turns out
+        to be a dataset.
+        """
+        prefix: list[bool | Exception] = []
+
+        async def ask_prefix() -> None:
+            try:
+                prefix.append(await self._catalog.is_pid_prefix(candidate))
+            except Exception as error:  # raised below, if the answer is needed
+                prefix.append(error)
+
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_prefix)
+            try:
+                await self._view(candidate)
+            except Exception as error:  # not raised in here: the nursery would wrap it
+                failure = error
+            if not isinstance(failure, (DatasetNotFound, DatasetForbidden)):
+                nursery.cancel_scope.cancel()  # a dataset, or no answer: the prefix does not matter
+        if failure is None:
+            return DatasetDir(candidate)
+        if not isinstance(failure, (DatasetNotFound, DatasetForbidden)):
+            raise failure
+        [is_prefix] = prefix
+        if isinstance(is_prefix, Exception):
+            raise is_prefix
+        if is_prefix:
+            return self._prefix_level(candidate)
+        if isinstance(failure, DatasetForbidden):
+            # A dataset we may not read is EACCES (see docs: the catalog itself
+            # says it exists); a prefix of visible PIDs above is still browsable.
+            raise failure
+        raise NoEntry(candidate) from None
 
     def _prefix_level(self, name: str) -> PidLevel:
         self._known_prefixes[name] = True
