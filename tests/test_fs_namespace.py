@@ -389,3 +389,23 @@ def test_a_repeated_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> 
 )
 def test_parent_of(node, parent) -> None:  # type: ignore[no-untyped-def]
     assert parent_of(node) == parent
+
+
+@pytest.mark.parametrize(("name", "kind"), [("20.500.12269", PidLevel), ("no-such-name", None)])
+def test_a_never_seen_name_is_resolved_in_one_catalog_round_trip(make_catalog_server, name, kind) -> None:
+    """"Dataset?" and "PID prefix?" go out together: a prefix or a missing name costs one round trip."""
+    server = make_catalog_server()
+    server.latency = 0.4
+
+    async def body(namespace: Namespace) -> None:
+        started = trio.current_time()
+        if kind is None:
+            with pytest.raises(NoEntry):
+                await namespace.lookup(ROOT, name)
+        else:
+            assert isinstance(await namespace.lookup(ROOT, name), kind)
+        assert trio.current_time() - started < 0.75  # one after the other: at least 0.8 s
+        paths = sorted(path.partition("?")[0] for _, path, _ in server.requests if "auth" not in path)
+        assert paths == ["/api/v4/datasets", f"/api/v4/datasets/{name}"]
+
+    _namespace_test(server, body)
