@@ -409,3 +409,15 @@ def test_a_never_seen_name_is_resolved_in_one_catalog_round_trip(make_catalog_se
         assert paths == ["/api/v4/datasets", f"/api/v4/datasets/{name}"]
 
     _namespace_test(server, body)
+
+
+def test_a_dataset_below_a_prefix_costs_one_request(catalog_server: CatalogServer) -> None:
+    async def body(namespace: Namespace) -> None:
+        level = await namespace.lookup(ROOT, "20.500.12269")
+        catalog_server.reset_requests()
+        assert await namespace.lookup(level, THAUM.split("/")[1]) == DatasetDir(THAUM)
+        assert [path.partition("?")[0] for _, path, _ in catalog_server.requests] == [
+            "/api/v4/datasets/" + THAUM.replace("/", "%2F")
+        ]
+
+    _namespace_test(catalog_server, body)

@@ -312,13 +312,16 @@ class Namespace:
             return PidLevel(candidate + "/")
 
     async def _resolve_pid(self, candidate: str) -> Node:
-        """Ask the catalog both questions at once: is ``candidate`` a dataset, a PID prefix?
+        """Is ``candidate`` a dataset, or a PID prefix? The dataset is asked first.
 
-        One after the other, the first path through a DOI-style prefix waited
-        for a 404 before asking about the prefix (half of a fresh mount's first
-        open). The prefix answer is cached, so asking it early costs one small
-        request per name and listing TTL; it is dropped once the name turns out
-        to be a dataset.
+        At the root both questions go out at once: there, names are few and
+        mostly DOI-style prefixes (``20.500.12269``), and one after the other a
+        fresh mount's first path waited for a 404 before asking about the
+        prefix (half of its first open). Below the root names are mostly
+        datasets, so the prefix is asked only when the dataset is missing:
+        asking early there would double the requests of every dataset lookup.
+        The early prefix request is dropped once the name turns out to be a
+        dataset.
         """
         prefix: list[bool | Exception] = []
 
@@ -330,7 +333,8 @@ class Namespace:
 
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask_prefix)
+            if "/" not in candidate:
+                nursery.start_soon(ask_prefix)
             try:
                 await self._view(candidate)
             except Exception as error:  # not raised in here: the nursery would wrap it
@@ -341,6 +345,8 @@ class Namespace:
             return DatasetDir(candidate)
         if not isinstance(failure, (DatasetNotFound, DatasetForbidden)):
             raise failure
+        if not prefix:
+            await ask_prefix()
         [is_prefix] = prefix
         if isinstance(is_prefix, Exception):
             raise is_prefix
