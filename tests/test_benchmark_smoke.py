@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from scicatfs.mountpoint import mount_table
+from tests.support.requirements import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("/usr/sbin/sshd", "sftp", "sshfs", "fusermount3")
@@ -34,10 +35,7 @@ def _require_tools() -> None:
     problem = f"missing {', '.join(missing)}" if missing else None
     if os.geteuid() != 0:
         problem = "the benchmark's sshd chroot needs root"
-    if problem and os.environ.get("CI"):
-        pytest.fail(problem)
-    if problem:
-        pytest.skip(problem)
+    skip_or_fail(problem)
 
 
 def _series_ok(series: dict, unit: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from scicatfs.transfer.sftp import SFTPSettings
+from tests.support.requirements import skip_or_fail
 
 __all__ = ["OpenSSHServer", "SSHD_BINARY", "make_sshd", "sshd"]
 
@@ -304,10 +305,7 @@ def _require_sshd() -> None:
         problem = f"{SSHD_BINARY} is not installed (apt-get install openssh-server)"
     elif os.geteuid() != 0:
         problem = "sshd with ChrootDirectory needs root"
-    if problem and os.environ.get("CI"):
-        pytest.fail(problem)
-    if problem:
-        pytest.skip(problem)
+    skip_or_fail(problem)
 
 
 @pytest.fixture(scope="session")
