@@ -168,7 +168,7 @@ class Fetcher:
     @property
     def chunks_in_flight(self) -> int:
         """Flights (runs of blocks) under way right now, demand and read-ahead, for status."""
-        return len({id(flight) for flight in self._flights.values()})
+        return len(set(self._flights.values()))
 
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (fewer only at end of file)."""
@@ -221,11 +221,9 @@ class Fetcher:
         """
         blob = handle.blob
         if end == blob.size and blob.checksum is not None and not blob.complete:
-            under_way = {
-                id(flight): flight for (key, _), flight in list(self._flights.items()) if key == blob.key
-            }
+            under_way = {flight for (key, _), flight in self._flights.items() if key == blob.key}
             with trio.move_on_after(self.read_timeout):
-                for flight in under_way.values():
+                for flight in under_way:
                     await flight.settled.wait()
             if blob.all_present:
                 await self._verify(handle)
@@ -266,7 +264,7 @@ class Fetcher:
                 low, high = chunk * per_chunk, min(blob.block_count, (chunk + 1) * per_chunk)
                 self._start_flights(handle, low, high, high)
                 started = (self._flights.get((blob.key, index)) for index in range(low, high))
-                pending.extend({id(flight): flight for flight in started if flight is not None}.values())
+                pending.extend(dict.fromkeys(flight for flight in started if flight is not None))
                 while pending and (len(pending) >= self._max_flights or chunk == chunks - 1):
                     flight = pending.popleft()
                     await self._wait(handle, {flight.first: flight}, settled=True)

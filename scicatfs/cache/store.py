@@ -364,7 +364,7 @@ class BlobStore:
         try:
             with self._transaction() as db:
                 if created:  # rows without their file (deleted by hand?) describe nothing
-                    db.execute("DELETE FROM chunks WHERE key = ?", (key,))
+                    _forget_blocks(db, key)
                 db.execute(
                     "INSERT OR IGNORE INTO blobs (key, size, checksum, atime) VALUES (?, ?, ?, ?)",
                     (key, spec.size, checksum, time.time()),
@@ -509,8 +509,7 @@ class BlobStore:
     def discard(self, blob: Blob) -> None:
         """Forget every block of a blob (rows first) and punch the file back to a hole."""
         with self._lock, self._index_errors(), self._transaction() as db:
-            db.execute("DELETE FROM chunks WHERE key = ?", (blob.key,))
-            db.execute("UPDATE blobs SET complete = 0 WHERE key = ?", (blob.key,))
+            _forget_blocks(db, blob.key)
         blob.present.clear()
         blob.complete = False
         os.ftruncate(blob.fd, 0)
@@ -531,8 +530,7 @@ class BlobStore:
             if actual != expected.lower():
                 problems.append(f"{key}: expected {checksum}, found {algorithm}:{actual}")
                 with self._lock, self._transaction() as db:
-                    db.execute("DELETE FROM chunks WHERE key = ?", (key,))
-                    db.execute("UPDATE blobs SET complete = 0 WHERE key = ?", (key,))
+                    _forget_blocks(db, key)
         return problems
 
     # -- accounting ------------------------------------------------------------
@@ -547,28 +545,33 @@ class BlobStore:
         blob = self._open.get(key)
         if blob is not None:
             return blob.present_bytes
+        # Called for every file that stat, ls -l and readdir show, on the event
+        # loop: a complete blob is answered from its one row, not a sum over
+        # its (up to thousands of) block rows.
         with self._lock:
-            row = self._db.execute(
-                "SELECT COALESCE(SUM(length), 0) FROM chunks WHERE key = ?", (key,)
-            ).fetchone()
-        return row[0]
+            row = self._db.execute(f"SELECT {_CACHED_BYTES} FROM blobs b WHERE b.key = ?", (key,)).fetchone()
+        return row[0] if row else 0
 
     def entries(self) -> list[BlobInfo]:
         """Every (pid, path) the index knows, with how much of its blob is cached."""
+        return self._entries("", ())
+
+    def where(self, pid: str, path: str) -> BlobInfo | None:
+        """The blob file behind one dataset file, if the index maps it."""
+        found = self._entries("WHERE f.pid = ? AND f.path = ?", (pid, path))
+        return found[0] if found else None
+
+    def _entries(self, condition: str, parameters: tuple[str, ...]) -> list[BlobInfo]:
         with self._lock:
             rows = self._db.execute(
-                """SELECT f.pid, f.path, b.key, b.size, b.complete, b.atime, b.checksum,
-                          (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
-                   FROM files f JOIN blobs b ON b.key = f.key ORDER BY f.pid, f.path"""
+                f"""SELECT f.pid, f.path, b.key, b.size, b.complete, b.atime, b.checksum, {_CACHED_BYTES}
+                    FROM files f JOIN blobs b ON b.key = f.key {condition} ORDER BY f.pid, f.path""",
+                parameters,
             ).fetchall()
         return [
             BlobInfo(pid, path, key, self.blob_file(key), size, present, bool(complete), atime, checksum)
             for pid, path, key, size, complete, atime, checksum, present in rows
         ]
-
-    def where(self, pid: str, path: str) -> BlobInfo | None:
-        """The blob file behind one dataset file, if the index maps it."""
-        return next((e for e in self.entries() if e.pid == pid and e.path == path), None)
 
     # -- eviction --------------------------------------------------------------
 
@@ -618,6 +621,19 @@ class BlobStore:
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+#: Bytes cached of blob ``b``: all of it once complete (set only when every block is recorded).
+_CACHED_BYTES = (
+    "CASE WHEN b.complete THEN b.size"
+    " ELSE (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key) END"
+)
+
+
+def _forget_blocks(db: sqlite3.Connection, key: str) -> None:
+    """Drop a blob's block rows and its completeness together (caller holds the transaction)."""
+    db.execute("DELETE FROM chunks WHERE key = ?", (key,))
+    db.execute("UPDATE blobs SET complete = 0 WHERE key = ?", (key,))
 
 
 def _make_private_dir(path: Path) -> None:

@@ -37,7 +37,6 @@ class InodeTable(Generic[N]):
     """
 
     def __init__(self, root: N) -> None:
-        self._root = root
         self._by_ino: dict[int, N] = {pyfuse3.ROOT_INODE: root}
         self._by_node: dict[N, int] = {root: pyfuse3.ROOT_INODE}
         self._counts: dict[int, int] = {}
