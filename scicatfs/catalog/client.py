@@ -144,6 +144,10 @@ class CatalogClient:
         """Counters: requests, retries, logins, and errors by kind."""
         return dict(self._transport.stats)
 
+    def cached_dataset(self, pid: str) -> Dataset | None:
+        """The dataset if ``get_dataset`` has it cached now; no request."""
+        return self._datasets.peek(pid)
+
     async def get_dataset(self, pid: str) -> Dataset:
         """The dataset with all its files; cached for ``record_ttl``, one request in flight per PID."""
         if not pid:

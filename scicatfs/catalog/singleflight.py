@@ -36,6 +36,10 @@ class SingleFlightCache(Generic[K, V]):
         self._cache: TTLCache[K, V] = TTLCache(maxsize=maxsize, ttl=ttl)
         self._flights: dict[K, _Flight[V]] = {}
 
+    def peek(self, key: K) -> V | None:
+        """The cached value, if any; never fetches."""
+        return self._cache.get(key)
+
     async def get(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
         while True:
             try:

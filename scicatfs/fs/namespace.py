@@ -182,6 +182,10 @@ class _DatasetView:
             )
             del top[CONTROL_DIR]
         self.metadata_shadowed = METADATA in top
+        # Counted once: every stat of a directory shows it (as its link count).
+        self._subdirectories = {
+            path: sum(1 for child in entries.values() if child is None) for path, entries in self.dirs.items()
+        }
 
     def _directory(self, path: str) -> dict[str, DataFile | None]:
         entries = self.dirs.get(path)
@@ -192,7 +196,7 @@ class _DatasetView:
         return entries
 
     def subdirectories(self, path: str) -> int:
-        return sum(1 for child in self.dirs[path].values() if child is None)
+        return self._subdirectories[path]
 
     def changes_since(self, old: _DatasetView) -> dict[str, list[str]]:
         """Names, by directory ("" is the dataset, ".scicat" its control dir), that
@@ -606,14 +610,18 @@ class Namespace:
         previous = self._views.get(pid)
         if previous is not None and self._offline:
             return previous
-        try:
-            dataset = await _ask(lambda: self._catalog.get_dataset(pid), impatient=previous is not None)
-        except _NO_ANSWER as error:
-            if previous is None:
-                raise
-            self._offline_until = time.monotonic() + OFFLINE_RETRY
-            self._report_once(f"offline:{pid}", f"dataset {pid!r}: no usable answer from the catalog, serving the last version seen ({error})")
-            return previous
+        # Most calls (every lookup, stat and opendir inside a dataset) find the
+        # record cached: skip the deadline machinery of _ask for them.
+        dataset = self._catalog.cached_dataset(pid)
+        if dataset is None:
+            try:
+                dataset = await _ask(lambda: self._catalog.get_dataset(pid), impatient=previous is not None)
+            except _NO_ANSWER as error:
+                if previous is None:
+                    raise
+                self._offline_until = time.monotonic() + OFFLINE_RETRY
+                self._report_once(f"offline:{pid}", f"dataset {pid!r}: no usable answer from the catalog, serving the last version seen ({error})")
+                return previous
         if previous is not None and previous.dataset is dataset:
             return previous
         view = _DatasetView(dataset)
