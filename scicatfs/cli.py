@@ -13,14 +13,13 @@ exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from scicatfs import __version__
 from scicatfs.commands import register_all
-from scicatfs.commands.common import add_connection_options
+from scicatfs.commands.common import add_connection_options, setup_logging
 from scicatfs.config import LOG_LEVELS, ConfigError, helper_argv_to_cli, mount_options, split_fuse_o
 
 __all__ = ["main"]
@@ -79,20 +78,12 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
 
 
 def _setup_logging(level: str, quiet: bool = False) -> None:
-    """Log to stderr at ``level``; ``quiet`` shows only warnings and errors there.
+    """The daemon's log: times and logger names on stderr.
 
     A background mount is quiet on the terminal, like sshfs: the user sees
     problems, and the daemon's full log goes to syslog once it detaches.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s scicatfs %(levelname)s %(name)s: %(message)s"))
-    if quiet:
-        handler.setLevel(logging.WARNING)
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
-    if level != "debug":
-        # Both log every request or connection at INFO; scicatfs logs what matters itself.
-        for chatty in ("httpx", "asyncssh"):
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+    setup_logging(level, fmt="%(asctime)s scicatfs %(levelname)s %(name)s: %(message)s", quiet=quiet)
 
 
 def _mount(args: argparse.Namespace) -> int:

@@ -123,11 +123,20 @@ def cache_location(args: argparse.Namespace) -> tuple[Path, int | None]:
     return Path(directory).expanduser(), size  # type: ignore[arg-type]
 
 
-def setup_logging(level: str) -> None:
-    """Short lines on stderr: these commands are run by hand, not as daemons."""
-    logging.basicConfig(level=getattr(logging, level.upper()), format="scicatfs: %(levelname)s: %(message)s")
+#: Commands run by hand log short lines; the mount daemon passes its own format.
+COMMAND_LOG_FORMAT = "scicatfs: %(levelname)s: %(message)s"
+
+
+def setup_logging(level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = False) -> None:
+    """Log to stderr at ``level``; ``quiet`` shows only warnings and errors there."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    if quiet:
+        handler.setLevel(logging.WARNING)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
     if level != "debug":
-        for chatty in ("httpx", "asyncssh"):  # every request or connection at INFO
+        # Both log every request or connection at INFO; scicatfs logs what matters itself.
+        for chatty in ("httpx", "asyncssh"):
             logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
