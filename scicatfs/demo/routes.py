@@ -145,6 +145,13 @@ def _check_includes(names: Iterable[Any]) -> set[str]:
     return found
 
 
+def _filter_includes(value: Any) -> set[str]:
+    """The ``include`` of a JSON filter: an array of relation names (or {"relation": ...})."""
+    if not isinstance(value, list):
+        raise FilterError("include must be an array")
+    return _check_includes(value)
+
+
 def _wants_blocks(includes: set[str]) -> bool:
     return "origdatablocks" in includes or "all" in includes
 
@@ -241,19 +248,12 @@ class Api:
             return None, nest_error(403, "Unauthorized access")
         return record, None
 
-    @staticmethod
-    def _v3_includes(spec: dict[str, Any]) -> set[str]:
-        includes = spec.get("include", [])
-        if not isinstance(includes, list):
-            raise FilterError("include must be an array")
-        return _check_includes(includes)
-
     def v3_dataset(self, request: Request) -> Reply:
         record, error = self._v3_check(request)
         if error:
             return error
         spec = filters.parse_filter(request.param("filter"))
-        out = self._v3_view(record, self._v3_includes(spec))
+        out = self._v3_view(record, _filter_includes(spec.get("include", [])))
         if spec.get("fields"):
             return Reply(200, filters.project(out, spec["fields"]))
         return Reply(200, out | {"history": []})
@@ -277,7 +277,7 @@ class Api:
 
     def v3_datasets(self, request: Request) -> Reply:
         records, spec = self._v3_selected(request)
-        includes = self._v3_includes(spec)
+        includes = _filter_includes(spec.get("include", []))
         fields = spec.get("fields")
         limits = spec.get("limits")
         skip, limit = filters.limits(limits, default_limit=100)
@@ -333,10 +333,7 @@ class Api:
         where = spec.get("where", {})
         fields = spec.get("fields")
         records = filters.sort_v4([r for r in self._visible(user) if filters.matches(r, where)], sort, fields)
-        includes = spec.get("include") or []
-        if not isinstance(includes, list):
-            raise FilterError("include must be an array")
-        includes = _check_includes(includes)
+        includes = _filter_includes(spec.get("include") or [])
         page = [self._v4_record(r, includes, user) for r in records[skip:skip + limit]]
         return Reply(200, [filters.project(r, fields) for r in page])
 
