@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +86,5 @@ Try, in another terminal:
 Press Ctrl-C to unmount and stop.""",
             flush=True,
         )
-        sys.stdout.flush()
 
     return show

@@ -64,7 +64,6 @@ class Progress:
         files_done: int = 0,
         tty: bool | None = None,
         interval: float = 10.0,
-        label: str = "prefetch",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total = total
@@ -75,7 +74,6 @@ class Progress:
         self._stream = stream
         self._tty = stream.isatty() if tty is None else tty
         self._interval = interval
-        self._label = label
         self._clock = clock
         self._started = clock()
         self._last_output = self._started
@@ -141,7 +139,7 @@ class Progress:
 
     def _line(self, text: str) -> None:
         prefix = "\r\x1b[K" if self._tty and self._bar_shown else ""
-        self._stream.write(f"{prefix}{self._label}: {text}\n")
+        self._stream.write(f"{prefix}prefetch: {text}\n")
         self._stream.flush()
         self._bar_shown = False
         self._last_output = self._clock()

@@ -140,7 +140,7 @@ def setup_logging(level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = Fa
             logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def read_from_mount(mountpoint: Path, name: str, missing: str, timeout: float = MOUNT_TIMEOUT) -> bytes:
+def read_from_mount(mountpoint: Path, name: str, missing: str) -> bytes:
     """The bytes of control file ``name`` under a running scicatfs mount, or a CommandError.
 
     ``missing`` is the message when the file does not exist.
@@ -163,9 +163,9 @@ def read_from_mount(mountpoint: Path, name: str, missing: str, timeout: float = 
 
     reader = threading.Thread(target=read, daemon=True)  # a hung mount may keep it forever
     reader.start()
-    reader.join(timeout)
+    reader.join(MOUNT_TIMEOUT)
     if not outcome:
-        raise CommandError(f"the mount at {mountpoint} did not answer within {timeout:g} s")
+        raise CommandError(f"the mount at {mountpoint} did not answer within {MOUNT_TIMEOUT:g} s")
     result = outcome[0]
     if isinstance(result, bytes):
         return result
