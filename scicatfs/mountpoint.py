@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,6 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
-    device: str  # "major:minor"
 
     @property
     def is_fuse(self) -> bool:
@@ -67,7 +67,6 @@ def mount_table(mountinfo: Path = _MOUNTINFO) -> list[MountEntry]:
                 mountpoint=_unescape(fields[4]),
                 fstype=_unescape(fields[separator + 1]),
                 source=_unescape(fields[separator + 2]),
-                device=fields[2].decode(),
             )
         )
     return entries
@@ -117,7 +116,7 @@ def check_mountpoint(path: Path) -> None:
         if error.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise MountpointError(_stale_message(path)) from None
         raise MountpointError(f"cannot use mountpoint {path}: {error.strerror}") from None
-    if not os.path.isdir(path):
+    if not stat.S_ISDIR(status.st_mode):
         raise MountpointError(f"mountpoint {path} is not a directory")
     mounted = find_mount(path)
     if mounted is not None:
