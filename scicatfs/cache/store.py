@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BLOCK_SIZE",
     "CHUNK_SIZE",
+    "INDEX_FILE",
     "Blob",
     "BlobInfo",
     "BlobStore",
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 4 * 1024 * 1024
 #: One SFTP request on OpenSSH (whose limit is 255 KiB) and a cheap random read.
 BLOCK_SIZE = 128 * 1024
+#: The index inside a cache directory (its presence marks the directory as a cache).
+INDEX_FILE = "index.sqlite3"
 DEFAULT_BUDGET = 10 * 1024**3
 #: Format 1 recorded whole chunks; its rows are dropped on upgrade (refetched).
 SCHEMA_VERSION = 2
@@ -226,7 +229,7 @@ class BlobStore:
         try:
             _make_private_dir(self.directory)
             _make_private_dir(self._blobs_dir)
-            self._db = self._connect(self.directory / "index.sqlite3")
+            self._db = self._connect(self.directory / INDEX_FILE)
         except (OSError, sqlite3.Error) as error:
             raise CacheError(f"cannot use cache directory {self.directory}: {error}") from error
 
@@ -283,7 +286,7 @@ class BlobStore:
         try:
             yield
         except sqlite3.Error as error:
-            raise CacheError(f"cache index {self.directory / 'index.sqlite3'}: {error}") from error
+            raise CacheError(f"cache index {self.directory / INDEX_FILE}: {error}") from error
 
     def _touch(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         """Bookkeeping (access times, the (pid, path) map) that must not fail a read.
@@ -552,9 +555,9 @@ class BlobStore:
             row = self._db.execute(f"SELECT {_CACHED_BYTES} FROM blobs b WHERE b.key = ?", (key,)).fetchone()
         return row[0] if row else 0
 
-    def entries(self) -> list[BlobInfo]:
-        """Every (pid, path) the index knows, with how much of its blob is cached."""
-        return self._entries("", ())
+    def entries(self, pid: str | None = None) -> list[BlobInfo]:
+        """Every (pid, path) the index knows (of dataset ``pid`` only, if given), with how much is cached."""
+        return self._entries("", ()) if pid is None else self._entries("WHERE f.pid = ?", (pid,))
 
     def where(self, pid: str, path: str) -> BlobInfo | None:
         """The blob file behind one dataset file, if the index maps it."""

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from scicatfs.cache.errors import CacheError
-from scicatfs.cache.store import BlobInfo, BlobStore, default_budget
+from scicatfs.cache.store import INDEX_FILE, BlobInfo, BlobStore, default_budget
 from scicatfs.commands.common import (
     CommandError,
     add_cache_options,
@@ -27,8 +27,6 @@ from scicatfs.config import parse_size
 from scicatfs.progress import human_size
 
 __all__ = ["register"]
-
-INDEX = "index.sqlite3"
 
 
 def register(subparsers: Any) -> None:
@@ -60,7 +58,7 @@ def _store(args: argparse.Namespace) -> Iterator[BlobStore | None]:
     """The cache named by the options, or None if that directory holds no cache yet."""
     setup_logging(args.log_level)
     directory, size = cache_location(args)
-    if not (directory / INDEX).exists():
+    if not (directory / INDEX_FILE).exists():
         print(f"no cache in {directory} yet")
         yield None
         return

@@ -234,7 +234,7 @@ async def _standalone(args: argparse.Namespace) -> int:
     except CacheError as error:
         raise CommandError(str(error)) from None
     with store:
-        verified = {(e.pid, e.path, e.key) for e in store.entries() if e.pid == dataset.pid and e.complete}
+        verified = {(e.pid, e.path, e.key) for e in store.entries(dataset.pid) if e.complete}
         items = select(
             [
                 Item(path, spec.size, store.cached_bytes(spec),
