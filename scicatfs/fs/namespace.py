@@ -310,9 +310,8 @@ class Namespace:
         except _NO_ANSWER as error:
             if not known:
                 raise
-            self._offline_until = time.monotonic() + OFFLINE_RETRY
-            self._report_once(f"offline:{candidate}/", f"PID prefix {candidate!r}: no usable answer from "
-                              f"the catalog, still shown as a directory ({error})")
+            self._go_offline(f"offline:{candidate}/", f"PID prefix {candidate!r}: no usable answer from "
+                             f"the catalog, still shown as a directory ({error})")
             return PidLevel(candidate + "/")
 
     async def _resolve_pid(self, candidate: str) -> Node:
@@ -619,8 +618,8 @@ class Namespace:
             except _NO_ANSWER as error:
                 if previous is None:
                     raise
-                self._offline_until = time.monotonic() + OFFLINE_RETRY
-                self._report_once(f"offline:{pid}", f"dataset {pid!r}: no usable answer from the catalog, serving the last version seen ({error})")
+                self._go_offline(f"offline:{pid}", f"dataset {pid!r}: no usable answer from the catalog, "
+                                 f"serving the last version seen ({error})")
                 return previous
         if previous is not None and previous.dataset is dataset:
             return previous
@@ -637,6 +636,11 @@ class Namespace:
     def _offline(self) -> bool:
         """The catalog gave no usable answer a moment ago: do not ask it again yet."""
         return time.monotonic() < self._offline_until
+
+    def _go_offline(self, key: str, message: str) -> None:
+        """Serve what was seen last, without asking the catalog for OFFLINE_RETRY s; say so once per ``key``."""
+        self._offline_until = time.monotonic() + OFFLINE_RETRY
+        self._report_once(key, message)
 
     def _report_once(self, key: str, message: str) -> None:
         if key not in self._reported:
