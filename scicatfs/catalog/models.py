@@ -93,7 +93,7 @@ class Dataset:
     """A dataset record with its validated files (unique by path, sorted by path)."""
 
     pid: str
-    record: Mapping[str, Any]
+    record: Mapping[str, Any]  # as the catalog sent it, without the file lists
     source_folder: str
     source_folder_host: str | None
     creation_time: float
@@ -106,7 +106,7 @@ def metadata_json(dataset: Dataset) -> bytes:
     scientificMetadata keys are stored URL-encoded by newer servers (``%20``,
     ``%2E``) and v4 routes return them raw, so they are decoded here.
     """
-    record = {k: v for k, v in dataset.record.items() if k not in _FILE_LIST_KEYS}
+    record = dict(dataset.record)  # parse_dataset already left the file lists out
     if "scientificMetadata" in record:
         record["scientificMetadata"] = _decode_keys(record["scientificMetadata"])
     text = json.dumps(record, sort_keys=True, indent=2, ensure_ascii=False)
