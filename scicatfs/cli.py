@@ -92,7 +92,9 @@ def _mount(args: argparse.Namespace) -> int:
     values = {key: value for key, value in vars(args).items() if key not in ("command", "o")}
     scicat_keys, fuse = split_fuse_o(args.o)
     for key, value in scicat_keys.items():
-        if values.get(key) is None:
+        if key == "sources":  # -o source=... adds to --source
+            values[key] = [*(values.get(key) or ()), *value]  # type: ignore[misc]
+        elif values.get(key) is None:
             values[key] = value
     if fuse:
         values["fuse_options"] = tuple(fuse)

@@ -34,21 +34,16 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from scicatfs.cache.errors import CacheError
-from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.store import BlobStore, default_budget
-from scicatfs.catalog.auth import resolve_credentials
-from scicatfs.catalog.client import CatalogClient, CatalogSettings
-from scicatfs.catalog.errors import CatalogError
 from scicatfs.config import MountOptions
+from scicatfs.errors import ScicatfsError
 from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
+from scicatfs.stack import Stack, open_stack
 from scicatfs.status import collect_status
-from scicatfs.transfer.sftp import SFTPSettings, Transfer
 
-__all__ = ["MountError", "cache_budget", "catalog_settings", "fuse_options", "run", "serve", "sftp_settings"]
+__all__ = ["MountError", "fuse_options", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -76,38 +71,6 @@ def fuse_options(options: MountOptions) -> set[str]:
     return result
 
 
-def cache_budget(options: MountOptions) -> int:
-    """The cache size: as configured, else min(10 GiB, 10 % of the filesystem holding it)."""
-    return options.cache_size if options.cache_size is not None else default_budget(options.cache_dir)
-
-
-def catalog_settings(options: MountOptions) -> CatalogSettings:
-    """How to reach the catalog; also used by ``prefetch`` without a mount.
-
-    Raises :class:`CatalogError` when the credentials cannot be read.
-    """
-    credentials = resolve_credentials(options.token_file, options.username, options.password_file)
-    return CatalogSettings(
-        url=options.url,
-        credentials=credentials,
-        record_ttl=options.record_ttl,
-        listing_ttl=options.listing_ttl,
-    )
-
-
-def sftp_settings(options: MountOptions) -> SFTPSettings:
-    """How to reach the file server; also used by ``prefetch`` without a mount."""
-    return SFTPSettings(
-        host=options.sftp_host,
-        port=options.sftp_port,
-        username=options.sftp_user,
-        identity_files=() if options.identity_file is None else (options.identity_file,),
-        known_hosts=options.known_hosts,
-        check_host_keys=not options.insecure_no_host_key_check,
-        connections=options.sftp_connections,
-    )
-
-
 async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
     """Mount according to ``options`` and serve until unmounted or signalled.
 
@@ -117,48 +80,43 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
     try:
         check_fuse()
         check_mountpoint(options.mountpoint)
-        settings = catalog_settings(options)
-    except (MountpointError, CatalogError) as error:
+    except MountpointError as error:
         raise MountError(str(error)) from None
     for what, path in (("identity file", options.identity_file), ("known_hosts file", options.known_hosts)):
         # SSH is only used on the first read; a typo here would otherwise surface as EIO much later.
         if path is not None and not os.access(path, os.R_OK):
             raise MountError(f"cannot read {what} {path}")
 
-    async with AsyncExitStack() as stack:
+    async with AsyncExitStack() as exits:
         try:
-            catalog = await stack.enter_async_context(CatalogClient(settings))
-            await catalog.count()
-        except CatalogError as error:
-            raise MountError(f"catalog at {options.url}: {error}") from None
-        try:
-            store = BlobStore(options.cache_dir, cache_budget(options))
-        except (CacheError, OSError) as error:
+            stack = await exits.enter_async_context(open_stack(options))
+        except (ScicatfsError, OSError) as error:
             raise MountError(str(error)) from None
-        with store:
-            async with Transfer(sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
-                # Like sshfs, be connected before the mount is ready (so the first read
-                # skips the SSH handshake), but never wait long for a server that is down.
-                await transfer.warm_up(wait=WARM_UP_WAIT)
-                await _mount_and_serve(_filesystem(options, catalog, transfer, fetcher), options, ready)
+        try:
+            await stack.catalog.count()
+        except ScicatfsError as error:
+            raise MountError(f"catalog at {options.url}: {error}") from None
+        # Like sshfs, be connected before the mount is ready (so the first read
+        # skips the SSH handshake), but never wait long for a server that is down.
+        await stack.transfer.warm_up(wait=WARM_UP_WAIT)
+        await _mount_and_serve(_filesystem(options, stack), options, ready)
 
 
-def _filesystem(
-    options: MountOptions, catalog: CatalogClient, transfer: Transfer, fetcher: Fetcher
-) -> ScicatOperations:
+def _filesystem(options: MountOptions, stack: Stack) -> ScicatOperations:
     """The filesystem over the connected layers; ``/.scicat/status.json`` shows their counters."""
     started = time.time()
+    catalog, fetcher = stack.catalog, stack.fetcher
 
     def status() -> bytes:
         document = collect_status(
-            catalog=catalog, transfer=transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
+            catalog=catalog, transfer=stack.transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
         )
         return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
     namespace = Namespace(
         catalog,
         fetcher.cached_bytes,
-        use_source_folder_host=options.sftp_host is None,
+        stack.file_spec,
         record_ttl=options.record_ttl,
         listing_ttl=options.listing_ttl,
         status=status,

@@ -24,7 +24,7 @@ CHUNK = 1024
 
 def spec_for(data: bytes, pid: str = "pid/1", path: str = "a.bin", checksum: bool = True) -> FileSpec:
     digest = Checksum("md5", hashlib.md5(data).hexdigest()) if checksum else None
-    return FileSpec(pid, path, None, f"/data/{pid}/{path}", len(data), 1_700_000_000.0, digest)
+    return FileSpec(pid, path, f"sftp:///data/{pid}/{path}", f"/data/{pid}/{path}", len(data), 1_700_000_000.0, digest)
 
 
 def fill(store: BlobStore, spec: FileSpec, data: bytes) -> None:
@@ -275,7 +275,7 @@ def test_eviction_skips_blobs_open_in_another_process(tmp_path: Path) -> None:
             from pathlib import Path
             from scicatfs.cache.store import BlobStore, FileSpec
             from scicatfs.catalog.models import Checksum
-            spec = FileSpec(*{[spec.pid, spec.path, spec.host, spec.remote_path, spec.size,
+            spec = FileSpec(*{[spec.pid, spec.path, spec.source, spec.remote_path, spec.size,
                                spec.mtime]!r}, Checksum(*{[spec.checksum.algorithm,
                                spec.checksum.hexdigest]!r}))
             store = BlobStore(Path({str(tmp_path)!r}), budget=0, chunk_size={CHUNK})

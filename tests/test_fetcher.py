@@ -1,4 +1,4 @@
-"""The fetcher against a real OpenSSH sshd, the real Transfer and a real cache directory."""
+"""The fetcher against a real OpenSSH sshd, the real SFTP transfer and a real cache directory."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
-from scicatfs.transfer.sftp import Transfer
+from scicatfs.transfer.base import source_url
+from scicatfs.transfer.sftp import SFTPTransfer
 from tests.support.sshd import OpenSSHServer, _descendants
 
 T = TypeVar("T")
@@ -47,11 +48,16 @@ def run(
 
     async def main() -> T:
         with BlobStore(cache, budget, chunk) as store:
-            async with Transfer(server.sftp_settings(timeout=5, connect_timeout=3)) as transfer:
+            async with SFTPTransfer(server.sftp_settings(timeout=5, connect_timeout=3)) as transfer:
                 async with Fetcher(store, transfer, **options) as fetcher:
                     return await body(fetcher)
 
     return trio.run(main)
+
+
+def sftp(path: str) -> str:
+    """The URL of ``path`` on the test server (the settings' default host)."""
+    return source_url("sftp", "", path)
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -70,7 +76,7 @@ def remote(sshd: OpenSSHServer, request: pytest.FixtureRequest) -> Iterator[Call
     def put(name: str, data: bytes, *, checksum: bool = True, pid: str = "10.1/x") -> FileSpec:
         path = sshd.put(f"{directory}/{name}", data)
         digest = Checksum("md5", md5(data)) if checksum else None
-        return FileSpec(pid, name, None, path, len(data), 1_700_000_000.0, digest)
+        return FileSpec(pid, name, sftp(path), path, len(data), 1_700_000_000.0, digest)
 
     yield put
     subprocess.run(["rm", "-rf", str(sshd.local_path(directory))], check=True)
@@ -235,7 +241,7 @@ def test_bad_requests_are_clear_errors(sshd, remote, tmp_path: Path) -> None:
 
     async def outside() -> None:
         with BlobStore(tmp_path / "cold", 1 << 20) as store:
-            fetcher = Fetcher(store, transfer=None)  # type: ignore[arg-type]
+            fetcher = Fetcher(store, SFTPTransfer(sshd.sftp_settings()))  # neither entered
             handle = await fetcher.open(spec)
             with pytest.raises(CacheError, match="async context manager"):
                 await fetcher.read(handle, 0, 1)
@@ -318,8 +324,9 @@ def test_cached_reads_need_no_server_and_uncached_reads_fail_in_time(
     server = make_sshd()
     data = payload(4 * SMALL_CHUNK)
     path = server.put("/data/offline.bin", data)
-    spec = FileSpec("p", "offline.bin", None, path, len(data), 0.0, Checksum("md5", md5(data)))
-    other = FileSpec("p", "other.bin", None, server.put("/data/other.bin", data[:10]), 10, 0.0, None)
+    spec = FileSpec("p", "offline.bin", sftp(path), path, len(data), 0.0, Checksum("md5", md5(data)))
+    other_path = server.put("/data/other.bin", data[:10])
+    other = FileSpec("p", "other.bin", sftp(other_path), other_path, 10, 0.0, None)
 
     async def first(fetcher: Fetcher) -> None:
         await fetcher.prefetch(spec)
@@ -350,7 +357,8 @@ def test_a_frozen_server_gives_an_error_not_a_hang(make_sshd, tmp_path: Path) ->
     """SIGSTOP the sshd processes: connections stay open but nothing answers."""
     server = make_sshd()
     data = payload(4 * SMALL_CHUNK)
-    spec = FileSpec("p", "f", None, server.put("/data/f.bin", data), len(data), 0.0, None)
+    path = server.put("/data/f.bin", data)
+    spec = FileSpec("p", "f", sftp(path), path, len(data), 0.0, None)
 
     async def body(fetcher: Fetcher) -> float:
         handle = await fetcher.open(spec)
@@ -424,14 +432,14 @@ from pathlib import Path
 from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
-from scicatfs.transfer.sftp import SFTPSettings, Transfer
+from scicatfs.transfer.sftp import SFTPSettings, SFTPTransfer
 
 args = json.loads(sys.argv[1])
 spec = FileSpec(*args["spec"][:6], Checksum("md5", args["spec"][6]))
 
 async def main():
     with BlobStore(Path(args["cache"]), 1 << 40, args["chunk"]) as store:
-        async with Transfer(SFTPSettings(**args["sftp"])) as transfer:
+        async with SFTPTransfer(SFTPSettings(**args["sftp"])) as transfer:
             async with Fetcher(store, transfer) as fetcher:
                 await fetcher.prefetch(spec, lambda done, total: print(done, flush=True))
                 print("bytes_read", transfer.stats["bytes_read"], flush=True)
@@ -445,7 +453,7 @@ def prefetch_process(server: OpenSSHServer, cache: Path, spec: FileSpec, chunk: 
     arguments = {
         "cache": str(cache),
         "chunk": chunk,
-        "spec": [spec.pid, spec.path, spec.host, spec.remote_path, spec.size, spec.mtime, spec.checksum.hexdigest],
+        "spec": [spec.pid, spec.path, spec.source, spec.remote_path, spec.size, spec.mtime, spec.checksum.hexdigest],
         "sftp": {
             "host": settings.host, "port": settings.port, "username": settings.username,
             "identity_files": [str(settings.identity_files[0])],

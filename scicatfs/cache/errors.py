@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from scicatfs.errors import ScicatfsError
 
-class CacheError(Exception):
+
+class CacheError(ScicatfsError):
     """The cache could not serve a read (timeout, unusable cache directory, ...)."""
 
 

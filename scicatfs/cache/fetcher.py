@@ -32,17 +32,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import trio
 
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
+from scicatfs.cache.local import LocalBlob, LocalFiles
 from scicatfs.cache.store import Blob, BlobStore, FileSpec, is_disk_full
-from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
-
-if TYPE_CHECKING:
-    from scicatfs.transfer.sftp import Transfer
+from scicatfs.transfer.base import Transfer
+from scicatfs.transfer.errors import ConnectionLost, SourceChanged, TransferTimeout
 
 __all__ = ["Fetcher", "Handle"]
 
@@ -106,6 +105,7 @@ class Fetcher:
             raise ValueError("timeouts must be positive and attempts at least 1")
         self.store = store
         self.transfer = transfer
+        self._local = LocalFiles(store)
         chunk = store.chunk_size
         self._max_flights = max(2, max_in_flight // chunk)
         self._max_blocks = max(2 * chunk, max_in_flight) // store.block_size
@@ -154,16 +154,23 @@ class Fetcher:
         """Pin the file's blob for reading; nothing is fetched yet."""
         if spec.size < 0:
             raise CacheError(f"{spec.pid} {spec.path}: negative size {spec.size} in the catalog")
-        blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
+        blob = await trio.to_thread.run_sync(self._open_blob, spec)
         if blob.all_present and not blob.complete:  # filled by another process, or unverified
             self._start_verification(spec, blob)
         return Handle(spec, blob)
+
+    def _open_blob(self, spec: FileSpec) -> Blob:
+        """The blob of ``spec``: a local source file in place, else the store's (worker thread)."""
+        if self.transfer.is_local(spec.source):
+            return self._local.open(spec, self.transfer.open_local(spec.source))
+        return self.store.open_blob(spec)
 
     async def release(self, handle: Handle) -> None:
         await self._unpin(handle.blob)
 
     def cached_bytes(self, spec: FileSpec) -> int:
-        return self.store.cached_bytes(spec)
+        """Bytes readable without the network: all of a local source file."""
+        return spec.size if self.transfer.is_local(spec.source) else self.store.cached_bytes(spec)
 
     @property
     def chunks_in_flight(self) -> int:
@@ -189,6 +196,8 @@ class Fetcher:
             self.stats["reads_from_cache"] += 1
             if ahead > handle.ahead:
                 handle.ahead = self._start_flights(handle, max(last + 1, handle.ahead), last + 1, ahead)
+            if isinstance(blob, LocalBlob):
+                return await self._checked(handle, end, blob.local.read(offset, end - offset))
             return await self._checked(handle, end, self.store.read(blob, offset, end - offset))
         self.stats["reads_fetched"] += 1
         reached = self._start_flights(handle, first, last + 1, max(ahead, last + 1))
@@ -391,16 +400,18 @@ class Fetcher:
         offset = first * blob.block_size
         length = min(count * blob.block_size, blob.size - offset)
         ask = length + 1 if first + count == blob.block_count else length
-        data = await self._with_deadline(
-            lambda: self.transfer.read(spec.host, spec.remote_path, offset, ask), spec
-        )
+        try:
+            data = await self._with_deadline(lambda: self.transfer.read(spec.source, offset, ask), spec)
+        except SourceChanged:  # never mix versions: the next read fetches the new one from scratch
+            await trio.to_thread.run_sync(self.store.discard, blob)
+            raise
         if len(data) != length:
             actual = await self._with_deadline(
-                lambda: self.transfer.size(spec.host, spec.remote_path), spec
+                lambda: self.transfer.size(spec.source), spec
             )
             blob.error = IntegrityError(
                 f"{spec.pid} {spec.path}: catalog says {spec.size} bytes,"
-                f" server has {actual} ({spec.remote_path})"
+                f" server has {actual} ({spec.source})"
             )
             self.stats["integrity_errors"] += 1
             log.error("%s", blob.error)
@@ -473,7 +484,8 @@ class Fetcher:
             if running is not None:
                 async with running.lock:
                     digest = await trio.to_thread.run_sync(running.finish, self.store, blob)
-            await trio.to_thread.run_sync(self.store.complete, blob, handle.spec, digest)
+            complete = self._local.complete if isinstance(blob, LocalBlob) else self.store.complete
+            await trio.to_thread.run_sync(complete, blob, handle.spec, digest)
         except IntegrityError as error:
             self.stats["integrity_errors"] += 1
             log.error("%s", error)

@@ -24,15 +24,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from scicatfs.cache.errors import CacheError, IntegrityError
-
-if TYPE_CHECKING:
-    from scicatfs.catalog.models import Checksum, DataFile, Dataset
 
 __all__ = [
     "BLOCK_SIZE",
@@ -41,6 +38,7 @@ __all__ = [
     "Blob",
     "BlobInfo",
     "BlobStore",
+    "Checksum",
     "FileSpec",
     "blob_key",
     "default_budget",
@@ -83,37 +81,42 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (pid, path)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_key ON files(key);
+CREATE TABLE IF NOT EXISTS local_files (
+    path     TEXT PRIMARY KEY,
+    version  TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    atime    REAL NOT NULL
+) WITHOUT ROWID;
 """
+
+
+class Checksum(Protocol):
+    """What the cache needs of a checksum: a hashlib name and a hex digest; str() is "algorithm:hex"."""
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def hexdigest(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
 class FileSpec:
-    """What the cache needs to know about one dataset file (see docs/architecture.md)."""
+    """What the cache needs to know about one dataset file (see docs/architecture.md).
+
+    ``source`` is the URL its bytes are read from (``sftp://host/path``,
+    ``file:///path``, ``https://...``); every process sharing a cache must
+    build it the same way (``scicatfs.stack``), because a file without a
+    checksum is keyed on it.
+    """
 
     pid: str
     path: str
-    host: str | None
+    source: str
     remote_path: str
     size: int
     mtime: float
     checksum: Checksum | None
-
-    @classmethod
-    def for_file(cls, dataset: Dataset, datafile: DataFile, host: str | None) -> FileSpec:
-        """The spec of one catalog file, read from ``host`` (None: the default SFTP host).
-
-        Every process sharing a cache must build specs the same way: without a
-        checksum, the host is part of the blob key.
-        """
-        return cls(
-            pid=dataset.pid,
-            path=datafile.path,
-            host=host,
-            remote_path=datafile.remote_path,
-            size=datafile.size,
-            mtime=datafile.mtime,
-            checksum=datafile.checksum,
-        )
 
 
 def default_budget(directory: Path) -> int:
@@ -131,12 +134,14 @@ def default_budget(directory: Path) -> int:
 def blob_key(spec: FileSpec) -> str:
     """The content key of a file: its checksum when the catalog has one, else its identity.
 
-    The size is part of both forms, so a catalog that pairs one checksum with two
+    The identity is the source URL (which names the server and the path), the
+    size and the mtime, so two sources never share a blob of a file without a
+    checksum. The size is part of both forms, so a catalog that pairs one checksum with two
     sizes cannot make two different files share a blob.
     """
     if spec.checksum is not None:
         return f"{spec.checksum.algorithm}:{spec.checksum.hexdigest.lower()}:{spec.size}"
-    identity = f"{spec.host or ''}\0{spec.remote_path}\0{spec.size}\0{spec.mtime!r}"
+    identity = f"{spec.source}\0{spec.size}\0{spec.mtime!r}"
     return f"id:{hashlib.sha256(identity.encode()).hexdigest()}:{spec.size}"
 
 
@@ -388,6 +393,22 @@ class BlobStore:
         blob.complete = bool(state and state[0]) and blob.all_present
         return blob
 
+    def adopt(self, key: str, make: Callable[[], Blob]) -> tuple[Blob, bool]:
+        """Pin the open blob ``key``, or ``make()`` one that lives outside the blob directory.
+
+        For blobs the store does not hold on disk (a local source file read in
+        place): they share the table of open blobs, so that pins, ``retain`` and
+        ``release_blob`` work as for any blob. Returns the blob and whether
+        ``make`` was called.
+        """
+        with self._lock:
+            blob = self._open.get(key)
+            made = blob is None
+            if blob is None:
+                blob = self._open[key] = make()
+            blob.pins += 1
+            return blob, made
+
     def release_blob(self, blob: Blob) -> None:
         """Unpin; the last release closes the file (which drops this process's locks)."""
         with self._lock:
@@ -535,6 +556,25 @@ class BlobStore:
                 with self._lock, self._transaction() as db:
                     _forget_blocks(db, key)
         return problems
+
+    # -- local files (file:// sources, read in place) -------------------------
+
+    def local_verified(self, path: Path, version: str, checksum: str) -> bool:
+        """Was this version of local file ``path`` found to match ``checksum`` before?"""
+        with self._lock, self._index_errors():
+            row = self._db.execute(
+                "SELECT 1 FROM local_files WHERE path = ? AND version = ? AND checksum = ?",
+                (str(path), version, checksum),
+            ).fetchone()
+        return row is not None
+
+    def remember_local(self, path: Path, version: str, checksum: str) -> None:
+        """Record that this version of ``path`` matched ``checksum`` (a full disk only forgets it)."""
+        with self._lock:
+            self._touch([(
+                "INSERT OR REPLACE INTO local_files (path, version, checksum, atime) VALUES (?, ?, ?, ?)",
+                (str(path), version, checksum, time.time()),
+            )])  # fmt: skip
 
     # -- accounting ------------------------------------------------------------
 

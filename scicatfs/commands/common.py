@@ -97,6 +97,23 @@ def add_connection_options(parser: argparse.ArgumentParser, when: str = "") -> N
         help="accept any host key (INSECURE: only for throw-away test servers)",
     )  # fmt: skip
     sftp.add_argument("--sftp-connections", metavar="N", help="SSH connections per host (default 4)")
+    sources = parser.add_argument_group(
+        f"sources{when}", "where each file's bytes come from, by the folder its remote path is in: the longest"
+        " matching PREFIX wins; without a match, SFTP as above",
+    )
+    sources.add_argument(
+        "--source", dest="sources", action="append", metavar="PREFIX=URL",
+        help="read remote paths under PREFIX from URL (file:///path, sftp://[user@]host[:port]/path, "
+        "https://host/path); repeatable, e.g. --source /ess/data=file:///ess/data",
+    )  # fmt: skip
+    sources.add_argument(
+        "--http-token-file", type=Path, metavar="FILE",
+        help="bearer token for https:// sources (must not be group/world-readable; not the SciCat token)",
+    )  # fmt: skip
+    sources.add_argument(
+        "--insecure-http", action="store_const", const=True, default=None,
+        help="allow http:// sources on other machines (unencrypted: only on a trusted network)",
+    )  # fmt: skip
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:

@@ -17,14 +17,8 @@ from contextlib import contextmanager
 import pyfuse3
 from cachetools import TTLCache
 
-from scicatfs.cache.errors import CacheError
-from scicatfs.catalog.errors import (
-    AuthenticationError,
-    CatalogError,
-    DatasetForbidden,
-    DatasetNotFound,
-)
-from scicatfs.transfer.errors import TransferError
+from scicatfs.catalog.errors import AuthenticationError, DatasetForbidden, DatasetNotFound
+from scicatfs.errors import ScicatfsError
 
 __all__ = ["NoEntry", "fuse_errors", "to_errno"]
 
@@ -58,7 +52,7 @@ def to_errno(error: BaseException) -> int:
 
 def _describe(error: BaseException) -> str:
     """A one-line reason; lower layers already phrase their messages for users."""
-    if isinstance(error, (CatalogError, TransferError, CacheError)):
+    if isinstance(error, ScicatfsError):
         return str(error) or type(error).__name__
     return f"{type(error).__name__}: {error}"
 
@@ -81,7 +75,7 @@ def fuse_errors(operation: str, pid: str | None, path: str | None) -> Iterator[N
     except Exception as error:
         code = to_errno(error)
         where = " ".join(part for part in (pid and f"pid={pid!r}", path and f"path={path!r}") if part)
-        if isinstance(error, (CatalogError, TransferError, CacheError)):
+        if isinstance(error, ScicatfsError):
             line = f"{operation} {where}: {_describe(error)} ({errno.errorcode[code]})"
             if line not in _recent:  # the kernel retries and reads ahead: one failure, one line
                 _recent[line] = True

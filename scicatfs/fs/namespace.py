@@ -218,9 +218,9 @@ class Namespace:
     """Resolves names and attributes for the filesystem, backed by the catalog.
 
     ``cached_bytes`` reports how much of a file the local cache holds (for
-    ``st_blocks``, files.json and xattrs). ``sftp_host`` is None when the user
-    named a file server (every file is then read from that default host);
-    otherwise each dataset's ``sourceFolderHost`` is used.
+    ``st_blocks``, files.json and xattrs). ``file_spec`` turns a catalog file
+    into what the cache needs, its source URL included (``scicatfs.stack``
+    builds it, the same way for the mount and for ``prefetch``).
     ``status()`` renders ``/.scicat/status.json`` (the mount's counters; no
     ``/.scicat`` when None).
     ``on_change(pid, names)`` is called when a dataset's record or file list
@@ -233,8 +233,8 @@ class Namespace:
         self,
         catalog: CatalogClient,
         cached_bytes: Callable[[FileSpec], int],
+        file_spec: Callable[[Dataset, DataFile], FileSpec],
         *,
-        use_source_folder_host: bool = False,
         record_ttl: float = 60.0,
         listing_ttl: float = 30.0,
         status: Callable[[], bytes] | None = None,
@@ -242,7 +242,7 @@ class Namespace:
     ) -> None:
         self._catalog = catalog
         self._cached_bytes = cached_bytes
-        self._use_source_folder_host = use_source_folder_host
+        self._spec = file_spec
         self.record_ttl = record_ttl
         self.listing_ttl = listing_ttl
         self._status = status
@@ -370,10 +370,6 @@ class Namespace:
         if child is None:
             return DatasetDir(view.dataset.pid, path)
         return DataFileNode(self._spec(view.dataset, child))
-
-    def _spec(self, dataset: Dataset, datafile: DataFile) -> FileSpec:
-        """Built as ``prefetch`` builds it, so both find the same blobs."""
-        return FileSpec.for_file(dataset, datafile, dataset.source_folder_host if self._use_source_folder_host else None)
 
     # -- attributes ----------------------------------------------------------------
 
@@ -562,13 +558,15 @@ class Namespace:
         for datafile in dataset.files:
             if datafile.path.partition("/")[0] == CONTROL_DIR:
                 continue
+            spec = self._spec(dataset, datafile)
             files.append(
                 {
                     "path": datafile.path,
                     "remote_path": datafile.remote_path,
+                    "source": spec.source,
                     "size": datafile.size,
                     "checksum": None if datafile.checksum is None else str(datafile.checksum),
-                    "cached": self._cached_bytes(self._spec(dataset, datafile)),
+                    "cached": self._cached_bytes(spec),
                 }
             )
         document = {"pid": dataset.pid, "sourceFolder": dataset.source_folder, "files": files}
@@ -583,6 +581,7 @@ class Namespace:
             values = {
                 "user.scicat.pid": spec.pid,
                 "user.scicat.remote_path": spec.remote_path,
+                "user.scicat.source": spec.source,
                 "user.scicat.cached": str(self._cached_bytes(spec)),
             }
             if spec.checksum is not None:
