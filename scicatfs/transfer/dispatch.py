@@ -90,6 +90,11 @@ class Dispatcher:
         return totals
 
     @property
+    def schemes(self) -> frozenset[str]:
+        """The URL schemes this dispatcher can read."""
+        return frozenset(self._transfers)
+
+    @property
     def sources(self) -> dict[str, dict[str, int]]:
         """Per origin (``scheme://[user@]host[:port]``, never a secret): bytes_read, requests, errors."""
         return {name: stats.as_dict() for name, stats in sorted(self._sources.items())}
