@@ -359,8 +359,12 @@ class Fetcher:
         try:
             if self.store.refresh_blocks(blob, first, count):
                 return
-            async with self._limiter:
-                data = await self._download(spec, blob, first, count)
+            try:
+                async with self._limiter:
+                    data = await self._download(spec, blob, first, count)
+            except SourceChanged:
+                await self._forget_version(blob, flight)
+                raise
             self.stats["chunks_fetched"] += count
             flight.data = data
             flight.ready.set()
@@ -400,11 +404,7 @@ class Fetcher:
         offset = first * blob.block_size
         length = min(count * blob.block_size, blob.size - offset)
         ask = length + 1 if first + count == blob.block_count else length
-        try:
-            data = await self._with_deadline(lambda: self.transfer.read(spec.source, offset, ask), spec)
-        except SourceChanged:  # never mix versions: the next read fetches the new one from scratch
-            await trio.to_thread.run_sync(self.store.discard, blob)
-            raise
+        data = await self._with_deadline(lambda: self.transfer.read(spec.source, offset, ask), spec)
         if len(data) != length:
             actual = await self._with_deadline(
                 lambda: self.transfer.size(spec.source), spec
@@ -417,6 +417,19 @@ class Fetcher:
             log.error("%s", blob.error)
             raise blob.error
         return data
+
+    async def _forget_version(self, blob: Blob, flight: _Flight) -> None:
+        """The file changed at its source: drop every block of the old version, so that the
+        next read fetches the new one from scratch and old and new bytes never mix.
+
+        Waits (at most ``read_timeout``) until the blob's other flights are over,
+        since one may still be writing old bytes that it fetched before the change.
+        """
+        others = {other for (key, _), other in self._flights.items() if key == blob.key and other is not flight}
+        with trio.move_on_after(self.read_timeout):
+            for other in others:
+                await other.settled.wait()
+        await trio.to_thread.run_sync(self.store.discard, blob)
 
     async def _with_deadline(self, call: Callable[[], Awaitable[T]], spec: FileSpec) -> T:
         """Run one transfer call under ``transfer_timeout``, retrying ``attempts`` times.
