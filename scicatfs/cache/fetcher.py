@@ -146,7 +146,14 @@ class Fetcher:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
         self._nursery = None
-        return await self._nursery_manager.__aexit__(exc_type, exc, traceback)
+        try:
+            return await self._nursery_manager.__aexit__(exc_type, exc, traceback)
+        except BaseExceptionGroup as group:
+            # The caller's own exception, grouped only by our nursery: let it out as it was
+            # raised (a MountError or CommandError must reach its handler unwrapped).
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                raise exc from exc.__cause__
+            raise
 
     # -- the contract used by fs ----------------------------------------------
 
@@ -196,8 +203,9 @@ class Fetcher:
             self.stats["reads_from_cache"] += 1
             if ahead > handle.ahead:
                 handle.ahead = self._start_flights(handle, max(last + 1, handle.ahead), last + 1, ahead)
-            if isinstance(blob, LocalBlob):
-                return await self._checked(handle, end, blob.local.read(offset, end - offset))
+            if isinstance(blob, LocalBlob):  # a worker thread: a cluster filesystem may stall
+                data = await trio.to_thread.run_sync(blob.local.read, offset, end - offset)
+                return await self._checked(handle, end, data)
             return await self._checked(handle, end, self.store.read(blob, offset, end - offset))
         self.stats["reads_fetched"] += 1
         reached = self._start_flights(handle, first, last + 1, max(ahead, last + 1))
