@@ -87,7 +87,7 @@ class LocalFiles:
         )
         return blob
 
-    def complete(self, blob: Blob, spec: FileSpec, digest: str | None = None) -> None:
+    def complete(self, blob: Blob, spec: FileSpec) -> None:
         """Hash the file and compare with the catalog (the fetcher's ``store.complete`` for local blobs).
 
         On a mismatch ``blob.error`` is set and IntegrityError raised; nothing
