@@ -35,7 +35,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     parser = argparse.ArgumentParser(
         prog="scicatfs",
         description="Mount a SciCat data catalog as a read-only filesystem; "
-        "dataset files are fetched over SFTP on first read and cached.",
+        "dataset files are fetched on first read (SFTP, a local folder or a web server) and cached.",
     )
     parser.add_argument("--version", action="version", version=f"scicatfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
