@@ -25,7 +25,7 @@ import pytest
 
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
-from scicatfs.fs.namespace import STALE_WAIT
+from scicatfs.fs.namespace import LOOKUP_TIMEOUT, STALE_WAIT
 from scicatfs.mountpoint import find_mount
 from tests.support.mounts import Mount
 from tests.support.probes import Background, bounded, read_uncached
@@ -206,9 +206,41 @@ def test_hung_catalog_does_not_block_known_datasets(make_mount) -> None:  # type
     mount.server.latency = 0.0
 
 
+#: A name never seen must be EIO within this against a hung catalog, all retries included.
+NEW_NAME_BOUND = 10.0
+
+
+@pytest.mark.slow
+def test_hung_catalog_fails_never_seen_names_within_ten_seconds(make_mount) -> None:  # type: ignore[no-untyped-def]
+    """The lookup deadline, not the client's 4 tries of 35 s, bounds a name with no last version."""
+    pid = "h5faults/hung-known"
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/h5faults/hung-known"), [{"path": "data.bin", "size": MiB}])
+    mount: Mount = make_mount(catalog, args=["--record-ttl", "1", "--listing-ttl", "1"])
+    dataset = mount.dataset(pid)
+    data = (dataset / "data.bin").read_bytes()
+    _wait_cached(mount, pid, "data.bin")
+
+    mount.server.latency = 600.0  # accepts every request, answers none
+    time.sleep(1.5)  # every TTL has expired
+    # A PID whose first component was never seen: one lookup, bounded by the lookup deadline.
+    # The lower bound shows it was the deadline that ended it (the catalog really was asked).
+    elapsed = _eio(lambda: os.stat(mount.path / "10.99999" / "never-seen"), seconds=NEW_NAME_BOUND + 20)
+    assert LOOKUP_TIMEOUT - 0.5 <= elapsed <= NEW_NAME_BOUND, elapsed
+    # The known dataset still serves its last version (waiting at most STALE_WAIT once) ...
+    first = Background(lambda: read_uncached(dataset / "data.bin")).outcome(STALE_WAIT + PROMPT)
+    assert first.unwrap() == data
+    # ... and, its prefix now served from memory, a never-seen PID below it is bounded alike.
+    elapsed = _eio(lambda: os.stat(mount.dataset("h5faults/never-seen")), seconds=NEW_NAME_BOUND + 20)
+    assert elapsed <= NEW_NAME_BOUND, elapsed
+    assert bounded(PROMPT, lambda: read_uncached(dataset / "data.bin")) == data
+    assert f"the catalog did not answer within {LOOKUP_TIMEOUT:g} s" in mount.log_text()
+    mount.server.latency = 0.0
+
+
 @pytest.mark.slow
 def test_slow_catalog_does_not_block_cached_reads(make_mount) -> None:  # type: ignore[no-untyped-def]
-    """A lookup waiting 20 s for the catalog leaves every other operation prompt."""
+    """A lookup waiting for a slow catalog (within the lookup deadline) leaves every other operation prompt."""
     pid, unseen = "h5faults/slow", "h5faults/slow-unseen"
     catalog = Catalog.load_default()
     catalog.add_dataset(dataset_record(pid, "/h5faults/slow"), [{"path": "data.bin", "size": MiB}])
@@ -218,7 +250,7 @@ def test_slow_catalog_does_not_block_cached_reads(make_mount) -> None:  # type: 
     data = (dataset / "data.bin").read_bytes()
     _wait_cached(mount, pid, "data.bin")
 
-    mount.server.latency = 20.0
+    mount.server.latency = LOOKUP_TIMEOUT - 2  # slow, but answers before the lookup deadline
     slow = Background(lambda: (mount.dataset(unseen) / "x.bin").read_bytes())
     time.sleep(0.5)
     for _ in range(5):
