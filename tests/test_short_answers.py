@@ -22,6 +22,7 @@ import trio
 from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
+from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.sftp import Transfer
 from tests.support.short_sftp import ShortAnsweringServer
 
@@ -89,6 +90,17 @@ def test_end_of_file_is_still_end_of_file(short_sftp: ShortAnsweringServer) -> N
 
     with_transfer(short_sftp, body)
     assert short_sftp.short_answers > 0
+
+
+def test_an_answer_longer_than_asked_is_an_error(short_sftp: ShortAnsweringServer) -> None:
+    path = short_sftp.put("small.bin", bytes(1000))
+    short_sftp.fault.overlong = True
+
+    async def body(transfer: Transfer) -> None:
+        with pytest.raises(TransferError, match="answered 101 bytes for 100 asked"):
+            await transfer.read(None, path, 0, 100)
+
+    with_transfer(short_sftp, body)
 
 
 @pytest.mark.slow

@@ -41,12 +41,17 @@ class _ShortAnswers(ReadOnlySFTPServer):
 
 @dataclass
 class _Fault:
+    """Cuts answers short; with ``overlong``, sends one byte more than asked instead."""
+
     rng: random.Random
+    overlong: bool = False
     answers: int = 0
     short_answers: int = 0
 
     def cut(self, data: bytes) -> bytes:
         self.answers += 1
+        if self.overlong:
+            return data + b"!"
         if len(data) < 2:
             return data
         self.short_answers += 1
