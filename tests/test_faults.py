@@ -184,7 +184,8 @@ def test_catalog_failure_serves_last_known_datasets(make_mount, fault: str) -> N
     assert "Traceback" not in mount.log_text()
 
 
-#: A name never seen must be EIO within this against a hung catalog, all retries included.
+#: A name never seen must be EIO within this against a hung catalog, all retries included:
+#: the lookup deadline (LOOKUP_TIMEOUT, 8 s) plus 2 s for the FUSE round trip and a loaded machine.
 NEW_NAME_BOUND = 10.0
 
 
