@@ -5,7 +5,8 @@ being at end of file, and some servers do so below the size they advertise in
 ``limits@openssh.com``. OpenSSH's sftp-server never does on a regular file, so
 the fault is injected into the demo's asyncssh server: every answer of two bytes
 or more is cut to a random, non-empty prefix (an empty answer would mean end of
-file, which is not the fault under test).
+file, which is not the fault under test). It can also answer one byte more
+than asked, which no client may accept.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = ["ShortAnsweringServer", "short_sftp"]
 
 
 class _ShortAnswers(ReadOnlySFTPServer):
-    """One SFTP session whose read answers ``fault`` cuts."""
+    """One SFTP session whose read answers ``fault`` alters."""
 
     def __init__(self, chan: asyncssh.SSHServerChannel, chroot: str, fault: _Fault) -> None:
         super().__init__(chan, chroot=chroot)
@@ -36,7 +37,7 @@ class _ShortAnswers(ReadOnlySFTPServer):
 
     def read(self, file_obj: object, offset: int, size: int) -> bytes:
         data: bytes = super().read(file_obj, offset, size)
-        return self._fault.cut(data)
+        return self._fault.answer(data)
 
 
 @dataclass
@@ -45,11 +46,10 @@ class _Fault:
 
     rng: random.Random
     overlong: bool = False
-    answers: int = 0
     short_answers: int = 0
 
-    def cut(self, data: bytes) -> bytes:
-        self.answers += 1
+    def answer(self, data: bytes) -> bytes:
+        """What the server sends instead of ``data``, the bytes it read for a request."""
         if self.overlong:
             return data + b"!"
         if len(data) < 2:
