@@ -97,7 +97,7 @@ def test_an_answer_longer_than_asked_is_an_error(short_sftp: ShortAnsweringServe
     short_sftp.fault.overlong = True
 
     async def body(transfer: Transfer) -> None:
-        with pytest.raises(TransferError, match="answered 101 bytes for 100 asked"):
+        with pytest.raises(TransferError, match="/small.bin: the server answered 101 bytes for 100 asked"):
             await transfer.read(None, path, 0, 100)
 
     with_transfer(short_sftp, body)

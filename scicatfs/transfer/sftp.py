@@ -594,8 +594,8 @@ class _Pipeline:
                 if not data:  # SSH_FX_EOF: the file ends here
                     self._end = min(self._end, start)
                     return
-                if len(data) > asked:
-                    raise TransferError(f"the server answered {len(data)} bytes for {asked} asked")
+                if len(data) > asked:  # reported like any other broken SFTP message
+                    raise asyncssh.SFTPBadMessage(f"the server answered {len(data)} bytes for {asked} asked")
                 self._answers.append((start, data))
                 start += len(data)
 
