@@ -595,7 +595,8 @@ class _Pipeline:
                     self._end = min(self._end, start)
                     return
                 if len(data) > asked:  # reported like any other broken SFTP message
-                    raise asyncssh.SFTPBadMessage(f"the server answered {len(data)} bytes for {asked} asked")
+                    message = f"the server answered {len(data)} bytes for {asked} asked"
+                    raise asyncssh.SFTPBadMessage(message)
                 self._answers.append((start, data))
                 start += len(data)
 
