@@ -37,9 +37,9 @@ T = TypeVar("T")
 KiB, MiB = 1024, 1024**2
 
 
-def with_http(body: Callable[[HTTPTransfer], Awaitable[T]], **settings: object) -> T:
+def with_http(body: Callable[[HTTPTransfer], Awaitable[T]], token_file: Path | None = None) -> T:
     async def main() -> T:
-        async with HTTPTransfer(HTTPSettings(timeout=5, connect_timeout=2, **settings)) as transfer:  # type: ignore[arg-type]
+        async with HTTPTransfer(HTTPSettings(timeout=5, connect_timeout=2, token_file=token_file)) as transfer:
             return await body(transfer)
 
     return trio.run(main)
@@ -70,7 +70,9 @@ def test_ranged_reads_are_exact(make_nginx: Callable[..., NginxServer]) -> None:
     assert stats["unranged"] == 0 and stats["errors"] == 0 and stats["version_changes"] == 0
 
 
-def test_a_server_that_ignores_ranges_is_sliced(make_nginx: Callable[..., NginxServer], caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_server_that_ignores_ranges_is_sliced(
+    make_nginx: Callable[..., NginxServer], caplog: pytest.LogCaptureFixture
+) -> None:
     nginx = make_nginx()
     data = payload(3 * MiB, seed=2)
     url = nginx.url + "/norange" + nginx.put("/f.bin", data)
