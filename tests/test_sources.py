@@ -10,7 +10,7 @@ import pytest
 
 from scicatfs.cache.store import blob_key
 from scicatfs.catalog.models import DataFile, Dataset
-from scicatfs.config import ConfigError, mount_options, split_fuse_o
+from scicatfs.config import ConfigError, helper_argv_to_cli, mount_options, split_fuse_o
 from scicatfs.sources import SourceRules, parse_rule
 from scicatfs.stack import FileSpecs, transfers
 
@@ -74,7 +74,9 @@ def test_profile_table_command_line_and_o_forms(tmp_path: Path) -> None:
         '[profiles.ess]\nurl = "http://127.0.0.1:3000"\n'
         '[profiles.ess.sources]\n"/ess/data" = "file:///ess/data"\n"/ess/raw" = "sftp://login.ess.eu/ess/raw"\n'
     )
-    scicat, fuse = split_fuse_o(["source=/ess/raw=file:///raw,xattrs,source=/x=file:///y,auto_unmount"])
+    helper = helper_argv_to_cli(["ess", "/mnt", "-o", "source=/ess/raw=file:///raw,xattrs,source=/x=file:///y"])
+    assert helper == ["mount", "/mnt", "--profile", "ess", "-o", "source=/ess/raw=file:///raw,xattrs,source=/x=file:///y"]
+    scicat, fuse = split_fuse_o([helper[-1] + ",auto_unmount"])
     assert scicat == {"xattrs": True, "sources": ["/ess/raw=file:///raw", "/x=file:///y"]} and fuse == ["auto_unmount"]
     merged = mount_options({"mountpoint": "/mnt", "sources": scicat["sources"]}, profile="ess", config_path=config)
     rules = SourceRules(merged.sources)
