@@ -27,7 +27,7 @@ from scicatfs.cache.errors import IntegrityError
 from scicatfs.cache.store import Blob, BlobStore, FileSpec
 from scicatfs.transfer.base import LocalFile
 
-__all__ = ["LocalBlob", "LocalFiles"]
+__all__ = ["LocalBlob", "LocalFiles", "version_of"]
 
 log = logging.getLogger(__name__)
 
