@@ -13,6 +13,7 @@ from scicatfs.catalog.models import DataFile, Dataset
 from scicatfs.config import ConfigError, helper_argv_to_cli, mount_options, split_fuse_o
 from scicatfs.sources import SourceRules, parse_rule
 from scicatfs.stack import FileSpecs, transfers
+from scicatfs.transfer.base import split
 
 URL = "http://127.0.0.1:3000"
 
@@ -95,6 +96,15 @@ def test_the_sftp_host_rule_lives_in_one_place() -> None:
     assert FileSpecs(options(sftp_host="login"))(with_host, file).source == "sftp://login/data/set/a/b.dat"
     without, file = dataset("/data/set", host=None)
     assert FileSpecs(options())(without, file).source == "sftp:///data/set/a/b.dat"
+
+
+def test_a_catalog_host_cannot_smuggle_a_user_port_or_path_into_the_url() -> None:
+    hostile, file = dataset("/data/set", host="root@evil.example:2222/etc")
+    url = FileSpecs(options())(hostile, file).source
+    assert url == "sftp://root%40evil.example%3A2222%2Fetc/data/set/a/b.dat"
+    assert split(url).path == "/data/set/a/b.dat" and "@" not in split(url).netloc
+    ipv6, file = dataset("/d", host="::1")
+    assert FileSpecs(options())(ipv6, file).source == "sftp://%3A%3A1/d/a/b.dat"
 
 
 def test_blob_keys_without_a_checksum_follow_the_source() -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import asyncssh
 import cachetools
@@ -258,6 +259,7 @@ class SFTPTransfer:
         if pool is None:
             user, _, address = netloc.rpartition("@")
             host, port = _host_port(address)
+            user, host = unquote(user), unquote(host)  # a catalog's host name arrives %-encoded
             settings = dataclasses.replace(
                 self._settings, username=user or self._settings.username, port=port or self._settings.port
             )
