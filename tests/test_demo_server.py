@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from scicatfs.demo import jwt
 from scicatfs.demo.fixtures import Catalog, hashlib_name, resolve_remote_path
-from scicatfs.demo.jsdate import parse_js_date
+from scicatfs.catalog.jsdate import parse_js_date
 from scicatfs.demo.routes import Api
 from scicatfs.demo.server import CatalogServer
 
