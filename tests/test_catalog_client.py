@@ -33,7 +33,7 @@ from scicatfs.catalog.errors import (
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import normalise_base_url
 from scicatfs.demo.fixtures import Catalog
-from scicatfs.demo.jsdate import parse_js_date
+from scicatfs.catalog.jsdate import parse_js_date
 from scicatfs.demo.routes import Reply, nest_error
 from scicatfs.demo.server import CatalogServer
 
