@@ -18,8 +18,9 @@ it was asked for (it ignored the filter), is detected once per client, told
 once at WARNING, and listed with ``skip`` from then on (restarting the
 listing that noticed, and dropping what it already gave).
 
-The page fetching is pulled by the consumer (a readdir): nothing is fetched
-ahead, so an abandoned listing stops within the page it is in.
+The page fetching is pulled by the consumer (a readdir), one page ahead: the
+next page is on its way while the kernel takes the entries of this one, and
+an abandoned listing costs at most that one page more.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
+
+import trio
 from dataclasses import dataclass
 
 __all__ = ["Child", "Pager", "PidRange", "RangeRefused", "prefix_end"]
@@ -103,13 +106,13 @@ class Pager:
 
     async def pids(self, prefix: str = "") -> AsyncIterator[str]:
         """Every visible PID that starts with ``prefix``, in PID order."""
-        async for page in self._pages(prefix, lambda: None, self._size):
+        async for page in self._pages(prefix, self._size, deeper=True):
             for pid in page:
                 yield pid
 
     async def first(self, prefix: str) -> str | None:
         """The first visible PID that starts with ``prefix``, if any: a page of one."""
-        async with aclosing(self._pages(prefix, lambda: None, 1)) as pages:
+        async with aclosing(self._pages(prefix, 1, deeper=True, ahead=False)) as pages:
             async for page in pages:
                 return page[0]
         return None
@@ -123,8 +126,8 @@ class Pager:
         and ``a/…`` come ``a-b``, ``a.c`` and the like, so it is a short chain.
         """
         open_names: list[str] = []
-        skip_to: str | None = None  # the end of the deeper prefix being skipped
-        async for page in self._pages(prefix, lambda: skip_to, self._size):
+        skip_to: str | None = None  # the end of the deeper prefix being passed over
+        async for page in self._pages(prefix, self._size, deeper=False):
             for pid in page:
                 if skip_to is not None and pid < skip_to:
                     continue
@@ -138,34 +141,34 @@ class Pager:
                 open_names.append(name)
                 yield Child(name, None if slash else pid)
 
-    async def _pages(
-        self, prefix: str, skip_to: Callable[[], str | None], size: int
-    ) -> AsyncIterator[Sequence[str]]:
-        """Pages of ``size`` PIDs under ``prefix``; after each, ranges resume at ``skip_to()`` if further.
+    async def _pages(self, prefix: str, size: int, *, deeper: bool, ahead: bool = True
+                     ) -> AsyncIterator[Sequence[str]]:
+        """Pages of ``size`` PIDs under ``prefix``; without ``deeper``, ranges skip deeper prefixes.
 
         Every page yielded holds only PIDs under the prefix, above the ones
         before it; a page that breaks that turns the client to ``skip``.
+        With ``ahead``, the next page is fetched while this one is consumed.
         """
         keys = prefix_range(prefix)
         last: str | None = None
+        coming: _ReadAhead | None = None
         while self._ranges:
             try:
-                page = await self._range_page(keys, size)
+                page = await (coming.result() if coming else self._range_page(keys, size))
             except RangeRefused as error:
                 self._give_up_ranges(f"it refused a range filter on pid ({error})")
                 break
             if any(pid not in keys for pid in page) or any(a >= b for a, b in zip(page, page[1:])):
                 self._give_up_ranges("it answered a range filter on pid with PIDs outside that range")
                 break
-            if page:
-                yield page
-                last = page[-1]
             if len(page) < size:
+                if page:
+                    yield page
                 return
-            assert last is not None
-            jump = skip_to()
-            keys = (PidRange(jump, True, keys.stop) if jump is not None and jump > last
-                    else PidRange(last, False, keys.stop))
+            last = page[-1]
+            keys = _after(prefix, last, keys.stop, deeper)
+            coming = _ReadAhead(self._range_page, keys, size) if ahead else None
+            yield page
         async for page in self._skip_pages(prefix, last, size):
             yield page
 
@@ -187,3 +190,52 @@ class Pager:
             self._ranges = False
             log.warning("the catalog at %s cannot list by PID range: %s; listing with skip, which "
                         "costs the catalog more with every page", self._where, why)
+
+
+def _after(prefix: str, last: str, stop: str | None, deeper: bool) -> PidRange:
+    """Where the page after the one ending in ``last`` starts.
+
+    Without ``deeper``, a ``last`` below a deeper prefix (``prefix + "b/…"``)
+    means the rest of that prefix can add no name: the next page starts at
+    its end. That is the only jump the page's consumer can want, so the
+    next page is known as soon as this one arrives.
+    """
+    name, slash, _ = last[len(prefix):].partition("/")
+    if slash and not deeper:
+        end = prefix_end(f"{prefix}{name}/")
+        return PidRange(end, True, stop)
+    return PidRange(last, False, stop)
+
+
+class _ReadAhead:
+    """One page fetched in the background, for the listing to pick up when it gets there.
+
+    It runs as a trio system task because a listing's pages are consumed by
+    successive readdir requests, each its own task: no nursery spans them.
+    An abandoned listing thus costs at most this one page more. Errors are
+    kept for the listing to raise in its own task; if the fetch was cancelled
+    (the program is ending), the listing fetches the page itself.
+    """
+
+    def __init__(self, fetch: RangePage, keys: PidRange, size: int) -> None:
+        self._fetch = lambda: fetch(keys, size)
+        self._done = trio.Event()
+        self._page: Sequence[str] | None = None
+        self._error: Exception | None = None
+        trio.lowlevel.spawn_system_task(self._run)
+
+    async def _run(self) -> None:
+        try:
+            self._page = await self._fetch()
+        except Exception as error:  # raised in the listing's task, not here (it would end the program)
+            self._error = error
+        finally:
+            self._done.set()
+
+    async def result(self) -> Sequence[str]:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        if self._page is None:
+            return await self._fetch()
+        return self._page
