@@ -21,7 +21,6 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, urlsplit
 
 import trio
-from cachetools import TTLCache
 
 from scicatfs.catalog.auth import Credentials, Secret, TokenKeeper
 from scicatfs.catalog.errors import (
@@ -33,7 +32,7 @@ from scicatfs.catalog.errors import (
 )
 from scicatfs.catalog.jsdate import parse_js_date
 from scicatfs.catalog.models import Dataset, parse_dataset, parse_size, parse_time
-from scicatfs.catalog.paging import Child, Pager, PidRange, RangeRefused
+from scicatfs.catalog.paging import Child, Pager, PidRange, RangeRefused, RecentTimes
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import Reply, Transport
 
@@ -110,7 +109,7 @@ class CatalogClient:
         self._counts: SingleFlightCache[None, int] = SingleFlightCache(1, settings.listing_ttl)
         self._hidden_hinted: set[str] = set()
         # creationTime of each PID on the listing pages fetched lately (see listed_creation_time)
-        self._listed_times: TTLCache[str, float] = TTLCache(maxsize=65536, ttl=max(settings.listing_ttl, 1e-3))
+        self._listed_times = RecentTimes(65536, settings.listing_ttl)
 
     @property
     def base_url(self) -> str:
@@ -493,7 +492,7 @@ class CatalogClient:
         for row in rows:
             created = parse_time(row.get("creationTime")) if isinstance(row, dict) else None
             if created is not None and isinstance(row.get("pid"), str):
-                self._listed_times[row["pid"]] = created
+                self._listed_times.note(row["pid"], created)
         if len(pids) != len(rows):
             log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(pids))
         return pids

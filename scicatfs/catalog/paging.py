@@ -26,18 +26,45 @@ an abandoned listing costs at most that one page more.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 
 import trio
 from dataclasses import dataclass
 
-__all__ = ["Child", "Pager", "PidRange", "RangeRefused", "prefix_end"]
+__all__ = ["Child", "Pager", "PidRange", "RangeRefused", "RecentTimes", "prefix_end"]
 
 log = logging.getLogger(__name__)
 
 _MAX_CHAR = chr(0x10FFFF)
 _SURROGATES = range(0xD800, 0xE000)
+
+
+class RecentTimes:
+    """The creation time of each PID on the pages listed lately: at most ``size`` PIDs, for ``ttl`` seconds.
+
+    Written once per listed PID, a million times for a million datasets, so
+    it is a plain dict in insertion order (the oldest go first), not a
+    TTLCache, which costs tens of microseconds per insertion.
+    """
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self._size = size
+        self._ttl = ttl
+        self._times: dict[str, tuple[float, float]] = {}  # pid -> (creation time, when listed)
+
+    def note(self, pid: str, created: float) -> None:
+        self._times.pop(pid, None)
+        self._times[pid] = (created, time.monotonic())
+        if len(self._times) > self._size:
+            del self._times[next(iter(self._times))]
+
+    def get(self, pid: str) -> float | None:
+        found = self._times.get(pid)
+        if found is None or time.monotonic() - found[1] > self._ttl:
+            return None
+        return found[0]
 
 
 class RangeRefused(Exception):
