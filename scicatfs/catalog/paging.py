@@ -187,7 +187,7 @@ class Pager:
             except RangeRefused as error:
                 self._give_up_ranges(f"it refused a range filter on pid ({error})")
                 break
-            if any(pid not in keys for pid in page) or any(a >= b for a, b in zip(page, page[1:])):
+            if page and not (page[0] in keys and page[-1] in keys and all(map(str.__lt__, page, page[1:]))):
                 self._give_up_ranges("it answered a range filter on pid with PIDs outside that range")
                 break
             if len(page) < size:
