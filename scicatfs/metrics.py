@@ -29,7 +29,7 @@ __all__ = ["MetricsError", "MetricsExporter"]
 
 log = logging.getLogger(__name__)
 
-TEXTFILE_INTERVAL = 15.0
+TEXTFILE_INTERVAL = 10.0
 Status = Callable[[], dict[str, Any]]
 
 

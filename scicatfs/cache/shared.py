@@ -57,7 +57,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import trio
 
@@ -84,6 +84,8 @@ DIR_MODE = 0o2750  # setgid: objects inherit the directory's group
 FILE_MODE = 0o640
 
 Download = Callable[[], Awaitable[bytes]]
+#: The outcome of claiming an object's marker: this process holds it, another does, or none could be made.
+Claim = Literal["ours", "theirs", "none"]
 
 
 def _day(moment: float) -> str:
@@ -155,6 +157,16 @@ class SharedTier:
         self._record_access(key)
         return data
 
+    def lookup(self, key: str, chunk: int, chunk_length: int, offset: int, length: int) -> tuple[bytes | None, bool]:
+        """:meth:`read`, and whether another process is fetching the object.
+
+        The marker is looked at first: its writer removes it only after the
+        object is in place, so "no marker, then no object" means nobody had it
+        under way, and a claim that follows rarely duplicates a fetch.
+        """
+        fetching = self.being_fetched(key, chunk)
+        return self.read(key, chunk, chunk_length, offset, length), fetching
+
     def being_fetched(self, key: str, chunk: int) -> bool:
         """Whether another process holds a fresh "being fetched" marker for this object."""
         marker = self._marker(key, chunk)
@@ -184,14 +196,14 @@ class SharedTier:
     def accepts_writes(self) -> bool:
         return self.writable and time.monotonic() >= self._full_until
 
-    def claim(self, key: str, chunk: int) -> bool:
-        """Create the object's "being fetched" marker; False if another fresh one exists.
+    def claim(self, key: str, chunk: int) -> Claim:
+        """Create the object's "being fetched" marker: ``"ours"``, or ``"theirs"`` if another fresh one exists.
 
         A stale marker (older than the lease: its writer died or is slow) is
-        replaced. Any failure to create one just means no claim.
+        replaced. ``"none"``: no marker could be made (fetch without one).
         """
         if not self.accepts_writes:
-            return False
+            return "none"
         marker = self._marker(key, chunk)
         for _ in range(2):
             try:
@@ -200,13 +212,14 @@ class SharedTier:
             except FileExistsError:
                 try:
                     if time.time() - _marker_time(marker) < self.lease:
-                        return False
+                        return "theirs"
                     os.unlink(marker)
                 except OSError:
                     pass
                 continue
-            except OSError:
-                return False
+            except OSError as error:
+                log.debug("no marker for %s: %s", marker, error)
+                return "none"
             try:
                 os.write(fd, f"{time.time():.3f} {self._host} {os.getpid()}\n".encode())
             except OSError:
@@ -214,8 +227,8 @@ class SharedTier:
             finally:
                 os.close(fd)
             self._claims.add(marker)
-            return True
-        return False
+            return "ours"
+        return "none"
 
     def release(self, key: str, chunk: int) -> None:
         """Remove this process's marker of the object, if it holds one."""
@@ -334,16 +347,21 @@ class SharedCache:
         whole = offset == 0 and length == chunk_length
         tier = self.tier
         deadline = trio.current_time() + tier.lease
+        claimed = False
         while True:
-            data = await trio.to_thread.run_sync(tier.read, blob.key, chunk, chunk_length, offset, length)
+            data, fetching = await trio.to_thread.run_sync(tier.lookup, blob.key, chunk, chunk_length, offset, length)
             if data is not None:
                 return data, "shared"
-            if trio.current_time() >= deadline or not await trio.to_thread.run_sync(
-                tier.being_fetched, blob.key, chunk
-            ):
+            if trio.current_time() >= deadline:
                 break
+            if not fetching:
+                if not (whole and tier.accepts_writes):
+                    break
+                claim = await trio.to_thread.run_sync(tier.claim, blob.key, chunk)
+                claimed = claim == "ours"
+                if claim != "theirs":
+                    break  # else another node claimed it just now: wait for its object
             await trio.sleep(WAIT_POLL)
-        claimed = whole and tier.accepts_writes and await trio.to_thread.run_sync(tier.claim, blob.key, chunk)
         try:
             data = await download()
         except BaseException:
