@@ -116,7 +116,7 @@ class SharedTier:
             self._read_only(PermissionError(errno.EACCES, "not writable", str(self.root)))
         self._full_until = 0.0
         self._seen: set[tuple[str, str]] = set()  # (day, blob hash) access already recorded
-        self._claims: set[Path] = set()  # markers this process holds
+        self._claims: dict[Path, bytes] = {}  # markers this process holds -> what it wrote in them
         self._host = socket.gethostname().replace("/", "_")
 
     # -- names ------------------------------------------------------------------
@@ -220,22 +220,31 @@ class SharedTier:
             except OSError as error:
                 log.debug("no marker for %s: %s", marker, error)
                 return "none"
+            stamp = f"{time.time():.3f} {self._host} {os.getpid()} {secrets.token_hex(4)}\n".encode()
             try:
-                os.write(fd, f"{time.time():.3f} {self._host} {os.getpid()}\n".encode())
+                os.write(fd, stamp)
             except OSError:
                 pass  # an empty marker counts by its mtime
             finally:
                 os.close(fd)
-            self._claims.add(marker)
+            self._claims[marker] = stamp
             return "ours"
         return "none"
 
     def release(self, key: str, chunk: int) -> None:
-        """Remove this process's marker of the object, if it holds one."""
+        """Remove this process's marker of the object, unless another replaced it meanwhile.
+
+        (After the lease another node may have taken the chunk over; its
+        marker is left alone. Between the look and the unlink a takeover
+        can still slip in: that costs at most a duplicate fetch.)
+        """
         marker = self._marker(key, chunk)
-        if marker in self._claims:
-            self._claims.discard(marker)
-            _unlink_quietly(marker)
+        stamp = self._claims.pop(marker, None)
+        try:
+            if stamp is not None and marker.read_bytes() == stamp:
+                os.unlink(marker)
+        except OSError:
+            pass
 
     def publish(self, key: str, chunk: int, data: bytes) -> bool:
         """Write a whole chunk object atomically (temp file, fsync, rename); True if it is there.

@@ -1,0 +1,178 @@
+"""The shared cache tier on its own (real files) and behind the fetcher (real sshd, real Transfer)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import trio
+
+from scicatfs.cache.errors import IntegrityError
+from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.shared import FORMAT_DIR, SharedCache, SharedTier, prune, shared_usage
+from scicatfs.cache.store import BlobStore, FileSpec
+from scicatfs.catalog.models import Checksum
+from scicatfs.transfer.sftp import Transfer
+from tests.support.sshd import OpenSSHServer
+
+T = TypeVar("T")
+KiB, MiB = 1024, 1024 * 1024
+CHUNK = 256 * KiB
+BLOCK = 64 * KiB
+
+
+def _tier(directory: Path, lease: float = 10.0) -> SharedTier:
+    directory.mkdir(exist_ok=True)
+    return SharedTier(directory, CHUNK, lease=lease)
+
+
+# -- the tier's files --------------------------------------------------------------
+
+
+def test_publish_is_atomic_group_readable_and_read_back_exactly(tmp_path: Path) -> None:
+    os.umask(0o077)  # the modes must not depend on the umask
+    try:
+        tier = _tier(tmp_path / "shared")
+        data = os.urandom(CHUNK)
+        assert tier.publish("k", 0, data)
+        path = tier.object_path("k", 0)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o2750
+        assert tier.read("k", 0, CHUNK, 100, 1000) == data[100:1100]
+        assert [entry.name for entry in path.parent.iterdir()] == ["0"], "no temporary file is left"
+    finally:
+        os.umask(0o022)
+
+
+def test_temporary_files_and_wrong_sizes_are_never_taken_for_data(tmp_path: Path) -> None:
+    tier = _tier(tmp_path / "shared")
+    folder = tier.object_path("k", 0).parent
+    folder.mkdir(parents=True)
+    (folder / ".tmp-node-1-abc").write_bytes(os.urandom(CHUNK))  # a killed writer's leftover
+    assert tier.read("k", 0, CHUNK, 0, CHUNK) is None
+    tier.object_path("k", 0).write_bytes(os.urandom(CHUNK - 1))  # truncated: not trusted
+    assert tier.read("k", 0, CHUNK, 0, 10) is None
+    assert shared_usage(tier.directory) == CHUNK - 1
+
+
+def test_a_fresh_marker_is_theirs_a_stale_one_is_replaced(tmp_path: Path) -> None:
+    one, two = _tier(tmp_path / "shared", lease=5), _tier(tmp_path / "shared", lease=5)
+    assert one.claim("k", 3) == "ours"
+    assert two.being_fetched("k", 3) and not one.being_fetched("k", 3)
+    assert two.claim("k", 3) == "theirs"
+    marker = next(one.blob_dir("k").glob(".fetching-3"))
+    os.utime(marker, (time.time() - 60, time.time() - 60))  # its writer died long ago
+    assert not two.being_fetched("k", 3)
+    assert two.claim("k", 3) == "ours"
+    one.release("k", 3)  # not its marker any more: left alone
+    assert marker.exists()
+    two.release("k", 3)
+    assert not marker.exists()
+
+
+def test_prune_removes_least_recently_used_blobs_and_leftovers(tmp_path: Path) -> None:
+    tier = _tier(tmp_path / "shared")
+    now = time.time()
+    for age, key in enumerate(("newest", "middle", "oldest")):
+        for chunk in range(2):
+            assert tier.publish(key, chunk, bytes(CHUNK))
+            os.utime(tier.object_path(key, chunk), (now - age * 3 * 86400, now - age * 3 * 86400))
+    # "oldest" was written first but read today: it counts as the most recently used.
+    assert tier.read("oldest", 0, CHUNK, 0, 1) == b"\0"
+    leftover = tier.blob_dir("middle") / ".tmp-dead-1-x"
+    leftover.write_bytes(b"partial")
+    os.utime(leftover, (now - 7200, now - 7200))
+    result = prune(tier.directory, 4 * CHUNK)
+    assert (result.removed_blobs, result.freed, result.used, result.leftovers) == (1, 2 * CHUNK, 4 * CHUNK, 1)
+    assert not tier.object_path("middle", 0).exists() and not leftover.exists()
+    assert tier.object_path("oldest", 1).exists() and tier.object_path("newest", 1).exists()
+    assert prune(tier.directory, 0).used == 0
+    assert shared_usage(tier.directory) == 0
+
+
+def test_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        SharedTier(tmp_path / "missing", CHUNK)
+
+
+# -- behind the fetcher ---------------------------------------------------------------
+
+
+def _run(
+    server: OpenSSHServer, cache: Path, shared: Path, body: Callable[[Fetcher], Awaitable[T]]
+) -> T:
+    async def main() -> T:
+        with BlobStore(cache, 1 << 40, CHUNK, BLOCK) as store:
+            async with SharedCache(SharedTier(shared, CHUNK)) as tier, Transfer(
+                server.sftp_settings(timeout=5, connect_timeout=3)
+            ) as transfer, Fetcher(store, transfer, shared=tier) as fetcher:
+                return await body(fetcher)
+
+    return trio.run(main)
+
+
+async def _read_all(fetcher: Fetcher, spec: FileSpec) -> bytes:
+    handle = await fetcher.open(spec)
+    try:
+        parts, offset = [], 0
+        while offset < spec.size:
+            parts.append(await fetcher.read(handle, offset, 128 * KiB))
+            offset += len(parts[-1])
+        return b"".join(parts)
+    finally:
+        await fetcher.release(handle)
+
+
+def _spec(sshd: OpenSSHServer, name: str, data: bytes, digest: bytes | None = None) -> FileSpec:
+    path = sshd.put(f"/shared-tests/{name}", data)
+    checksum = Checksum("md5", hashlib.md5(digest if digest is not None else data).hexdigest())
+    return FileSpec("10.1/shared", name, None, path, len(data), 1_700_000_000.0, checksum)
+
+
+def test_objects_that_vanish_or_shrink_fall_back_to_the_source(sshd: OpenSSHServer, tmp_path: Path) -> None:
+    data = os.urandom(5 * CHUNK + 999)
+    spec = _spec(sshd, "vanish.bin", data)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    assert _run(sshd, tmp_path / "first", shared, lambda fetcher: _read_all(fetcher, spec)) == data
+    tier = SharedTier(shared, CHUNK)
+    key = f"md5:{hashlib.md5(data).hexdigest()}:{len(data)}"
+    tier.object_path(key, 1).unlink()  # pruned
+    with open(tier.object_path(key, 2), "r+b") as file:  # cut short by a failing disk
+        file.truncate(CHUNK // 2)
+
+    async def read_and_count(fetcher: Fetcher) -> tuple[bytes, dict[str, int]]:
+        return await _read_all(fetcher, spec), dict(fetcher.tiers.bytes)
+
+    read, counted = _run(sshd, tmp_path / "second", shared, read_and_count)
+    assert read == data
+    assert counted["source"] == 2 * CHUNK and counted["shared"] == len(data) - 2 * CHUNK
+
+
+def test_wrong_bytes_in_the_shared_tier_fail_verification_and_are_removed(
+    sshd: OpenSSHServer, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * CHUNK)
+    spec = _spec(sshd, "corrupt.bin", data)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    assert _run(sshd, tmp_path / "first", shared, lambda fetcher: _read_all(fetcher, spec)) == data
+    tier = SharedTier(shared, CHUNK)
+    key = f"md5:{hashlib.md5(data).hexdigest()}:{len(data)}"
+    tier.object_path(key, 1).write_bytes(os.urandom(CHUNK))  # same size, wrong bytes
+
+    async def read_expecting_failure(fetcher: Fetcher) -> None:
+        with pytest.raises(IntegrityError):
+            await _read_all(fetcher, spec)
+        with trio.fail_after(10):
+            while any(tier.object_path(key, chunk).exists() for chunk in range(3)):
+                await trio.sleep(0.05)
+
+    _run(sshd, tmp_path / "second", shared, read_expecting_failure)
+    assert not list((shared / FORMAT_DIR / "objects").rglob("[0-9]"))
