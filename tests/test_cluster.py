@@ -48,6 +48,26 @@ def _data_objects(shared: Path) -> list[Path]:
     return [path for path in _objects(shared) if path.name.isdigit()]
 
 
+def _kill_while_writing(mount: Mount, shared: Path, timeout: float = 30.0) -> bool:
+    """SIGKILL the mount the moment a file that is to become an object is there but not whole yet.
+
+    Polls without sleeping: a 4 MiB write takes milliseconds. False if no write was caught.
+    """
+    deadline = time.monotonic() + timeout
+    objects = shared / FORMAT_DIR / "objects"
+    while time.monotonic() < deadline:
+        for folder in objects.glob("*/*"):
+            for entry in os.scandir(folder):
+                try:
+                    partial = not entry.name.startswith(".fetching-") and entry.stat().st_size < CHUNK_SIZE
+                except FileNotFoundError:  # renamed meanwhile
+                    continue
+                if partial:
+                    mount.process.send_signal(signal.SIGKILL)
+                    return True
+    return False
+
+
 def _catalog(pid: str, files: dict[str, int]) -> Catalog:
     """The demo catalog plus one dataset of random files (with md5 checksums) of these sizes."""
     catalog = Catalog.load_default()
@@ -140,13 +160,13 @@ def test_kill_9_while_writing_leaves_nothing_a_reader_takes_for_data(make_mount,
     shared.mkdir()
     victim: Mount = make_mount(catalog, args=_shared_args(shared))
     reader = subprocess.Popen(
-        [sys.executable, "-c", f"import time\nwith open({str(victim.dataset(pid) / name)!r}, 'rb') as f:\n"
-         "    while f.read(1 << 20): time.sleep(0.1)"],
+        [sys.executable, "-c", f"with open({str(victim.dataset(pid) / name)!r}, 'rb') as f:\n"
+         "    while f.read(1 << 20): pass"],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert _wait(lambda: len(_data_objects(shared)) >= 2, 60), "the mount never published objects"
-        victim.process.send_signal(signal.SIGKILL)
+        assert _kill_while_writing(victim, shared), "no object was being written"
         victim.process.wait(10)
     finally:
         reader.kill()
