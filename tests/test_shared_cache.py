@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import signal
 import stat
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -15,10 +18,11 @@ import trio
 
 from scicatfs.cache.errors import IntegrityError
 from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.shared import FORMAT_DIR, SharedCache, SharedTier, prune, shared_usage
+from scicatfs.cache.shared import ANSWER_TIMEOUT, FORMAT_DIR, SharedCache, SharedTier, prune, shared_usage
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.sftp import Transfer
+from tests.support.requirements import skip_or_fail
 from tests.support.sshd import OpenSSHServer
 
 T = TypeVar("T")
@@ -176,3 +180,45 @@ def test_wrong_bytes_in_the_shared_tier_fail_verification_and_are_removed(
 
     _run(sshd, tmp_path / "second", shared, read_expecting_failure)
     assert not list((shared / FORMAT_DIR / "objects").rglob("[0-9]"))
+
+
+@pytest.fixture
+def hanging_shared(make_sshd, tmp_path: Path) -> Iterator[tuple[Path, OpenSSHServer]]:  # type: ignore[no-untyped-def]
+    """A shared directory on sshfs over a test-owned sshd: SIGSTOP its connections and it hangs, as a dead NFS server's."""
+    if shutil.which("sshfs") is None:
+        skip_or_fail("sshfs is not installed")
+    server: OpenSSHServer = make_sshd()
+    (server.root / "shared").mkdir()
+    mountpoint = tmp_path / "sshfs"
+    mountpoint.mkdir()
+    options = [option for option in server.ssh_options() if option != "-o" and not option.startswith("User=")]
+    subprocess.run(
+        ["sshfs", "root@127.0.0.1:/shared", str(mountpoint), "-o", ",".join(options)], check=True, timeout=30
+    )
+    try:
+        yield mountpoint, server
+    finally:
+        server.signal_connections(signal.SIGCONT)
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], timeout=30)
+
+
+def test_a_hung_shared_filesystem_falls_back_to_the_source_in_seconds(
+    sshd: OpenSSHServer, hanging_shared: tuple[Path, OpenSSHServer], tmp_path: Path, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    shared, shared_server = hanging_shared
+    data = os.urandom(3 * CHUNK)
+    spec = _spec(sshd, "hung.bin", data)
+    assert _run(sshd, tmp_path / "first", shared, lambda fetcher: _read_all(fetcher, spec)) == data
+
+    async def read_while_hung(fetcher: Fetcher) -> tuple[bytes, float, dict[str, int]]:
+        shared_server.signal_connections(signal.SIGSTOP)
+        started = time.monotonic()
+        with trio.fail_after(60):
+            read = await _read_all(fetcher, spec)
+        return read, time.monotonic() - started, dict(fetcher.tiers.bytes)
+
+    read, seconds, counted = _run(sshd, tmp_path / "second", shared, read_while_hung)
+    assert read == data
+    assert counted["source"] == len(data) and counted["shared"] == 0
+    assert seconds < ANSWER_TIMEOUT + 10
+    assert caplog.text.count("did not answer") == 1

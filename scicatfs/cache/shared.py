@@ -39,7 +39,10 @@ prefetch published, but do not publish themselves.
 
 A tier that cannot be written (read-only directory, foreign owner) is used for
 reading only; a full one (ENOSPC, EDQUOT) is not written to for
-``FULL_RETRY`` seconds. Both are logged once. Everyone who can read the
+``FULL_RETRY`` seconds. Both are logged once. A tier that does not answer
+within ``ANSWER_TIMEOUT`` (a hung NFS server: hard mounts block forever) is
+left alone for ``HUNG_PAUSE`` seconds and reads go to the source; the stuck
+worker thread is abandoned. Everyone who can read the
 directory can read every object in it: see docs/cluster.md for ownership.
 """
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import calendar
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -57,7 +61,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import trio
 
@@ -78,11 +82,18 @@ LEASE = 10.0
 WAIT_POLL = 0.05
 #: Seconds after a full shared filesystem before writing is tried again.
 FULL_RETRY = 60.0
+#: A look into the shared tier that takes longer than this (a hung NFS server) falls back to the source...
+ANSWER_TIMEOUT = 5.0
+#: ... and the tier is left alone for this many seconds.
+HUNG_PAUSE = 60.0
+#: Seconds that publishes under way may still take when the mount stops.
+STOP_GRACE = 5.0
 #: Temporary files and markers older than this are leftovers of dead writers.
 STALE_AFTER = 3600.0
 DIR_MODE = 0o2750  # setgid: objects inherit the directory's group
 FILE_MODE = 0o640
 
+T = TypeVar("T")
 Download = Callable[[], Awaitable[bytes]]
 #: The outcome of claiming an object's marker: this process holds it, another does, or none could be made.
 Claim = Literal["ours", "theirs", "none"]
@@ -331,6 +342,7 @@ class SharedCache:
         self.tier = tier
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = trio.open_nursery()
+        self._skip_until = 0.0  # trio time before which the tier is not used (it hung)
 
     async def __aenter__(self) -> SharedCache:
         self._nursery = await self._nursery_manager.__aenter__()
@@ -339,8 +351,31 @@ class SharedCache:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> bool | None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.deadline = trio.current_time() + STOP_GRACE  # never hang the unmount
         self._nursery = None
         return await self._nursery_manager.__aexit__(exc_type, exc, traceback)
+
+    @property
+    def answering(self) -> bool:
+        """False for ``HUNG_PAUSE`` seconds after the tier took longer than ``ANSWER_TIMEOUT`` to answer."""
+        return trio.current_time() >= self._skip_until
+
+    async def _ask(self, function: Callable[..., T], *args: object) -> T | None:
+        """``function(*args)`` in a worker thread, or None if the tier does not answer in time.
+
+        A thread stuck in a hung filesystem is abandoned (it finishes or not
+        on its own) and the tier is skipped for a while; said once per pause.
+        """
+        with trio.move_on_after(ANSWER_TIMEOUT):
+            return await trio.to_thread.run_sync(functools.partial(function, *args), abandon_on_cancel=True)
+        if self.answering:
+            log.warning(
+                "shared cache %s did not answer within %g s: using the source for %g s",
+                self.tier.directory, ANSWER_TIMEOUT, HUNG_PAUSE,
+            )  # fmt: skip
+        self._skip_until = trio.current_time() + HUNG_PAUSE
+        return None
 
     async def read_or_fetch(self, blob: Blob, first: int, count: int, download: Download) -> tuple[bytes, str]:
         """A flight's bytes and where they came from, ``"shared"`` or ``"source"``.
@@ -357,8 +392,11 @@ class SharedCache:
         tier = self.tier
         deadline = trio.current_time() + tier.lease
         claimed = False
-        while True:
-            data, fetching = await trio.to_thread.run_sync(tier.lookup, blob.key, chunk, chunk_length, offset, length)
+        while self.answering:
+            found = await self._ask(tier.lookup, blob.key, chunk, chunk_length, offset, length)
+            if found is None:
+                break
+            data, fetching = found
             if data is not None:
                 return data, "shared"
             if trio.current_time() >= deadline:
@@ -366,7 +404,7 @@ class SharedCache:
             if not fetching:
                 if not (whole and tier.accepts_writes):
                     break
-                claim = await trio.to_thread.run_sync(tier.claim, blob.key, chunk)
+                claim = await self._ask(tier.claim, blob.key, chunk)
                 claimed = claim == "ours"
                 if claim != "theirs":
                     break  # else another node claimed it just now: wait for its object
@@ -375,23 +413,26 @@ class SharedCache:
             data = await download()
         except BaseException:
             if claimed:
-                await trio.to_thread.run_sync(tier.release, blob.key, chunk)
+                with trio.CancelScope(shield=True):
+                    await self._ask(tier.release, blob.key, chunk)
             raise
-        if whole and self._nursery is not None and tier.accepts_writes:
+        if whole and self._nursery is not None and tier.accepts_writes and self.answering:
             self._nursery.start_soon(self._publish, blob.key, chunk, data)
         elif claimed:
-            await trio.to_thread.run_sync(tier.release, blob.key, chunk)
+            await self._ask(tier.release, blob.key, chunk)
         return data, "source"
 
     async def discard(self, key: str) -> None:
         """Drop a blob's objects (it failed verification), in a worker thread."""
-        await trio.to_thread.run_sync(self.tier.discard, key)
+        await trio.to_thread.run_sync(self.tier.discard, key, abandon_on_cancel=True)
 
     async def _publish(self, key: str, chunk: int, data: bytes) -> None:
+        """Write the object, then drop the marker; a hung filesystem is abandoned, not waited for."""
         try:
-            await trio.to_thread.run_sync(self.tier.publish, key, chunk, data)
+            await trio.to_thread.run_sync(self.tier.publish, key, chunk, data, abandon_on_cancel=True)
         finally:
-            await trio.to_thread.run_sync(self.tier.release, key, chunk)
+            with trio.CancelScope(shield=True):
+                await self._ask(self.tier.release, key, chunk)
 
 
 # -- pruning (one node, from a timer) ---------------------------------------------
