@@ -27,6 +27,7 @@ import pytest
 from scicatfs.cache.shared import FORMAT_DIR, TEMP_PREFIX
 from scicatfs.cache.store import CHUNK_SIZE
 from scicatfs.demo.fixtures import Catalog
+from tests.support.filesystems import small_tmpfs
 from tests.support.mounts import Mount
 from tests.support.probes import bounded, read_uncached
 from tests.support.records import dataset_record
@@ -266,13 +267,8 @@ def test_a_read_only_shared_directory_is_only_read(make_mount, read_only_shared)
 @pytest.fixture
 def small_shared(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs as the shared directory, unmounted after the test whatever happened."""
-    path = tmp_path / "small-shared"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(path)], check=True, timeout=30)
-    try:
+    with small_tmpfs(tmp_path / "small-shared", "8m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True, timeout=30)
 
 
 def test_a_full_shared_filesystem_serves_from_the_source_and_says_so_once(make_mount, small_shared: Path) -> None:  # type: ignore[no-untyped-def]

@@ -139,14 +139,21 @@ def _spec(sshd: OpenSSHServer, name: str, data: bytes, digest: bytes | None = No
     return FileSpec("10.1/shared", name, None, path, len(data), 1_700_000_000.0, checksum)
 
 
-def test_objects_that_vanish_or_shrink_fall_back_to_the_source(sshd: OpenSSHServer, tmp_path: Path) -> None:
-    data = os.urandom(5 * CHUNK + 999)
-    spec = _spec(sshd, "vanish.bin", data)
+def _published(sshd: OpenSSHServer, tmp_path: Path, name: str, data: bytes) -> tuple[FileSpec, Path, SharedTier, str]:
+    """A file on the server, read once through a first fetcher so that its chunks are in a shared tier.
+
+    Returns its spec, the shared directory, the tier and the file's blob key.
+    """
+    spec = _spec(sshd, name, data)
     shared = tmp_path / "shared"
     shared.mkdir()
     assert _run(sshd, tmp_path / "first", shared, lambda fetcher: _read_all(fetcher, spec)) == data
-    tier = SharedTier(shared, CHUNK)
-    key = f"md5:{hashlib.md5(data).hexdigest()}:{len(data)}"
+    return spec, shared, SharedTier(shared, CHUNK), f"md5:{hashlib.md5(data).hexdigest()}:{len(data)}"
+
+
+def test_objects_that_vanish_or_shrink_fall_back_to_the_source(sshd: OpenSSHServer, tmp_path: Path) -> None:
+    data = os.urandom(5 * CHUNK + 999)
+    spec, shared, tier, key = _published(sshd, tmp_path, "vanish.bin", data)
     tier.object_path(key, 1).unlink()  # pruned
     with open(tier.object_path(key, 2), "r+b") as file:  # cut short by a failing disk
         file.truncate(CHUNK // 2)
@@ -163,12 +170,7 @@ def test_wrong_bytes_in_the_shared_tier_fail_verification_and_are_removed(
     sshd: OpenSSHServer, tmp_path: Path
 ) -> None:
     data = os.urandom(3 * CHUNK)
-    spec = _spec(sshd, "corrupt.bin", data)
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    assert _run(sshd, tmp_path / "first", shared, lambda fetcher: _read_all(fetcher, spec)) == data
-    tier = SharedTier(shared, CHUNK)
-    key = f"md5:{hashlib.md5(data).hexdigest()}:{len(data)}"
+    spec, shared, tier, key = _published(sshd, tmp_path, "corrupt.bin", data)
     tier.object_path(key, 1).write_bytes(os.urandom(CHUNK))  # same size, wrong bytes
 
     async def read_expecting_failure(fetcher: Fetcher) -> None:
