@@ -224,3 +224,21 @@ def test_a_hung_shared_filesystem_falls_back_to_the_source_in_seconds(
     assert counted["source"] == len(data) and counted["shared"] == 0
     assert seconds < ANSWER_TIMEOUT + 10
     assert caplog.text.count("did not answer") == 1
+
+
+def test_prune_command_needs_a_target_and_leaves_a_missing_tier_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scicatfs.cli import main
+
+    assert main(["cache", "prune", "--shared", str(tmp_path)]) == 1
+    assert "needs --to SIZE" in capsys.readouterr().err
+    assert main(["cache", "prune", "--shared", str(tmp_path), "--to", "lots"]) == 2
+    assert "invalid size" in capsys.readouterr().err
+    assert main(["cache", "prune", "--shared", str(tmp_path), "--to", "1G"]) == 0
+    assert f"no shared cache in {tmp_path} yet" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    tier = _tier(tmp_path / "shared")
+    assert tier.publish("k", 0, bytes(CHUNK))
+    assert main(["cache", "prune", "--shared", str(tier.directory), "--to", "0"]) == 0
+    assert "freed 256.0 KiB (1 blobs); the shared cache now holds 0 B" in capsys.readouterr().out

@@ -126,7 +126,7 @@ class SharedTier:
         if self.writable and not os.access(self.root / "objects", os.W_OK | os.X_OK):
             self._read_only(PermissionError(errno.EACCES, "not writable", str(self.root)))
         self._full_until = 0.0
-        self._seen: set[tuple[str, str]] = set()  # (day, blob hash) access already recorded
+        self._seen: tuple[str, set[str]] = ("", set())  # (day, blob hashes whose access that day is recorded)
         self._claims: dict[Path, bytes] = {}  # markers this process holds -> what it wrote in them
         self._host = socket.gethostname().replace("/", "_")
 
@@ -191,9 +191,11 @@ class SharedTier:
     def _record_access(self, key: str) -> None:
         """Create today's access marker of the blob, once per day and process."""
         day, digest = _day(time.time()), self.blob_hash(key)
-        if (day, digest) in self._seen or not self.writable:
+        if day != self._seen[0]:
+            self._seen = (day, set())
+        if digest in self._seen[1] or not self.writable:
             return
-        self._seen.add((day, digest))
+        self._seen[1].add(digest)
         folder = self.root / "access" / day
         try:
             _mkdir(folder)

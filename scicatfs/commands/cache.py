@@ -146,7 +146,7 @@ def _prune_shared(args: argparse.Namespace) -> int:
     except OSError as error:
         raise CommandError(f"pruning the shared cache {args.shared}: {error}") from None
     print(
-        f"freed {human_size(result.freed)} ({result.removed_blobs} files); the shared cache now holds"
+        f"freed {human_size(result.freed)} ({result.removed_blobs} blobs); the shared cache now holds"
         f" {human_size(result.used)}; removed {result.leftovers} leftovers of interrupted writers"
     )
     return 0
