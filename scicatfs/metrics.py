@@ -25,7 +25,7 @@ from scicatfs.status import ERROR_COUNTERS
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["MetricsError", "MetricsExporter"]
+__all__ = ["MetricsError", "MetricsExporter", "families"]
 
 log = logging.getLogger(__name__)
 
