@@ -264,27 +264,25 @@ def test_a_read_only_shared_directory_is_only_read(make_mount, read_only_shared)
     assert "Traceback" not in reader.log_text()
 
 
-@pytest.fixture
-def small_shared(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs as the shared directory, unmounted after the test whatever happened."""
-    with small_tmpfs(tmp_path / "small-shared", "8m") as path:
-        yield path
-
-
-def test_a_full_shared_filesystem_serves_from_the_source_and_says_so_once(make_mount, small_shared: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_full_shared_filesystem_serves_from_the_source_and_says_so_once(make_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pid = "cluster/full"
     files = {f"f{index}.bin": 5 * MiB for index in range(4)}
     catalog = _catalog(pid, files)
-    mount: Mount = make_mount(catalog, args=_shared_args(small_shared))
-    for name in files:
-        assert bounded(READ_BOUND, lambda n=name: read_uncached(mount.dataset(pid) / n)) == catalog.content(pid, name)
-    log = mount.log_text()
-    assert log.count("is full") == 1, log
-    assert not [path for path in _objects(small_shared) if path.name.startswith(TEMP_PREFIX)]
-    for path in _data_objects(small_shared):
-        assert path.stat().st_size in (CHUNK_SIZE, MiB)
-    assert _status(mount)["tiers"]["source_bytes"] == sum(files.values())
-    assert "Traceback" not in log
+    with small_tmpfs(tmp_path / "small-shared", "8m") as small_shared:  # room for two objects
+        mount: Mount = make_mount(catalog, args=_shared_args(small_shared))
+        try:
+            for name in files:
+                assert bounded(READ_BOUND, lambda n=name: read_uncached(mount.dataset(pid) / n)) == (
+                    catalog.content(pid, name))
+            log = mount.log_text()
+            assert log.count("is full") == 1, log
+            assert not [path for path in _objects(small_shared) if path.name.startswith(TEMP_PREFIX)]
+            for path in _data_objects(small_shared):
+                assert path.stat().st_size in (CHUNK_SIZE, MiB)
+            assert _status(mount)["tiers"]["source_bytes"] == sum(files.values())
+            assert "Traceback" not in log
+        finally:
+            mount.unmount()  # before the tmpfs goes
 
 
 def _free_port() -> int:
