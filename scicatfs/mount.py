@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyfuse3
@@ -38,6 +39,7 @@ from scicatfs.config import MountOptions
 from scicatfs.errors import ScicatfsError
 from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
+from scicatfs.metrics import MetricsError, MetricsExporter
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
 from scicatfs.stack import Stack, open_stack
@@ -99,19 +101,29 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
         # Like sshfs, be connected before the mount is ready (so the first read
         # skips the SSH handshake), but never wait long for a server that is down.
         await stack.transfer.warm_up(wait=WARM_UP_WAIT)
-        await _mount_and_serve(_filesystem(options, stack), options, ready)
+        operations, status = _filesystem(options, stack)
+        exporter = None
+        if options.metrics_port is not None or options.metrics_textfile is not None:
+            exporter = MetricsExporter(status, port=options.metrics_port, textfile=options.metrics_textfile)
+            try:
+                exporter.start()
+            except MetricsError as error:
+                raise MountError(str(error)) from None
+        await _mount_and_serve(operations, options, ready, exporter)
 
 
-def _filesystem(options: MountOptions, stack: Stack) -> ScicatOperations:
-    """The filesystem over the connected layers; ``/.scicat/status.json`` shows their counters."""
+def _filesystem(options: MountOptions, stack: Stack) -> tuple[ScicatOperations, Callable[[], dict[str, Any]]]:
+    """The filesystem over the connected layers, and its status document (``/.scicat/status.json``, metrics)."""
     started = time.time()
     catalog, fetcher = stack.catalog, stack.fetcher
 
-    def status() -> bytes:
-        document = collect_status(
+    def document() -> dict[str, Any]:
+        return collect_status(
             catalog=catalog, transfer=stack.transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
         )
-        return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+    def status() -> bytes:
+        return (json.dumps(document(), indent=2, sort_keys=True) + "\n").encode()
 
     namespace = Namespace(
         catalog,
@@ -124,10 +136,15 @@ def _filesystem(options: MountOptions, stack: Stack) -> ScicatOperations:
     )
     operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
     namespace.on_change = operations.forget_dataset
-    return operations
+    return operations, document
 
 
-async def _mount_and_serve(operations: ScicatOperations, options: MountOptions, ready: Callable[[], None]) -> None:
+async def _mount_and_serve(
+    operations: ScicatOperations,
+    options: MountOptions,
+    ready: Callable[[], None],
+    exporter: MetricsExporter | None = None,
+) -> None:
     mountpoint = str(options.mountpoint)
     try:
         pyfuse3.init(operations, mountpoint, fuse_options(options))
@@ -139,6 +156,8 @@ async def _mount_and_serve(operations: ScicatOperations, options: MountOptions, 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal)
             nursery.start_soon(_announce, options.mountpoint, ready, failures)
+            if exporter is not None:
+                nursery.start_soon(exporter.run)
             await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:

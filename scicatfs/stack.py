@@ -19,7 +19,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from scicatfs.cache.errors import CacheError
 from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.shared import SharedCache, SharedTier
 from scicatfs.cache.store import BlobStore, FileSpec, default_budget
 from scicatfs.catalog.auth import resolve_credentials
 from scicatfs.catalog.client import CatalogClient, CatalogSettings
@@ -132,7 +134,7 @@ class Stack:
 
 @asynccontextmanager
 async def open_stack(options: MountOptions) -> AsyncIterator[Stack]:
-    """Enter catalog client, store, transfers and fetcher (trio), and leave them in reverse.
+    """Enter catalog client, store, shared tier (if any), transfers and fetcher (trio); leave in reverse.
 
     Raises ``CatalogError`` (credentials), ``CacheError`` (cache directory) or
     ``TransferError`` (an unreadable HTTP token file) before anything runs.
@@ -142,6 +144,15 @@ async def open_stack(options: MountOptions) -> AsyncIterator[Stack]:
     async with AsyncExitStack() as stack:
         catalog = await stack.enter_async_context(CatalogClient(settings))
         store = stack.enter_context(open_store(options.cache_dir, options.cache_size))
+        shared = None
+        if options.shared_cache is not None:
+            try:
+                tier = SharedTier(options.shared_cache, store.chunk_size)
+            except OSError as error:
+                raise CacheError(f"shared cache {options.shared_cache}: {error.strerror or error}") from None
+            shared = await stack.enter_async_context(SharedCache(tier))
         transfer = await stack.enter_async_context(transfers(options, specs))
-        fetcher = await stack.enter_async_context(Fetcher(store, transfer, retry_failed_after=options.retry_failed))
+        fetcher = await stack.enter_async_context(
+            Fetcher(store, transfer, retry_failed_after=options.retry_failed, shared=shared)
+        )
         yield Stack(catalog, store, transfer, fetcher, specs)

@@ -261,7 +261,9 @@ def test_cache_verify_finds_damage_in_a_file_a_mount_has_open(make_mount) -> Non
         blob.write(b"\0" * 10)
 
     with open(path, "rb") as holder:
-        assert holder.read(4096) == content[:4096]  # from the page cache: the damage is unknown yet
+        # Until something verifies the cached copy again, the damage is unknown: a read gets the
+        # page cache's bytes, or (once memory pressure evicted them) the damaged disk's.
+        holder.read(4096)
         result = _cache(["verify"], mount.cache_dir)
         assert result.returncode == 1, result
         assert "open in a running mount: left in place" in result.stdout
@@ -277,7 +279,7 @@ def test_cache_verify_finds_damage_in_a_file_a_mount_has_open(make_mount) -> Non
             except OSError as error:
                 assert error.errno == errno.EIO
                 break
-            assert data == content[:4096]
+            assert len(data) == 4096
             assert time.monotonic() < deadline, "the open handle still serves the damaged file"
             time.sleep(0.1)
 

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -49,8 +49,12 @@ from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
 from scicatfs.cache.local import LocalBlob, LocalFiles
 from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
+from scicatfs.cache.tiers import TierStats
 from scicatfs.transfer.base import Transfer
 from scicatfs.transfer.errors import ConnectionLost, SourceChanged, TransferTimeout
+
+if TYPE_CHECKING:
+    from scicatfs.cache.shared import SharedCache
 
 __all__ = ["Fetcher", "Handle"]
 
@@ -115,6 +119,7 @@ class Fetcher:
         attempts: int = 2,
         retry_wait: float = 10.0,
         retry_failed_after: float = RETRY_FAILED_AFTER,
+        shared: SharedCache | None = None,
     ) -> None:
         if read_timeout <= 0 or transfer_timeout <= 0 or attempts < 1:
             raise ValueError("timeouts must be positive and attempts at least 1")
@@ -132,6 +137,8 @@ class Fetcher:
         self.retry_wait = retry_wait
         self.retry_failed_after = retry_failed_after
         self.failure_listeners: list[FailureListener] = []
+        self.shared = shared  # the shared cache tier between this cache and the source (cache.shared)
+        self.tiers = TierStats()
         self._retries: dict[str, trio.Event] = {}  # blob key -> its verified re-fetch, under way
         self._failures_seen = time.time()
         self._flights: dict[tuple[str, int], _Flight] = {}  # (blob key, block) -> its flight
@@ -273,6 +280,7 @@ class Fetcher:
         ahead = self._read_ahead(handle, offset, end)
         if cached:
             self.stats["reads_from_cache"] += 1
+            self.tiers.served_locally(end - offset)
             if ahead > handle.ahead:
                 handle.ahead = self._start_flights(handle, max(last + 1, handle.ahead), last + 1, ahead)
             if isinstance(blob, LocalBlob):  # a worker thread: a cluster filesystem may stall
@@ -443,8 +451,7 @@ class Fetcher:
             if self.store.refresh_blocks(blob, first, count):
                 return
             try:
-                async with self._limiter:
-                    data = await self._download(spec, blob, first, count)
+                data = await self._from_tiers(spec, blob, first, count)
             except SourceChanged:
                 await self._forget_version(blob, flight)
                 raise
@@ -477,6 +484,21 @@ class Fetcher:
             self._start_verification(spec, blob)
         elif blob.checksum is not None:
             self._hash_ahead(blob)
+
+    async def _from_tiers(self, spec: FileSpec, blob: Blob, first: int, count: int) -> bytes:
+        """A flight's bytes from the shared tier if there is one and it has them, else from the source."""
+        started = time.monotonic()
+
+        async def download() -> bytes:
+            async with self._limiter:  # only the source transfer takes a network slot
+                return await self._download(spec, blob, first, count)
+
+        if self.shared is None:
+            data, tier = await download(), "source"
+        else:
+            data, tier = await self.shared.read_or_fetch(blob, first, count, download)
+        self.tiers.fetched(tier, len(data), time.monotonic() - started)
+        return data
 
     async def _download(self, spec: FileSpec, blob: Blob, first: int, count: int) -> bytes:
         """Blocks from the server, checking them against the catalog's size.
@@ -598,6 +620,8 @@ class Fetcher:
         """A file version just failed verification here or elsewhere: count, log, tell listeners."""
         self.stats["integrity_errors"] += 1
         report_integrity(error)
+        if self.shared is not None:  # the shared objects may be what was wrong
+            self._start(self.shared.discard, blob.key)
         for listener in self.failure_listeners:
             self._start(listener, blob.key)
 
