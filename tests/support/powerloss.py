@@ -25,7 +25,7 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,17 +49,29 @@ class PowerLoss:
     rows_checked: int = 0
     violations: dict[tuple[str, int], str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _sequence: int = 0
+    _synced_at: dict[str, int] = field(default_factory=dict)
 
-    def synced(self, fd: int) -> None:
-        """``fd`` was synced: its current content is now what survives a power loss."""
+    def sync(self, fd: int, real_sync: Callable[[int], None]) -> None:
+        """Sync ``fd``: what it held when the sync began survives a power loss once it returns.
+
+        Concurrent syncs of one file may return out of order; the image read
+        last (the highest sequence number) is the newest and wins.
+        """
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
+            real_sync(fd)
             return
         path = os.readlink(f"/proc/self/fd/{fd}")
-        size = info.st_size
-        image = os.pread(fd, size, 0) if size else b""
         with self._lock:
-            self.durable[path] = image
+            self._sequence += 1
+            sequence = self._sequence
+            image = os.pread(fd, os.fstat(fd).st_size, 0)
+        real_sync(fd)
+        with self._lock:
+            if sequence > self._synced_at.get(path, 0):
+                self.durable[path] = image
+                self._synced_at[path] = sequence
 
     def committed(self, db: sqlite3.Connection) -> None:
         """The index just committed: every recorded block must be durable already."""
@@ -145,9 +157,8 @@ def power_loss_model(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> Itera
     for name in ("fsync", "fdatasync"):
         real = getattr(os, name)
 
-        def spy(fd: int, real: Any = real) -> None:
-            real(fd)
-            model.synced(fd)
+        def spy(fd: int, real: Callable[[int], None] = real) -> None:
+            model.sync(fd, real)
 
         monkeypatch.setattr(os, name, spy)
     real_db = store._db
