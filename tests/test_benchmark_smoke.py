@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from scicatfs.mountpoint import mount_table
+from tests.support.checklogs import LogChecker
 from tests.support.requirements import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,8 @@ def test_tiny_run_reports_every_measure(tmp_path: Path) -> None:
         (["--runs", "0"], "at least 1"),
     ],
 )
-def test_bad_options_are_clear_errors(args: list[str], message: str) -> None:
+def test_bad_options_are_clear_errors(args: list[str], message: str, log_checker: LogChecker) -> None:
     result = _compare(*args, timeout=30)
     assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr
+    log_checker.check_output(result.stderr, "stderr")

@@ -296,6 +296,7 @@ def test_writes_are_refused_with_erofs(mounted: Mount, operation) -> None:  # ty
     assert raised.value.errno == errno.EROFS
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.fs\.errors: lookup pid='20\.500\.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701': dataset '20\.500\.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701' exists but the credentials in use \(login as 'stibbons'\) may")
 def test_forbidden_dataset_is_eacces_and_not_listed(mounted: Mount) -> None:
     assert FORBIDDEN.split("/")[1] not in os.listdir(mounted.path / "20.500.12269")
     with pytest.raises(PermissionError):
