@@ -9,17 +9,23 @@ and ``root/``: the chroot, whose contents are what SFTP clients see at ``/``.
 The server is started with ``-D -e`` (foreground, log to stderr) so this module
 owns the process; ``kill()`` also reaches sshd's per-connection children, which
 live in their own sessions, by walking /proc.
+
+The SFTP server (``internal-sftp -l INFO``) logs every file it opens, but from
+inside the chroot, to syslog: ``root/dev/log`` is a datagram socket of this
+module, so ``sftp_opens()`` can tell which files the server really opened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -34,6 +40,8 @@ from tests.support.requirements import skip_or_fail
 __all__ = ["OpenSSHServer", "SSHD_BINARY", "make_sshd", "sshd"]
 
 SSHD_BINARY = Path("/usr/sbin/sshd")
+#: internal-sftp's log line for an open: ``open "/path" flags READ mode 0666``.
+_SFTP_OPEN = re.compile(r'\bopen "(.*)" flags ')
 BASE_DIRECTORY = Path("/var/lib/scicatfs-tests")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -60,6 +68,11 @@ class OpenSSHServer:
         self.config = self.workdir / "sshd_config"
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
+        self._sftp_log: list[str] = []
+        (self.root / "dev").mkdir(mode=0o755)
+        self._syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._syslog.bind(str(self.root / "dev" / "log"))
+        threading.Thread(target=self._collect_sftp_log, daemon=True).start()
         _keygen(self.host_key)
         _keygen(self.client_key)
         (self.workdir / "authorized_keys").write_bytes(
@@ -114,6 +127,9 @@ class OpenSSHServer:
     def close(self) -> None:
         """Stop the server and delete its work directory (keys, data, log)."""
         self.stop()
+        with contextlib.suppress(OSError):
+            self._syslog.shutdown(socket.SHUT_RDWR)
+        self._syslog.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
@@ -181,6 +197,20 @@ class OpenSSHServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def sftp_opens(self) -> list[str]:
+        """Every path an SFTP client has opened on this server so far, as the client named it."""
+        return [match[1] for line in list(self._sftp_log) if (match := _SFTP_OPEN.search(line))]
+
+    def _collect_sftp_log(self) -> None:
+        while True:
+            try:
+                message = self._syslog.recv(65536)
+            except OSError:
+                return
+            if not message:
+                return
+            self._sftp_log.append(message.decode(errors="replace"))
+
     # -- internals -------------------------------------------------------------
 
     def _write_config(self) -> None:
@@ -198,8 +228,8 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 ChrootDirectory {self.root}
-ForceCommand internal-sftp
-Subsystem sftp internal-sftp
+ForceCommand internal-sftp -l INFO
+Subsystem sftp internal-sftp -l INFO
 AllowTcpForwarding no
 X11Forwarding no
 PermitTTY no
