@@ -39,6 +39,10 @@ MiB = 1024 * 1024
 EIO_BOUND = 75.0
 #: Operations that need no network must answer within this, whatever the servers do.
 PROMPT = 5.0
+#: docs/failure-behaviour.md: with sshd down (connection refused) an uncached read is EIO
+#: after about 1 s. Measured at mount level: 0.71-0.72 s (3 runs, load average ~9 on 2
+#: cores); 2 s leaves room for a machine twice as busy.
+REFUSED_EIO_WITHIN = 2.0
 
 
 def _files_json(mount: Mount, pid: str) -> dict[str, dict]:
@@ -133,7 +137,8 @@ def test_sshd_down_cached_files_read_uncached_files_eio(make_mount, make_sshd) -
 
     sshd.stop()
     assert bounded(PROMPT, lambda: read_uncached(dataset / "cached.bin")) == catalog.content(pid, "cached.bin")
-    assert _eio(lambda: (dataset / "sub" / "uncached.bin").read_bytes()) < 15
+    refused = _eio(lambda: (dataset / "sub" / "uncached.bin").read_bytes())
+    assert refused < REFUSED_EIO_WITHIN, f"EIO after {refused:.2f} s"
     # The catalog is up: listings, stat and records keep working without the file server.
     assert sorted(bounded(PROMPT, lambda: os.listdir(dataset))) == [".scicat", "cached.bin", "metadata.json", "sub"]
     assert bounded(PROMPT, lambda: os.stat(dataset / "sub" / "uncached.bin").st_size) == 3 * MiB

@@ -152,6 +152,7 @@ def test_a_small_read_in_a_cold_large_file_fetches_one_block(sshd, remote, tmp_p
     spec = replace(spec, size=1 << 30)
 
     async def body(fetcher: Fetcher) -> None:
+        await fetcher.transfer.warm_up(wait=10)  # the SSH connection is up, as on a mounted filesystem
         handle = await fetcher.open(spec)
         started = time.perf_counter()
         assert await fetcher.read(handle, 512 * MiB, 4 * KiB) == marker
@@ -167,7 +168,9 @@ def test_a_small_read_in_a_cold_large_file_fetches_one_block(sshd, remote, tmp_p
         return elapsed
 
     elapsed = run(sshd, tmp_path, body, chunk=4 * MiB)
-    assert elapsed < 5
+    # docs/performance.md: about 2-4 ms with the connection up. Measured here: 3.9-9.5 ms
+    # (5 runs, load average 8-13 on 2 cores); 50 ms is five times the worst of those.
+    assert elapsed < 0.05, f"a cold 4 KiB read took {elapsed * 1000:.1f} ms"
 
 
 def test_read_ahead_grows_on_sequential_reads_and_resets_on_a_seek(sshd, remote, tmp_path: Path) -> None:
