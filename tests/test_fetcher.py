@@ -250,7 +250,7 @@ def test_bad_requests_are_clear_errors(sshd, remote, tmp_path: Path) -> None:
 # -- integrity ----------------------------------------------------------------------
 
 
-@pytest.mark.allow_log(r"ERROR scicatfs\.cache\.fetcher: checksum mismatch for 10\.1/x bad\.bin: catalog says md5:0{32}, server sent md5:[0-9a-f]{32}; cached copy discarded")
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: checksum mismatch for 10\.1/x bad\.bin: catalog says md5:0{32}, server sent md5:[0-9a-f]{32}; cached copy discarded")
 def test_checksum_mismatch_is_an_error_and_leaves_no_complete_blob(
     sshd, remote, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -296,7 +296,7 @@ def test_a_sequential_reader_is_verified_while_it_reads(sshd, remote, tmp_path: 
 
 
 @pytest.mark.parametrize("catalog_size", [3 * SMALL_CHUNK - 1, 3 * SMALL_CHUNK + 1, 5 * SMALL_CHUNK])
-@pytest.mark.allow_log(r"ERROR scicatfs\.cache\.fetcher: 10\.1/x sized\.bin: catalog says \d+ bytes, server has 196608 ")
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: 10\.1/x sized\.bin: catalog says \d+ bytes, server has 196608 ")
 def test_size_mismatch_is_reported(sshd, remote, tmp_path: Path, catalog_size: int) -> None:
     data = payload(3 * SMALL_CHUNK)
     spec = replace(remote("sized.bin", data, checksum=False), size=catalog_size)

@@ -64,6 +64,18 @@ def _blocked_in_read(thread_id: int, fd: int) -> bool:
     return len(fields) > 1 and fields[0] == str(READ_SYSCALL) and int(fields[1], 16) == fd
 
 
+def _catalog_with(names: list[str]) -> Catalog:
+    """The demo catalog plus the stall dataset holding ``names`` of SIZE bytes each."""
+    catalog = Catalog.load_default()
+    record = {
+        "pid": PID, "datasetName": "stall", "owner": "Ponder Stibbons", "ownerGroup": "uu",
+        "contactEmail": "p.stibbons@uu.am", "creationLocation": "UnseenUniversity",
+        "sourceFolder": "/h5test/stall", "creationTime": "2023-05-01T10:00:00.000Z",
+    }
+    catalog.add_dataset(record, [{"path": name, "size": SIZE} for name in names])
+    return catalog
+
+
 def _read_uncached(path: Path) -> bytes:
     with open(path, "rb") as file:
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # force a FUSE read
@@ -72,14 +84,8 @@ def _read_uncached(path: Path) -> bytes:
 
 def test_metadata_and_cached_reads_answer_while_transfers_hang(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
     sshd: OpenSSHServer = make_sshd()
-    catalog = Catalog.load_default()
     names = [f"part_{index}.bin" for index in range(FILES + 1)]
-    record = {
-        "pid": PID, "datasetName": "stall", "owner": "Ponder Stibbons", "ownerGroup": "uu",
-        "contactEmail": "p.stibbons@uu.am", "creationLocation": "UnseenUniversity",
-        "sourceFolder": "/h5test/stall", "creationTime": "2023-05-01T10:00:00.000Z",
-    }
-    catalog.add_dataset(record, [{"path": name, "size": SIZE} for name in names])
+    catalog = _catalog_with(names)
     mount = make_mount(catalog, sftp=sshd)
     dataset = mount.dataset(PID)
     cached = dataset / names[0]
@@ -146,13 +152,7 @@ STALL_MARGIN = 3.0
 def test_a_stalled_server_gives_eio_within_the_documented_bound(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
     """Default timeouts, sshd SIGSTOPped (connections stay open, nothing answers): EIO in the window."""
     sshd: OpenSSHServer = make_sshd()
-    catalog = Catalog.load_default()
-    record = {
-        "pid": PID, "datasetName": "stall", "owner": "Ponder Stibbons", "ownerGroup": "uu",
-        "contactEmail": "p.stibbons@uu.am", "creationLocation": "UnseenUniversity",
-        "sourceFolder": "/h5test/stall", "creationTime": "2023-05-01T10:00:00.000Z",
-    }
-    catalog.add_dataset(record, [{"path": "warm.bin", "size": SIZE}, {"path": "cold.bin", "size": SIZE}])
+    catalog = _catalog_with(["warm.bin", "cold.bin"])
     mount = make_mount(catalog, sftp=sshd)  # no timeout options: the defaults are what is documented
     dataset = mount.dataset(PID)
     assert (dataset / "warm.bin").read_bytes() == catalog.content(PID, "warm.bin")  # connections are up

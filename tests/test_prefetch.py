@@ -330,6 +330,9 @@ def test_human_duration(seconds: float, text: str) -> None:
     assert human_duration(seconds) == text
 
 
+@pytest.mark.allow_log(
+    r"stderr: scicatfs: WARNING: fetching prefetch/big-0001 (raw/scan_00\.dat|notes\.txt) failed \(attempt [12] of 2\):"
+    r" 127\.0\.0\.1:1: cannot connect: \[Errno 111\]")
 def test_file_server_down(prefetch: Prefetch, log_checker: LogChecker) -> None:
     argv = prefetch.argv(BIG, "raw/scan_00.dat", "notes.txt")
     argv[argv.index("--sftp-port") + 1] = "1"  # nothing listens there

@@ -8,12 +8,10 @@ import errno
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from tests.support.probes import bounded
 from tests.support.records import dataset_record
 from tests.support.requirements import needs_root, skip_or_fail
 from tests.support.sshd import OpenSSHServer
+from tests.support.syslog import SyslogSocket
 
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
 FORBIDDEN = "20.500.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701"  # only ridcully may read it
@@ -179,30 +178,13 @@ def test_no_secret_in_any_artefact(make_mount, tmp_path: Path) -> None:  # type:
 class _Syslog:
     """What processes send to syslog while it runs.
 
-    Where the machine has no syslog (a container), a datagram socket of ours is
+    Where the machine has no syslog (a container), a socket of ours is
     /dev/log, as journald's would be; where it has one, the journal is read.
     """
 
     def __init__(self) -> None:
         self._since = time.time()
-        self._own: socket.socket | None = None
-        self._received: list[bytes] = []
-        if not os.path.exists(DEV_LOG):
-            self._own = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self._own.bind(DEV_LOG)
-            self._reader = threading.Thread(target=self._read, daemon=True)
-            self._reader.start()
-
-    def _read(self) -> None:
-        assert self._own is not None
-        while True:
-            try:
-                message = self._own.recv(65536)
-            except OSError:
-                return
-            if not message:
-                return
-            self._received.append(message)
+        self._own = None if os.path.exists(DEV_LOG) else SyslogSocket(Path(DEV_LOG))
 
     def text(self, identifier: str) -> bytes:
         """The messages of programs that call themselves ``identifier``."""
@@ -211,13 +193,11 @@ class _Syslog:
                 ["journalctl", "--no-pager", "-o", "cat", f"--identifier={identifier}", f"--since=@{self._since:.0f}"],
                 check=True, capture_output=True, timeout=30)
             return result.stdout
-        tag = re.compile(rb"^<\d+>" + re.escape(identifier.encode()) + rb"\[\d+\]: ")
-        return b"\n".join(tag.sub(b"", m) for m in list(self._received) if tag.match(m))
+        tag = re.compile(r"^<\d+>" + re.escape(identifier) + r"\[\d+\]: ")
+        return "\n".join(tag.sub("", m) for m in self._own.messages() if tag.match(m)).encode()
 
     def close(self) -> None:
         if self._own is not None:
-            os.unlink(DEV_LOG)
-            self._own.shutdown(socket.SHUT_RDWR)
             self._own.close()
 
 

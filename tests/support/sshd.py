@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -36,6 +35,7 @@ import pytest
 
 from scicatfs.transfer.sftp import SFTPSettings
 from tests.support.requirements import skip_or_fail
+from tests.support.syslog import SyslogSocket
 
 __all__ = ["OpenSSHServer", "SSHD_BINARY", "make_sshd", "sshd"]
 
@@ -68,11 +68,8 @@ class OpenSSHServer:
         self.config = self.workdir / "sshd_config"
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
-        self._sftp_log: list[str] = []
         (self.root / "dev").mkdir(mode=0o755)
-        self._syslog = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._syslog.bind(str(self.root / "dev" / "log"))
-        threading.Thread(target=self._collect_sftp_log, daemon=True).start()
+        self._sftp_log = SyslogSocket(self.root / "dev" / "log")
         _keygen(self.host_key)
         _keygen(self.client_key)
         (self.workdir / "authorized_keys").write_bytes(
@@ -127,9 +124,7 @@ class OpenSSHServer:
     def close(self) -> None:
         """Stop the server and delete its work directory (keys, data, log)."""
         self.stop()
-        with contextlib.suppress(OSError):
-            self._syslog.shutdown(socket.SHUT_RDWR)
-        self._syslog.close()
+        self._sftp_log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
@@ -199,17 +194,7 @@ class OpenSSHServer:
 
     def sftp_opens(self) -> list[str]:
         """Every path an SFTP client has opened on this server so far, as the client named it."""
-        return [match[1] for line in list(self._sftp_log) if (match := _SFTP_OPEN.search(line))]
-
-    def _collect_sftp_log(self) -> None:
-        while True:
-            try:
-                message = self._syslog.recv(65536)
-            except OSError:
-                return
-            if not message:
-                return
-            self._sftp_log.append(message.decode(errors="replace"))
+        return [match[1] for line in self._sftp_log.messages() if (match := _SFTP_OPEN.search(line))]
 
     # -- internals -------------------------------------------------------------
 
