@@ -122,6 +122,7 @@ def test_metadata_and_cached_reads_answer_while_transfers_hang(make_mount, make_
         )
         assert _within(ANSWER_WITHIN, lambda: (dataset / "metadata.json").read_bytes())
         assert _within(ANSWER_WITHIN, lambda: _read_uncached(cached)) == catalog.content(PID, names[0])
+        assert not results, "reads should still be waiting for the stalled server"
     finally:
         _stall(sshd, signal.SIGCONT)
 
