@@ -29,6 +29,7 @@ from scicatfs.demo.server import CatalogServer
 from scicatfs.fs.namespace import LOOKUP_TIMEOUT, STALE_WAIT
 from scicatfs.mountpoint import find_mount
 from tests.support.checklogs import LogChecker
+from tests.support.filesystems import small_tmpfs
 from tests.support.mounts import Mount, wait_until
 from tests.support.probes import Background, bounded, read_uncached
 from tests.support.records import dataset_record
@@ -328,13 +329,8 @@ def test_kill_9_under_load_then_unmount_and_remount_from_the_surviving_cache(mak
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs, unmounted after the test whatever happened."""
-    path = tmp_path / "small-disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(path)], check=True, timeout=30)
-    try:
+    with small_tmpfs(tmp_path / "small-disk", "16m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True, timeout=30)
 
 
 @pytest.mark.allow_log(

@@ -27,6 +27,7 @@ from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.sftp import Transfer
+from tests.support.filesystems import small_tmpfs
 from tests.support.sshd import OpenSSHServer, _descendants
 
 T = TypeVar("T")
@@ -406,18 +407,6 @@ def test_eviction_under_small_budget_keeps_open_files_intact(sshd, remote, tmp_p
     run(sshd, tmp_path, body, budget=budget)
 
 
-@contextlib.contextmanager
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, unmounted afterwards whatever happened."""
-    disk = tmp_path / "tiny"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(disk)], check=True, timeout=30)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=True, timeout=30)
-
-
 async def settled(fetcher: Fetcher) -> None:
     """Wait until no flight (demand or read-ahead) is under way."""
     with trio.fail_after(30):
@@ -466,7 +455,7 @@ def test_disk_full_serves_reads_without_read_ahead(sshd, remote, tmp_path: Path)
             await fetcher.release(handle)
         assert not fetcher.store.entries()[0].complete
 
-    with tiny_disk(tmp_path) as disk:
+    with small_tmpfs(tmp_path / "tiny", "1m") as disk:
         run(sshd, disk / "cache", body)
 
 
@@ -495,7 +484,7 @@ def test_disk_full_shrinks_the_cache_to_half_its_budget(sshd, remote, tmp_path: 
         finally:
             await fetcher.release(handle)
 
-    with tiny_disk(tmp_path) as disk:
+    with small_tmpfs(tmp_path / "tiny", "1m") as disk:
         run(sshd, disk / "cache", body, budget=budget)
 
 

@@ -34,6 +34,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -490,34 +491,26 @@ class Namespace:
         return STATUS, status, Attributes(False, len(self._status()), time.time(), 1, ttl=1.0)
 
     async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
-        """Next PID components below ``prefix``, from the catalog's PID-ordered stream.
+        """The names of PID level ``prefix``, from the catalog's PID-ordered skip scan.
 
-        In PID order every PID that starts with a name follows it without a
-        gap, so remembering the names that are prefixes of the current PID is
-        enough to list each name once while holding almost nothing. The root
-        starts with the mount's own ``.scicat``.
+        The catalog gives each name once (see ``CatalogClient.iter_children``);
+        the root starts with the mount's own ``.scicat``.
         """
         if prefix == "" and self._status is not None:
             yield CONTROL_DIR, ControlDir(MOUNT), Attributes(True, 0, self._started, 2, self.listing_ttl)
-        open_names: list[str] = []
-        async for pid in self._catalog.iter_pids(prefix):
-            rest = pid[len(prefix):]
-            name, slash, _ = rest.partition("/")
-            if prefix == "" and name == CONTROL_DIR and self._status is not None:
-                self._report_once(pid, f"PID {pid!r} is hidden by the mount's reserved /{CONTROL_DIR}/")
-                continue
-            if not _valid_component(name):
-                self._report_once(pid, f"PID {pid!r} cannot be shown: {name!r} is not a usable file name")
-                continue
-            open_names = [n for n in open_names if rest.startswith(n)]
-            if name in open_names:
-                continue
-            open_names.append(name)
-            if slash:
-                self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
-                yield name, PidLevel(f"{prefix}{name}/"), self._level_attributes()
-            else:
-                yield name, DatasetDir(pid), self._listed_dataset_attributes(pid)
+        async with aclosing(self._catalog.iter_children(prefix)) as children:
+            async for child in children:
+                name = child.name
+                shown = child.pid if child.pid is not None else f"{prefix}{name}/…"
+                if prefix == "" and name == CONTROL_DIR and self._status is not None:
+                    self._report_once(shown, f"PID {shown!r} is hidden by the mount's reserved /{CONTROL_DIR}/")
+                elif not _valid_component(name):
+                    self._report_once(shown, f"PID {shown!r} cannot be shown: {name!r} is not a usable file name")
+                elif child.pid is None:
+                    self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
+                    yield name, PidLevel(f"{prefix}{name}/"), self._level_attributes()
+                else:
+                    yield name, DatasetDir(child.pid), self._listed_dataset_attributes(child.pid)
 
     def _listed_dataset_attributes(self, pid: str) -> Attributes:
         """Attributes for a dataset seen as a PID in a listing, without fetching its record.
