@@ -144,6 +144,19 @@ def cache_location(args: argparse.Namespace) -> tuple[Path, int | None]:
 COMMAND_LOG_FORMAT = "scicatfs: %(levelname)s: %(message)s"
 
 
+def _late_reply(record: logging.LogRecord) -> bool | logging.LogRecord:
+    """pyfuse3's ERROR for a reply the kernel no longer waited for, as DEBUG.
+
+    ``fuse_reply_*`` fails with ENOENT when the kernel dropped the request first:
+    a file closed just before the unmount, or a request interrupted by a signal.
+    Nothing is lost, so it is no error a user should be shown.
+    """
+    if record.levelno >= logging.ERROR and "fuse_reply_* failed with No such file or directory" in record.getMessage():
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG) and record
+    return True
+
+
 def setup_logging(level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = False) -> None:
     """Log to stderr at ``level``; ``quiet`` shows only warnings and errors there."""
     handler = logging.StreamHandler(sys.stderr)
@@ -151,6 +164,7 @@ def setup_logging(level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = Fa
     if quiet:
         handler.setLevel(logging.WARNING)
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    logging.getLogger("pyfuse3").addFilter(_late_reply)
     if level != "debug":
         # Both log every request or connection at INFO; scicatfs logs what matters itself.
         for chatty in ("httpx", "asyncssh"):
