@@ -70,6 +70,7 @@ def test_ranged_reads_are_exact(make_nginx: Callable[..., NginxServer]) -> None:
     assert stats["unranged"] == 0 and stats["errors"] == 0 and stats["version_changes"] == 0
 
 
+@pytest.mark.allow_log(r"127\.0\.0\.1:\d+ ignores Range requests")
 def test_a_server_that_ignores_ranges_is_sliced(
     make_nginx: Callable[..., NginxServer], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -142,6 +143,7 @@ def test_a_changed_file_is_an_error_never_mixed_bytes(make_nginx: Callable[..., 
     with_http(body)
 
 
+@pytest.mark.allow_log(r"fetching p c\.bin failed \(attempt \d of 2\)")
 def test_the_cache_drops_a_changed_file_and_fetches_the_new_version(
     make_nginx: Callable[..., NginxServer], tmp_path: Path
 ) -> None:
@@ -177,6 +179,8 @@ def test_the_cache_drops_a_changed_file_and_fetches_the_new_version(
 # -- through a mount ----------------------------------------------------------------
 
 
+@pytest.mark.allow_log(r"fetching thaumometer-frames-0042 frame_big\.raw failed \(attempt \d of 2\)")
+@pytest.mark.allow_log(r"path='frame_big\.raw'.*\(EIO\)")
 def test_mount_reads_every_file_from_the_web_server(
     make_nginx: Callable[..., NginxServer], make_catalog_server, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:

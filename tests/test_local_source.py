@@ -90,6 +90,7 @@ def test_reads_are_exact_and_nothing_is_copied(tmp_path: Path) -> None:
     assert blob_files(tmp_path / "cache") == []
 
 
+@pytest.mark.allow_log(r"checksum mismatch for 10\.1/local bad\.bin")
 def test_wrong_checksum_is_eio_at_the_end_of_the_file(tmp_path: Path) -> None:
     data = random.Random(3).randbytes(MiB)
     spec = local_file(tmp_path / "src", "bad.bin", data, checksum="wrong")
@@ -238,6 +239,8 @@ def test_a_gibibyte_local_file_leaves_the_cache_small(local_mount: Callable[...,
         assert store.usage() == 0
 
 
+@pytest.mark.allow_log(r"checksum mismatch for \S+ README\.txt")
+@pytest.mark.allow_log(r"README\.txt.*\(EIO\)", optional=True)
 def test_a_wrong_checksum_on_a_local_file_is_eio_through_the_mount(
     local_mount: Callable[..., Mount],
 ) -> None:
