@@ -179,10 +179,10 @@ def test_read_ahead_grows_on_sequential_reads_and_resets_on_a_seek(sshd, remote,
         windows = []
         for offset in range(0, 6 * SMALL_CHUNK, SMALL_CHUNK // 2):
             assert await fetcher.read(handle, offset, SMALL_CHUNK // 2) == data[offset : offset + SMALL_CHUNK // 2]
-            windows.append(handle.window)
+            windows.append(handle.stream.window)
         assert windows == [1, 1, 2, 2, 4, 4, 8, 8, 8, 8, 8, 8]  # x2 per new chunk, capped
         assert await fetcher.read(handle, 30 * SMALL_CHUNK, 10) == data[30 * SMALL_CHUNK :][:10]
-        assert handle.window == 0
+        assert handle.stream.window == 0
         await fetcher.release(handle)
 
     run(sshd, tmp_path, body, readahead_max=8 * SMALL_CHUNK)

@@ -47,6 +47,7 @@ import trio
 
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
+from scicatfs.cache.readahead import ReadAhead, Stream
 from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
 from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
 
@@ -68,14 +69,11 @@ T = TypeVar("T")
 
 @dataclass(eq=False)
 class Handle:
-    """One open file: its blob (pinned while the handle lives) and its read-ahead state."""
+    """One open file: its blob (pinned while the handle lives) and its access pattern."""
 
     spec: FileSpec
     blob: Blob
-    next_offset: int = 0
-    last_chunk: int = -1
-    window: int = 0
-    ahead: int = 0  # read-ahead has been started up to this block (exclusive)
+    stream: Stream = field(default_factory=Stream)
 
 
 @dataclass(eq=False)
@@ -125,7 +123,7 @@ class Fetcher:
         self._max_flights = max(2, max_in_flight // chunk)
         self._max_blocks = max(2 * chunk, max_in_flight) // store.block_size
         self._limiter = trio.CapacityLimiter(self._max_flights // 2)
-        self._readahead_chunks = max(1, readahead_max // chunk)
+        self.readahead = ReadAhead(store.block_size, chunk, readahead_max)
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
@@ -139,7 +137,6 @@ class Fetcher:
         self._verifications: dict[str, trio.Event] = {}
         self._digests: weakref.WeakKeyDictionary[Blob, RunningDigest] = weakref.WeakKeyDictionary()
         self._evicting = False
-        self._cannot_cache = False  # the last chunk write failed (disk full?)
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = trio.open_nursery()
         # chunks_fetched / chunks_uncached: blocks fetched / not cached (disk
@@ -256,15 +253,14 @@ class Fetcher:
         first, last = offset // block, (end - 1) // block
         present = blob.present
         cached = all(index in present for index in range(first, last + 1))
-        ahead = self._read_ahead(handle, offset, end)
+        plan = self.readahead.plan(handle.stream, offset, end, blob.size, hit=cached, all_present=blob.all_present)
+        if plan is not None:
+            reached = self._start_flights(handle, plan.start, plan.demand, plan.stop)
+            self.readahead.started(handle.stream, plan, reached)
         if cached:
             self.stats["reads_from_cache"] += 1
-            if ahead > handle.ahead:
-                handle.ahead = self._start_flights(handle, max(last + 1, handle.ahead), last + 1, ahead)
             return await self._checked(handle, end, self.store.read(blob, offset, end - offset))
         self.stats["reads_fetched"] += 1
-        reached = self._start_flights(handle, first, last + 1, max(ahead, last + 1))
-        handle.ahead = max(handle.ahead, reached) if ahead else 0
         flights = {
             index: self._flights[blob.key, index]
             for index in range(first, last + 1)
@@ -434,18 +430,16 @@ class Fetcher:
                 await trio.to_thread.run_sync(self.store.write_blocks, blob, first, data)
             except OSError as error:
                 self.stats["chunks_uncached"] += count
-                if not self._cannot_cache:
+                if self.readahead.write_failed():
                     log.warning(
                         "cannot cache %s %s (%s): serving reads uncached, read-ahead off",
                         spec.pid, spec.path, error,
                     )  # fmt: skip
-                self._cannot_cache = True
                 if is_disk_full(error):
                     self._start(self._evict, self.store.budget // 2)
                 return
-            if self._cannot_cache:
+            if self.readahead.write_succeeded():
                 log.warning("caching works again")
-                self._cannot_cache = False
         finally:
             self.store.unlock_blocks(blob, first, count)
         self._unevicted += len(data)
@@ -505,30 +499,6 @@ class Fetcher:
     def _start(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(function, *args)
-
-    def _read_ahead(self, handle: Handle, offset: int, end: int) -> int:
-        """Grow the window on sequential access (x2 per new chunk), drop it on a seek.
-
-        Returns the block up to which to read ahead: the rest of the current
-        chunk and ``window`` chunks after it; 0 when not reading ahead.
-        "Sequential" tolerates a chunk of disorder, because the kernel issues its
-        own read-ahead requests concurrently and they may arrive reordered.
-        """
-        blob = handle.blob
-        chunk = self.store.chunk_size
-        last = (end - 1) // chunk
-        if abs(offset - handle.next_offset) <= chunk:
-            if last > handle.last_chunk:
-                handle.window = min(max(1, handle.window * 2), self._readahead_chunks)
-            handle.next_offset = max(handle.next_offset, end)
-        else:
-            handle.window = 0
-            handle.next_offset = end
-            handle.ahead = 0
-        handle.last_chunk = max(handle.last_chunk, last) if handle.window else last
-        if self._cannot_cache or not handle.window or blob.all_present:
-            return 0  # speculative blocks could not be kept, or there is nothing to fetch
-        return min(blob.block_count, (last + 1 + handle.window) * blob.blocks_per_chunk)
 
     # -- completion and eviction ---------------------------------------------
 
