@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from scicatfs.cache.readahead import Plan, ReadAhead, Stream
+from scicatfs.cache.readahead import WHOLE_FILE_MAX, DatasetWalk, Plan, ReadAhead, Stream, WalkStep
+from scicatfs.cache.store import FileSpec
 
 KiB = 1024
 BLOCK = 128 * KiB
@@ -108,3 +109,52 @@ def test_a_file_already_all_cached_is_not_read_ahead() -> None:
 def test_a_chunk_that_is_not_a_multiple_of_the_block_is_refused() -> None:
     with pytest.raises(ValueError, match="multiple"):
         ReadAhead(BLOCK, BLOCK * 3 + 1, CHUNK)
+
+
+# -- small files and walks through a directory -----------------------------------
+
+
+def test_a_small_file_is_fetched_whole_on_open_a_large_one_is_not() -> None:
+    readahead = policy()
+    assert readahead.on_open(3 * BLOCK + 1, all_present=False) == Plan(0, 4, 4, False)
+    assert readahead.on_open(WHOLE_FILE_MAX + 1, all_present=False) is None
+    assert readahead.on_open(BLOCK, all_present=True) is None
+    readahead.write_failed()
+    assert readahead.on_open(BLOCK, all_present=False) is None
+
+
+def files(count: int, size: int = 64 * KiB, directory: str = "frames") -> list[FileSpec]:
+    return [
+        FileSpec("pid/1", f"{directory}/{number:04}.tif", None, f"/d/{number}", size, 0.0, None)
+        for number in range(count)
+    ]
+
+
+def test_a_walk_in_listing_order_fetches_the_next_files_within_the_budget() -> None:
+    walk, listing = DatasetWalk(budget=10 * 64 * KiB, max_files=32), files(100)
+    assert walk.opened(listing[0], listing[1:]) == WalkStep()  # one open is no pattern yet
+    step = walk.opened(listing[1], listing[2:])
+    assert [spec.path for spec in step.fetch] == [spec.path for spec in listing[2:12]]  # ten fit the budget
+    assert walk.opened(listing[2], listing[3:]).fetch == (listing[12],)  # one opened, one more fits
+    # parallel readers open slightly out of order: still the walk
+    assert walk.opened(listing[5], listing[6:]).fetch == (listing[13], listing[14], listing[15])
+
+
+def test_an_open_out_of_order_breaks_the_walk_and_fetches_nothing() -> None:
+    walk, listing = DatasetWalk(), files(200)
+    walk.opened(listing[0], listing[1:])
+    assert walk.opened(listing[1], listing[2:]).fetch
+    step = walk.opened(listing[150], listing[151:])
+    assert step.broken and not step.fetch
+    assert walk.opened(listing[10], listing[11:]) == WalkStep()  # not after 150: no walk either
+
+
+def test_a_large_file_ends_the_look_ahead_and_directories_are_walked_apart() -> None:
+    walk = DatasetWalk()
+    small, other = files(3), files(5, directory="other")
+    big = FileSpec("pid/1", "frames/big.h5", None, "/d/big", WHOLE_FILE_MAX + 1, 0.0, None)
+    listing = [*small, big, *files(3, directory="frames2")]
+    walk.opened(listing[0], listing[1:])
+    walk.opened(other[0], other[1:])
+    assert walk.opened(listing[1], listing[2:]).fetch == (listing[2],)  # stops before the big file
+    assert walk.opened(other[1], other[2:]).fetch == tuple(other[2:])

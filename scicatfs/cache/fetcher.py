@@ -17,9 +17,13 @@ transaction.
 Concurrency bounds:
 - At most ``max_in_flight`` bytes of blocks are held by read-ahead and prefetch
   flights (being fetched or being written); demand reads add what FUSE asks for
-  concurrently. Flights use the network at most (max_in_flight / chunk / 2) at
-  once: a ``trio.CapacityLimiter`` taken only around the transfer, so cache hits
-  never queue behind the network and a slow disk write does not hold a slot.
+  concurrently. Speculative flights (read-ahead, prefetch) use the network at
+  most (max_in_flight / chunk / 2) at once: a ``trio.CapacityLimiter`` taken
+  only around the transfer, so cache hits never queue behind the network and a
+  slow disk write does not hold a slot. A flight that a reader waits for does
+  not take it: parallel readers of small files (a data loader's threads) keep
+  the connection pool busy instead of queueing four at a time; FUSE and
+  ``max_reads`` in fs bound their number.
 - Every transfer attempt has a deadline, and every reader waits at most
   ``read_timeout`` before getting ``FetchTimeout`` (EIO): never a hang.
 
@@ -38,7 +42,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -47,7 +51,7 @@ import trio
 
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
-from scicatfs.cache.readahead import ReadAhead, Stream
+from scicatfs.cache.readahead import DatasetWalk, ReadAhead, Stream
 from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
 from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
 
@@ -89,6 +93,7 @@ class _Flight:
 
     first: int
     count: int
+    demand: bool  # a reader waits for it (else read-ahead or prefetch)
     ready: trio.Event = field(default_factory=trio.Event)
     settled: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
@@ -124,6 +129,9 @@ class Fetcher:
         self._max_blocks = max(2 * chunk, max_in_flight) // store.block_size
         self._limiter = trio.CapacityLimiter(self._max_flights // 2)
         self.readahead = ReadAhead(store.block_size, chunk, readahead_max)
+        self.walk = DatasetWalk()
+        #: Per directory being walked: the fetches ahead still running (cancelled when the walk breaks).
+        self._walk_fetches: dict[tuple[str, str], set[trio.CancelScope]] = {}
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
@@ -168,11 +176,14 @@ class Fetcher:
 
     # -- the contract used by fs ----------------------------------------------
 
-    async def open(self, spec: FileSpec) -> Handle:
-        """Pin the file's blob for reading; nothing is fetched yet.
+    async def open(self, spec: FileSpec, following: Sequence[FileSpec] = ()) -> Handle:
+        """Pin the file's blob for reading; a small file starts being fetched whole.
 
-        A file version that failed verification raises its IntegrityError, unless
-        its retry time has come (see ``_retry_failed``).
+        ``following``: the files after this one in its directory's listing
+        order, so that a reader walking the directory gets the next files
+        fetched ahead (``DatasetWalk``). A file version that failed
+        verification raises its IntegrityError, unless its retry time has come
+        (see ``_retry_failed``).
         """
         if spec.size < 0:
             raise CacheError(f"{spec.pid} {spec.path}: negative size {spec.size} in the catalog")
@@ -185,7 +196,58 @@ class Fetcher:
                 raise
         elif blob.all_present and not blob.complete:  # filled by another process, or unverified
             self._start_verification(spec, blob)
-        return Handle(spec, blob)
+        handle = Handle(spec, blob)
+        if blob.error is None and self._nursery is not None:
+            whole = self.readahead.on_open(blob.size, all_present=blob.all_present)
+            if whole is not None:
+                self._start_flights(handle, whole.start, whole.demand, whole.stop)
+            self._walk_on(spec, following)
+        return handle
+
+    def _walk_on(self, spec: FileSpec, following: Sequence[FileSpec]) -> None:
+        """Fetch the next files of a directory being walked; stop fetching ahead when the walk breaks."""
+        assert self._nursery is not None
+        step = self.walk.opened(spec, following)
+        key = self.walk.key(spec)
+        if step.broken:
+            for scope in self._walk_fetches.pop(key, ()):
+                scope.cancel()
+        if step.fetch:
+            running = self._walk_fetches.setdefault(key, set())
+            for file in step.fetch:
+                self._nursery.start_soon(self._fetch_ahead, file, running)
+
+    async def _fetch_ahead(self, spec: FileSpec, running: set[trio.CancelScope]) -> None:
+        """Fetch one small file ahead of a walking reader (its flights count as demand: it will be read).
+
+        A broken walk cancels the wait, not the flights: they are at most the
+        walk's budget and their blocks stay cached.
+        """
+        try:
+            with trio.CancelScope(shield=True):  # an open that finished must be released
+                blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
+        except (CacheError, OSError) as error:
+            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+            return
+        try:
+            if blob.error is None and not blob.all_present:
+                handle = Handle(spec, blob)
+                self._start_flights(handle, 0, blob.block_count, blob.block_count)
+                flights = {
+                    index: self._flights[blob.key, index]
+                    for index in range(blob.block_count)
+                    if (blob.key, index) in self._flights
+                }
+                with trio.CancelScope() as scope:
+                    running.add(scope)
+                    try:
+                        await self._wait(handle, flights, settled=True)
+                    finally:
+                        running.discard(scope)
+        except (CacheError, OSError) as error:
+            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+        finally:
+            await self._unpin(blob)
 
     async def _retry_failed(self, spec: FileSpec, blob: Blob) -> None:
         """Open a failed file version: its error, or, once its retry time has come, a verified re-fetch.
@@ -374,15 +436,15 @@ class Fetcher:
             run_end = index + 1
             while run_end < limit and run_end not in present and (key, run_end) not in flights:
                 run_end += 1
-            self._launch(handle, index, run_end - index)
+            self._launch(handle, index, run_end - index, demand=index < demand)
             index = run_end
         return stop
 
-    def _launch(self, handle: Handle, first: int, count: int) -> None:
+    def _launch(self, handle: Handle, first: int, count: int, *, demand: bool) -> None:
         """Start fetching ``count`` blocks from ``first`` in the background."""
         if self._nursery is None:
             raise CacheError("the fetcher is not running (use it as an async context manager)")
-        flight = _Flight(first, count)
+        flight = _Flight(first, count, demand)
         for index in range(first, first + count):
             self._flights[handle.blob.key, index] = flight
         self.store.retain(handle.blob)
@@ -421,8 +483,11 @@ class Fetcher:
         try:
             if self.store.refresh_blocks(blob, first, count):
                 return
-            async with self._limiter:
+            if flight.demand:
                 data = await self._download(spec, blob, first, count)
+            else:
+                async with self._limiter:
+                    data = await self._download(spec, blob, first, count)
             self.stats["chunks_fetched"] += count
             flight.data = data
             flight.ready.set()

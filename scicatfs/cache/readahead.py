@@ -15,13 +15,24 @@ The rules:
   ``window`` whole chunks after it. A seek drops the window to nothing.
 - Nothing is read ahead while the cache cannot keep what it fetches (the last
   write failed, e.g. a full disk), nor for a file that is already all cached.
+- A file of at most ``WHOLE_FILE_MAX`` bytes is fetched whole when opened.
+- Across files (``DatasetWalk``): a reader that opens a directory's files in
+  listing order (tar, cp -r, a loader over a sorted list) gets the next small
+  files fetched ahead, within a byte budget; an open out of order stops it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-__all__ = ["Plan", "ReadAhead", "Stream"]
+from scicatfs.cache.store import FileSpec
+
+__all__ = ["DatasetWalk", "Plan", "ReadAhead", "Stream", "WalkStep"]
+
+#: Files up to this size are fetched whole as soon as they are opened.
+WHOLE_FILE_MAX = 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -93,6 +104,17 @@ class ReadAhead:
         """The fetcher started ``plan``'s flights up to block ``reached`` (it may stop early: budget)."""
         stream.ahead = max(stream.ahead, reached) if plan.speculative else 0
 
+    def on_open(self, size: int, *, all_present: bool) -> Plan | None:
+        """A small file is fetched whole when it is opened, before its first read arrives.
+
+        One request for the whole file instead of one per block the reader
+        touches, and the transfer overlaps the way from ``open`` to ``read``.
+        """
+        if all_present or size > WHOLE_FILE_MAX or not self.caching:
+            return None
+        blocks = -(-size // self.block_size)
+        return Plan(0, blocks, blocks, False)
+
     def write_failed(self) -> bool:
         """A write to the cache failed: stop reading ahead. True if this is news (log it once)."""
         news, self.caching = self.caching, False
@@ -102,3 +124,72 @@ class ReadAhead:
         """A write to the cache worked: read ahead again. True if it had stopped."""
         news, self.caching = not self.caching, True
         return news
+
+
+
+@dataclass(frozen=True, slots=True)
+class WalkStep:
+    """What an open means for its directory: files to fetch ahead, or stop (the walk broke)."""
+
+    fetch: tuple[FileSpec, ...] = ()
+    broken: bool = False
+
+
+@dataclass(eq=False)
+class _Walk:
+    expected: frozenset[str] = frozenset()  # paths an in-order next open may name
+    queued: dict[str, int] = field(default_factory=dict)  # fetched ahead, not opened yet: path -> size
+
+
+class DatasetWalk:
+    """Recognises a walk through a directory's files and says which files to fetch ahead.
+
+    ``opened(spec, following)`` is told every open with the files that follow
+    it in listing order (the catalog knows them all, with sizes). An open is
+    *in order* if it names one of the ``reorder`` files after the previous
+    open, or a file fetched ahead: parallel readers of a sorted list open
+    files slightly out of order. From the second in-order open on, the next
+    files are fetched ahead while at most ``budget`` bytes and ``max_files``
+    files are fetched and not yet opened. Files larger than ``WHOLE_FILE_MAX``
+    end the look-ahead (sequential read-ahead serves them once open).
+    """
+
+    def __init__(self, budget: int = 16 * 1024 * 1024, max_files: int = 32, reorder: int = 16) -> None:
+        self.budget = budget
+        self.max_files = max_files
+        self.reorder = reorder
+        self._walks: OrderedDict[tuple[str, str], _Walk] = OrderedDict()
+
+    @staticmethod
+    def key(spec: FileSpec) -> tuple[str, str]:
+        """The directory a file belongs to: its dataset and parent path."""
+        return spec.pid, spec.path.rpartition("/")[0]
+
+    def opened(self, spec: FileSpec, following: Sequence[FileSpec]) -> WalkStep:
+        key = self.key(spec)
+        walk = self._walks.pop(key, None)
+        expected = frozenset(file.path for file in following[: self.reorder])
+        if walk is None or not (spec.path in walk.expected or spec.path in walk.queued):
+            broken = walk is not None and bool(walk.queued)
+            self._remember(key, _Walk(expected))
+            return WalkStep(broken=broken)
+        self._remember(key, walk)
+        walk.expected = expected
+        ahead = {file.path for file in following}
+        walk.queued = {path: size for path, size in walk.queued.items() if path in ahead}
+        outstanding = sum(walk.queued.values())
+        fetch = []
+        for file in following[: self.max_files]:
+            if file.path in walk.queued:
+                continue
+            if file.size > WHOLE_FILE_MAX or outstanding + file.size > self.budget:
+                break
+            walk.queued[file.path] = file.size
+            outstanding += file.size
+            fetch.append(file)
+        return WalkStep(tuple(fetch))
+
+    def _remember(self, key: tuple[str, str], walk: _Walk) -> None:
+        self._walks[key] = walk
+        while len(self._walks) > 64:  # directories being walked at once, at most
+            self._walks.popitem(last=False)
