@@ -260,10 +260,15 @@ def _options(tmp_path: Path, **cli: object) -> MountOptions:
         ({"sftp_port": 65536}, "outside 1-65535"),
         ({"sftp_port": "twenty-two"}, "expected a whole number"),
         ({"sftp_connections": 0}, "between 1 and 64"),
+        ({"metrics_port": "0"}, "metrics_port 0 is outside 1-65535"),
+        ({"metrics_port": "http"}, "expected a whole number"),
+        ({"shared_cache": ""}, "expected a path"),
         ({"cache_size": "0"}, "larger than zero"),
         ({"cache_size": "lots"}, "invalid size"),
         ({"record_ttl": "-1"}, "record_ttl"),
         ({"listing_ttl": "nan"}, "listing_ttl"),
+        ({"lookup_timeout": "0"}, "lookup_timeout 0.0 must be a number of seconds > 0"),
+        ({"lookup_timeout": "inf"}, "lookup_timeout"),
         ({"log_level": "chatty"}, "not one of debug, info"),
         ({"xattrs": "maybe"}, "true or false"),
         ({"token_file": "/t", "username": "u"}, "exclude each other"),
@@ -291,6 +296,7 @@ def test_text_values_are_converted(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         mountpoint="mnt",
         sftp_port="2222",
         record_ttl="0",
+        lookup_timeout="2.5",
         xattrs="yes",
         allow_other=True,
         log_level="WARN",
@@ -300,6 +306,7 @@ def test_text_values_are_converted(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert options.mountpoint == tmp_path / "mnt"  # absolute: the daemon leaves the cwd
     assert options.sftp_port == 2222
     assert options.record_ttl == 0.0
+    assert options.lookup_timeout == 2.5
     assert options.xattrs is True and options.allow_other is True
     assert options.log_level == "warning"
     assert options.token_file == tmp_path / "token"
@@ -348,6 +355,23 @@ def test_o_values_flow_into_mount_options(tmp_path: Path) -> None:
     scicat, fuse = split_fuse_o(["sftp_port=2200,xattrs,auto_unmount"])
     options = _options(tmp_path, **scicat, fuse_options=tuple(fuse))
     assert (options.sftp_port, options.xattrs, options.fuse_options) == (2200, True, ("auto_unmount",))
+
+
+def test_shared_cache_and_metrics_from_o_and_profile(tmp_path: Path) -> None:
+    scicat, fuse = split_fuse_o(["shared_cache=/cluster/scicatfs,metrics-port=9478,metrics_textfile=m.prom"])
+    options = _options(tmp_path, **scicat)
+    assert not fuse
+    assert (options.shared_cache, options.metrics_port) == (Path("/cluster/scicatfs"), 9478)
+    assert options.metrics_textfile == Path.cwd() / "m.prom"
+    config = write_config(tmp_path, '''
+        [profiles.node]
+        url = "http://127.0.0.1:3000/api/v3"
+        shared_cache = "shared"
+        metrics_port = 9100
+        ''')  # fmt: skip
+    assert load_profile("node", config) == {
+        "url": "http://127.0.0.1:3000/api/v3", "shared_cache": tmp_path / "shared", "metrics_port": 9100,
+    }
 
 
 # ---------------------------------------------------------- mount.fuse3

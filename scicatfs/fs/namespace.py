@@ -34,6 +34,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -78,6 +79,11 @@ OFFLINE_RETRY = 10.0
 #: using that answer (the client's own retries and deadlines can take minutes
 #: against a catalog that accepts requests and never answers).
 STALE_WAIT = 5.0
+#: How long resolving a name with no last known answer (a PID or prefix never
+#: seen) may take in all, the client's retries and backoff included, before it
+#: is EIO; the client alone may take 4 tries of 35 s. 8 s keeps the lookup's
+#: answer within 10 s with room for the FUSE round trip.
+LOOKUP_TIMEOUT = 8.0
 #: Built listings of dataset directories are kept for the record TTL, up to
 #: this many entries in all: a second ``ls -lR`` or ``find`` then costs no
 #: per-entry work (cached-bytes look-ups in the cache index above all). A
@@ -251,8 +257,10 @@ class Namespace:
         listing_ttl: float = 30.0,
         status: Callable[[], bytes] | None = None,
         on_change: Callable[[str, dict[str, list[str]]], None] | None = None,
+        lookup_timeout: float = LOOKUP_TIMEOUT,
     ) -> None:
         self._catalog = catalog
+        self.lookup_timeout = lookup_timeout
         self._cached_bytes = cached_bytes
         self._use_source_folder_host = use_source_folder_host
         self.record_ttl = record_ttl
@@ -318,7 +326,7 @@ class Namespace:
         if self._seen_prefixes.get(candidate) or (known and self._offline):
             return PidLevel(candidate + "/")
         try:
-            return await _ask(lambda: self._resolve_pid(candidate), impatient=known)
+            return await _ask(lambda: self._resolve_pid(candidate), self._wait(known))
         except _NO_ANSWER as error:
             if not known:
                 raise
@@ -502,34 +510,26 @@ class Namespace:
         return STATUS, status, Attributes(False, len(self._status()), time.time(), 1, ttl=1.0)
 
     async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
-        """Next PID components below ``prefix``, from the catalog's PID-ordered stream.
+        """The names of PID level ``prefix``, from the catalog's PID-ordered skip scan.
 
-        In PID order every PID that starts with a name follows it without a
-        gap, so remembering the names that are prefixes of the current PID is
-        enough to list each name once while holding almost nothing. The root
-        starts with the mount's own ``.scicat``.
+        The catalog gives each name once (see ``CatalogClient.iter_children``);
+        the root starts with the mount's own ``.scicat``.
         """
         if prefix == "" and self._status is not None:
             yield CONTROL_DIR, ControlDir(MOUNT), Attributes(True, 0, self._started, 2, self.listing_ttl)
-        open_names: list[str] = []
-        async for pid in self._catalog.iter_pids(prefix):
-            rest = pid[len(prefix):]
-            name, slash, _ = rest.partition("/")
-            if prefix == "" and name == CONTROL_DIR and self._status is not None:
-                self._report_once(pid, f"PID {pid!r} is hidden by the mount's reserved /{CONTROL_DIR}/")
-                continue
-            if not _valid_component(name):
-                self._report_once(pid, f"PID {pid!r} cannot be shown: {name!r} is not a usable file name")
-                continue
-            open_names = [n for n in open_names if rest.startswith(n)]
-            if name in open_names:
-                continue
-            open_names.append(name)
-            if slash:
-                self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
-                yield name, PidLevel(f"{prefix}{name}/"), self._level_attributes()
-            else:
-                yield name, DatasetDir(pid), self._listed_dataset_attributes(pid)
+        async with aclosing(self._catalog.iter_children(prefix)) as children:
+            async for child in children:
+                name = child.name
+                shown = child.pid if child.pid is not None else f"{prefix}{name}/…"
+                if prefix == "" and name == CONTROL_DIR and self._status is not None:
+                    self._report_once(shown, f"PID {shown!r} is hidden by the mount's reserved /{CONTROL_DIR}/")
+                elif not _valid_component(name):
+                    self._report_once(shown, f"PID {shown!r} cannot be shown: {name!r} is not a usable file name")
+                elif child.pid is None:
+                    self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
+                    yield name, PidLevel(f"{prefix}{name}/"), self._level_attributes()
+                else:
+                    yield name, DatasetDir(child.pid), self._listed_dataset_attributes(child.pid)
 
     def _listed_dataset_attributes(self, pid: str) -> Attributes:
         """Attributes for a dataset seen as a PID in a listing, without fetching its record.
@@ -633,7 +633,7 @@ class Namespace:
         dataset = self._catalog.cached_dataset(pid)
         if dataset is None:
             try:
-                dataset = await _ask(lambda: self._catalog.get_dataset(pid), impatient=previous is not None)
+                dataset = await _ask(lambda: self._catalog.get_dataset(pid), self._wait(previous is not None))
             except _NO_ANSWER as error:
                 if previous is None:
                     raise
@@ -650,6 +650,10 @@ class Namespace:
             if self.on_change is not None:
                 self.on_change(pid, changes)
         return view
+
+    def _wait(self, known: bool) -> float:
+        """How long to wait for the catalog: briefly with a last known answer to fall back on."""
+        return STALE_WAIT if known else self.lookup_timeout
 
     @property
     def _offline(self) -> bool:
@@ -684,13 +688,11 @@ def parent_of(node: Node) -> Node:
     return PidLevel(head + slash) if slash else ROOT
 
 
-async def _ask(call: Callable[[], Awaitable[T]], *, impatient: bool) -> T:
-    """``call()``; if ``impatient`` (a last known answer exists), CatalogUnavailable after STALE_WAIT s."""
-    if not impatient:
+async def _ask(call: Callable[[], Awaitable[T]], wait: float) -> T:
+    """``call()``, or CatalogUnavailable once it has taken ``wait`` seconds."""
+    with trio.move_on_after(wait):
         return await call()
-    with trio.move_on_after(STALE_WAIT):
-        return await call()
-    raise CatalogUnavailable(f"the catalog did not answer within {STALE_WAIT:g} s")
+    raise CatalogUnavailable(f"the catalog did not answer within {wait:g} s")
 
 
 def _valid_component(name: str) -> bool:
