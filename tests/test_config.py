@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from scicatfs.config import (
     parse_size,
     split_fuse_o,
 )
+from tests.support.requirements import missing_program, skip_or_fail
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "running.md"
 GiB = 1024**3
@@ -424,7 +424,6 @@ with open({log!r}, "a") as f:
 """
 
 
-@pytest.mark.skipif(shutil.which("mount.fuse3") is None, reason="libfuse's mount.fuse3 is not installed")
 def test_real_mount_fuse3_argv_shapes(tmp_path: Path) -> None:
     """Run libfuse's own mount.fuse3 with a recording ``scicatfs`` first in PATH.
 
@@ -432,6 +431,7 @@ def test_real_mount_fuse3_argv_shapes(tmp_path: Path) -> None:
     shapes mount.fuse3 produces; helper_argv_to_cli must turn each into the
     ordinary command line.
     """
+    skip_or_fail(missing_program("mount.fuse3", "fuse3"))
     log = tmp_path / "argv.jsonl"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

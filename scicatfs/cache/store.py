@@ -918,6 +918,11 @@ class BlobStore:
             log.info("cache eviction freed %d bytes (budget %d bytes)", freed, target)
         return Eviction(freed, skipped)
 
+    def _delete_rows(self, key: str) -> None:
+        """Delete a blob's row (its block and file rows cascade); raises sqlite3 errors as they are."""
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM blobs WHERE key = ?", (key,))
+
     def _delete_unpinned(self, key: str) -> bool:
         """Delete one blob unless another process has it open. Caller has claimed ``key``.
 
@@ -934,8 +939,16 @@ class BlobStore:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PIN_OFFSET)
                 except (BlockingIOError, PermissionError):
                     return False
-            with self._lock, self._index_errors(), self._transaction() as db:
-                db.execute("DELETE FROM blobs WHERE key = ?", (key,))
+            try:
+                self._delete_rows(key)
+            except sqlite3.OperationalError as error:
+                if fd is None or getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                    raise CacheError(f"cache index {self.directory / INDEX_FILE}: {error}") from error
+                # Not a byte left, not even for the index's own deletes: free the blob's
+                # bytes first. No process can trust its rows meanwhile, since trusting
+                # them needs the pin lock that this evictor holds exclusively.
+                os.ftruncate(fd, 0)
+                self._delete_rows(key)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             return True
