@@ -189,10 +189,10 @@ def test_read_ahead_grows_on_sequential_reads_and_resets_on_a_seek(sshd, remote,
         windows = []
         for offset in range(0, 6 * SMALL_CHUNK, SMALL_CHUNK // 2):
             assert await fetcher.read(handle, offset, SMALL_CHUNK // 2) == data[offset : offset + SMALL_CHUNK // 2]
-            windows.append(handle.window)
+            windows.append(handle.stream.window)
         assert windows == [1, 1, 2, 2, 4, 4, 8, 8, 8, 8, 8, 8]  # x2 per new chunk, capped
         assert await fetcher.read(handle, 30 * SMALL_CHUNK, 10) == data[30 * SMALL_CHUNK :][:10]
-        assert handle.window == 0
+        assert handle.stream.window == 0
         await fetcher.release(handle)
 
     run(sshd, tmp_path, body, readahead_max=8 * SMALL_CHUNK)
@@ -366,7 +366,7 @@ async def within_budget(store: BlobStore) -> None:
 def test_a_frozen_server_gives_an_error_not_a_hang(make_sshd, tmp_path: Path) -> None:
     """SIGSTOP the sshd processes: connections stay open but nothing answers."""
     server = make_sshd()
-    data = payload(4 * SMALL_CHUNK)
+    data = payload(24 * SMALL_CHUNK)  # larger than a file fetched whole on open
     path = server.put("/data/f.bin", data)
     spec = FileSpec("p", "f", sftp(path), path, len(data), 0.0, None)
 
@@ -380,7 +380,7 @@ def test_a_frozen_server_gives_an_error_not_a_hang(make_sshd, tmp_path: Path) ->
                     os.kill(pid, signal.SIGSTOP)
             started = time.monotonic()
             with pytest.raises((FetchTimeout, TransferError)):
-                await fetcher.read(handle, 3 * SMALL_CHUNK, 10)  # beyond the read-ahead
+                await fetcher.read(handle, 20 * SMALL_CHUNK, 10)  # beyond the read-ahead
             return time.monotonic() - started
         finally:
             for pid in frozen:
@@ -589,3 +589,62 @@ def test_two_processes_share_one_cache_directory(sshd, remote, tmp_path: Path) -
         assert fetcher.transfer.stats["bytes_read"] == 0
 
     run(sshd, cache, check, chunk=MiB)
+
+
+# -- small files and walks ------------------------------------------------------------
+
+
+async def _until_cached(fetcher: Fetcher, specs: list[FileSpec], timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while any(fetcher.cached_bytes(spec) < spec.size for spec in specs):
+            await trio.sleep(0.01)
+
+
+def test_a_small_file_is_fetched_whole_in_one_request_when_opened(sshd, remote, tmp_path: Path) -> None:
+    data = payload(300 * KiB + 7)
+    spec = remote("small.bin", data)
+
+    async def body(fetcher: Fetcher) -> None:
+        handle = await fetcher.open(spec)
+        await _until_cached(fetcher, [spec])  # before any read
+        assert fetcher.transfer.stats["requests"] == 1
+        assert await fetcher.read(handle, 0, spec.size) == data
+        assert fetcher.stats["reads_from_cache"] == 1 and fetcher.transfer.stats["requests"] == 1
+        await fetcher.release(handle)
+
+    run(sshd, tmp_path, body, chunk=MiB)
+
+
+def test_a_reader_walking_a_directory_gets_the_next_files_fetched_ahead(sshd, remote, tmp_path: Path) -> None:
+    datas = [payload(100 * KiB, seed) for seed in range(12)]
+    specs = [remote(f"frames/{number:02}.bin", data) for number, data in enumerate(datas)]
+
+    async def body(fetcher: Fetcher) -> None:
+        for number in (0, 1):  # two opens in listing order make a walk
+            handle = await fetcher.open(specs[number], specs[number + 1 :])
+            assert await fetcher.read(handle, 0, 100 * KiB) == datas[number]
+            await fetcher.release(handle)
+        await _until_cached(fetcher, specs[2:])
+        requests = fetcher.transfer.stats["requests"]
+        for number in range(2, 12):
+            handle = await fetcher.open(specs[number], specs[number + 1 :])
+            assert await fetcher.read(handle, 0, 100 * KiB) == datas[number]
+            await fetcher.release(handle)
+        assert fetcher.transfer.stats["requests"] == requests  # every one was there already
+
+    run(sshd, tmp_path, body, chunk=MiB)
+
+
+def test_files_opened_out_of_order_are_not_fetched_ahead(sshd, remote, tmp_path: Path) -> None:
+    specs = [remote(f"frames/{number:02}.bin", payload(100 * KiB, number)) for number in range(30)]
+
+    async def body(fetcher: Fetcher) -> None:
+        for number in (0, 20, 3):  # each one far from where the last open was
+            handle = await fetcher.open(specs[number], specs[number + 1 :])
+            await fetcher.read(handle, 0, 1)
+            await fetcher.release(handle)
+        await trio.sleep(0.3)
+        cached = [number for number, spec in enumerate(specs) if fetcher.cached_bytes(spec)]
+        assert cached == [0, 3, 20]
+
+    run(sshd, tmp_path, body, chunk=MiB)

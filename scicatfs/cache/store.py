@@ -221,6 +221,17 @@ class Blob:
         return count * self.block_size - short
 
 
+@dataclass(eq=False, slots=True)
+class _Run:
+    """Blocks ``first .. first+count-1`` of a blob, written and waiting to be synced and recorded."""
+
+    blob: Blob
+    first: int
+    count: int
+    done: bool = False
+    error: OSError | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Failure:
     """A recorded verification failure: this blob's bytes must not be served (see ``record_failure``)."""
@@ -288,6 +299,13 @@ class BlobStore:
         #: Keys that one thread is opening or evicting outside ``_lock``; others wait on the event.
         self._busy: dict[str, threading.Event] = {}
         self._read_lock = threading.Lock()
+        #: Group commit of block writes: runs written but not yet synced and recorded, and
+        #: whether a thread is recording a batch right now (``write_blocks``).
+        self._commit = threading.Condition(threading.Lock())
+        self._pending: list[_Run] = []
+        self._committing = False
+        #: syncs: fdatasync calls of blob files; commits: index transactions recording blocks.
+        self.stats = {"syncs": 0, "commits": 0}
         try:
             _make_private_dir(self.directory)
             _make_private_dir(self._blobs_dir)
@@ -565,10 +583,14 @@ class BlobStore:
     def write_blocks(self, blob: Blob, first: int, data: bytes) -> None:
         """Durably write consecutive blocks from block ``first``, then record them.
 
-        Data first (one ``fdatasync``), index rows second (one transaction): a
-        crash between the two leaves bytes that no row vouches for, which the
-        next start ignores. ``data`` must end on a block boundary or at the end
-        of the file. Raises OSError (e.g. ENOSPC) with nothing recorded.
+        Data first (``fdatasync``), index rows second (a transaction): a crash
+        between the two leaves bytes that no row vouches for, which the next
+        start ignores. Writers that arrive while another thread is syncing and
+        committing are served together by the next round (group commit): one
+        ``fdatasync`` per blob file touched, then one transaction for all their
+        rows. Returns once this run is recorded. ``data`` must end on a block
+        boundary or at the end of the file. Raises OSError (e.g. ENOSPC) with
+        nothing of this run recorded.
         """
         offset = first * self.block_size
         count = -(-len(data) // self.block_size)
@@ -579,15 +601,68 @@ class BlobStore:
             written = os.pwrite(blob.fd, view, offset)
             view = view[written:]
             offset += written
-        os.fdatasync(blob.fd)
-        rows = [(blob.key, index, blob.block_length(index)) for index in range(first, first + count)]
+        run = _Run(blob, first, count)
+        with self._commit:
+            self._pending.append(run)
+            while not run.done:
+                if self._committing:
+                    self._commit.wait()
+                    continue
+                batch, self._pending, self._committing = self._pending, [], True
+                self._commit.release()
+                try:
+                    self._record(batch)
+                finally:
+                    self._commit.acquire()
+                    self._committing = False
+                    self._commit.notify_all()
+        if run.error is not None:
+            raise run.error
+
+    def _record(self, batch: list[_Run]) -> None:
+        """Make a batch of written runs durable (one sync per blob file), then record them in one transaction.
+
+        Called by one thread at a time (the round's leader) without any lock;
+        every run of the batch is ``done`` afterwards, with ``error`` set if
+        its blob could not be synced or the transaction failed.
+        """
         try:
-            with self._lock, self._transaction() as db:
-                db.executemany("INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)", rows)
-        except sqlite3.Error as error:  # the index shares the disk: it fills up too
-            full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-            raise OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}") from error
-        blob.present.update(range(first, first + count))
+            by_blob: dict[int, list[_Run]] = {}
+            for run in batch:
+                by_blob.setdefault(id(run.blob), []).append(run)
+            synced: list[_Run] = []
+            for runs in by_blob.values():
+                try:
+                    os.fdatasync(runs[0].blob.fd)
+                except OSError as error:
+                    for run in runs:
+                        run.error = error
+                    continue
+                synced.extend(runs)
+            self.stats["syncs"] += len(by_blob)
+            if not synced:
+                return
+            rows = [
+                (run.blob.key, index, run.blob.block_length(index))
+                for run in synced
+                for index in range(run.first, run.first + run.count)
+            ]
+            try:
+                with self._lock, self._transaction() as db:
+                    db.executemany("INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)", rows)
+            except sqlite3.Error as error:  # the index shares the disk: it fills up too
+                full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                failure = OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}")
+                failure.__cause__ = error
+                for run in synced:
+                    run.error = failure
+                return
+            self.stats["commits"] += 1
+            for run in synced:
+                run.blob.present.update(range(run.first, run.first + run.count))
+        finally:
+            for run in batch:
+                run.done = True
 
     def refresh_blocks(self, blob: Blob, first: int, count: int) -> bool:
         """Are these blocks present, also counting what other processes recorded meanwhile?"""

@@ -188,6 +188,7 @@ class _DatasetView:
             )
             del top[CONTROL_DIR]
         self.metadata_shadowed = METADATA in top
+        self._order: dict[str, tuple[list[DataFile], dict[str, int]]] = {}  # built on first use
         # Counted once: every stat of a directory shows it (as its link count).
         self._subdirectories = {
             path: sum(1 for child in entries.values() if child is None) for path, entries in self.dirs.items()
@@ -203,6 +204,17 @@ class _DatasetView:
 
     def subdirectories(self, path: str) -> int:
         return self._subdirectories[path]
+
+    def files_after(self, path: str, limit: int) -> list[DataFile]:
+        """Up to ``limit`` files after ``path`` in its directory, in listing order (for prefetch)."""
+        parent = path.rpartition("/")[0]
+        order = self._order.get(parent)
+        if order is None:
+            files = [child for child in self.dirs.get(parent, {}).values() if child is not None]
+            order = self._order[parent] = (files, {child.path: at for at, child in enumerate(files)})
+        files, positions = order
+        at = positions.get(path)
+        return [] if at is None else files[at + 1 : at + 1 + limit]
 
     def changes_since(self, old: _DatasetView) -> dict[str, list[str]]:
         """Names, by directory ("" is the dataset, ".scicat" its control dir), that
@@ -378,6 +390,13 @@ class Namespace:
         if child is None:
             return DatasetDir(view.dataset.pid, path)
         return DataFileNode(self._spec(view.dataset, child))
+
+    def following(self, spec: FileSpec, limit: int = 64) -> tuple[FileSpec, ...]:
+        """The files listed after ``spec`` in its directory, from the dataset as last seen (no request)."""
+        view = self._views.get(spec.pid)
+        if view is None:
+            return ()
+        return tuple(self._spec(view.dataset, datafile) for datafile in view.files_after(spec.path, limit))
 
     # -- attributes ----------------------------------------------------------------
 
