@@ -8,8 +8,9 @@ fetched the bytes. Two ways::
     ScicatfsFileTransfer(mountpoint="/mnt/scicat")            # a running mount
     ScicatfsFileTransfer(url=..., token_file=..., sftp_host=...)  # its own layers (scicatfs.fsspec)
 
-Scitacean chooses the local paths (``target / file.remote_path``), so the
-dataset's directories are kept below the target. With a mount,
+Scitacean chooses the local paths: its ``Client.download_files`` puts every
+file directly into the target (its documented rule), while a connection used
+on its own writes wherever it is told, directories included. With a mount,
 ``link=True`` makes each "download" a symlink into the mount instead of a
 copy: the caller gets paths, and bytes move only when something reads them.
 A copy is written beside its target and renamed into place when complete, so
