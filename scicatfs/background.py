@@ -65,6 +65,7 @@ class BackgroundStack:
         self._failure: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
         self._stack: Stack | None = None
         self._namespace: Namespace | None = None
         self._thread = threading.Thread(target=self._run, name=f"scicatfs {options.url}", daemon=True)
@@ -93,6 +94,27 @@ class BackgroundStack:
         if self._closed:
             raise ValueError("this scicatfs filesystem is closed")
         return trio.from_thread.run(function, *args, trio_token=self._token)
+
+    def start_soon(self, function: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Start ``await function(*args)`` on the loop and return at once (errors are logged).
+
+        For work the caller need not wait for, as a FUSE release does not hold
+        up ``close(2)``; the loop finishes such work before it shuts down.
+        """
+        if os.getpid() != self.pid or self._closed:
+            return
+        assert self._token is not None
+        self._token.run_sync_soon(self._spawn, function, args)
+
+    def _spawn(self, function: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
+        async def logged() -> None:
+            try:
+                await function(*args)
+            except Exception as error:
+                log.warning("scicatfs: %s failed in the background: %s", getattr(function, "__name__", function), error)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(logged)
 
     def close(self) -> None:
         """Leave the layers in reverse order and end the thread (idempotent).
@@ -146,6 +168,7 @@ class BackgroundStack:
             )
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()
-            self._ready.set()
-            await self._stop.wait()
+            async with trio.open_nursery() as self._nursery:  # start_soon's tasks, finished before the layers close
+                self._ready.set()
+                await self._stop.wait()
 

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cachetools import TTLCache
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from scicatfs.background import BackgroundStack
@@ -60,6 +61,8 @@ OPTIONS = frozenset(
 #: Bytes fsspec asks the fetcher for at a time (its read-ahead buffer): a
 #: few cache blocks, so that small reads (h5py's) cross to the loop rarely.
 BLOCK_SIZE = 4 * 1024 * 1024
+#: Resolved paths remembered (for listing_ttl seconds): a few large datasets' worth.
+NAMES_KEPT = 100_000
 
 
 def options_from(given: dict[str, Any]) -> MountOptions:
@@ -103,6 +106,7 @@ class ScicatFileSystem(AbstractFileSystem):
         super().__init__(**options)  # fsspec's base takes its own keys and ignores the rest
         self.mount_options = options_from({k: v for k, v in options.items() if k not in _FSSPEC_OWN})
         self._lock = threading.Lock()
+        self._names = _Names(self.mount_options.listing_ttl)
         self._background = self._start()
 
     def _start(self) -> BackgroundStack:
@@ -138,20 +142,32 @@ class ScicatFileSystem(AbstractFileSystem):
             raise _os_error(error, path) from error
 
     def _resolve(self, path: str) -> tuple[str, Node]:
-        """The stripped path and its node (FileNotFoundError if there is none)."""
+        """The stripped path and its node (FileNotFoundError if there is none).
+
+        The walk starts at the longest ancestor resolved (or listed) in the
+        last ``listing_ttl`` seconds, as the kernel's dentry cache lets the
+        mount skip lookups: asking about a PID prefix again costs catalog
+        requests, once per path otherwise.
+        """
         path = self._strip_protocol(path)
         names = [name for name in path.split("/") if name]
         if any(name in (".", "..") for name in names):
             raise FileNotFoundError(errno.ENOENT, "'.' and '..' are not names in the catalog", path)
+        known, node = self._names.nearest(names)
+        if known == len(names):
+            return path, node
         namespace = self.background.namespace
 
-        async def walk() -> Node:
-            node: Node = ROOT
-            for name in names:
+        async def walk(node: Node) -> list[Node]:
+            found = []
+            for name in names[known:]:
                 node = await namespace.lookup(node, name)
-            return node
+                found.append(node)
+            return found
 
-        return path, self._call(path, walk)
+        found = self._call(path, walk, node)
+        self._names.add_many(("/".join(names[: known + 1 + index]), child) for index, child in enumerate(found))
+        return path, found[-1]
 
     def _entry(self, path: str, node: Node, attributes: Attributes) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -189,6 +205,7 @@ class ScicatFileSystem(AbstractFileSystem):
             result = [self.info(path)]
         else:
             prefix = f"{path}/" if path else ""
+            self._names.add_many((prefix + name, child) for name, child, _ in found)
             result = [self._entry(prefix + name, child, attributes) for name, child, attributes in found]
         return result if detail else [entry["name"] for entry in result]
 
@@ -218,6 +235,29 @@ class ScicatFileSystem(AbstractFileSystem):
             return file.read_range(begin, stop)
 
 
+class _Names:
+    """Paths resolved or listed lately -> their nodes; shared by the caller threads (locked)."""
+
+    def __init__(self, ttl: float) -> None:
+        self._lock = threading.Lock()
+        self._nodes: TTLCache[str, Node] | None = TTLCache(maxsize=NAMES_KEPT, ttl=ttl) if ttl > 0 else None
+
+    def nearest(self, names: list[str]) -> tuple[int, Node]:
+        """How many leading ``names`` are known, and the node they lead to (the root for none)."""
+        if self._nodes is not None:
+            with self._lock:
+                for count in range(len(names), 0, -1):
+                    node = self._nodes.get("/".join(names[:count]))
+                    if node is not None:
+                        return count, node
+        return 0, ROOT
+
+    def add_many(self, items: Iterable[tuple[str, Node]]) -> None:
+        if self._nodes is not None:
+            with self._lock:
+                self._nodes.update(items)
+
+
 #: Keyword arguments fsspec's base class takes itself (instance cache, listings cache).
 _FSSPEC_OWN = frozenset({"use_listings_cache", "listings_expiry_time", "max_paths", "skip_instance_cache"})
 
@@ -231,6 +271,7 @@ class ScicatFile(AbstractBufferedFile):
 
     def __init__(self, fs: ScicatFileSystem, path: str, handle: Handle | bytes, **kwargs: Any) -> None:
         self._handle = handle
+        self._background = fs.background  # the loop that opened it (a forked child cannot use it)
         size = len(handle) if isinstance(handle, bytes) else handle.spec.size
         try:
             super().__init__(fs, path, mode="rb", size=size, **kwargs)
@@ -244,7 +285,10 @@ class ScicatFile(AbstractBufferedFile):
             return handle[start:end]
         if handle.blob.complete:  # verified on disk: no loop, no network
             return LocalFile(handle.blob.fd, handle.spec.size).read(start, end - start)
-        return self.fs._call(self.path, self.fs.background.stack.fetcher.read, handle, start, end - start)
+        try:
+            return self._background.call(self._background.stack.fetcher.read, handle, start, end - start)
+        except ScicatfsError as error:
+            raise _os_error(error, self.path) from error
 
     def read_range(self, start: int, end: int) -> bytes:
         """Bytes ``start:end`` in one request to the fetcher, past fsspec's buffer."""
@@ -261,5 +305,5 @@ class ScicatFile(AbstractBufferedFile):
 
     def _release(self) -> None:
         handle, self._handle = self._handle, b""
-        if isinstance(handle, Handle) and self.fs.background.pid == os.getpid():
-            self.fs._call(self.path, self.fs.background.stack.fetcher.release, handle)
+        if isinstance(handle, Handle):  # unpinning needs no waiting for (the cache index's write)
+            self._background.start_soon(self._background.stack.fetcher.release, handle)
