@@ -11,10 +11,13 @@ import errno
 import io
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -238,14 +241,31 @@ def test_a_forked_child_reads_with_its_own_thread(fs: ScicatFileSystem, contents
         finally:
             os._exit(status)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
     deadline = time.monotonic() + 60
-    while (waited := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert waited[0] == child and os.waitstatus_to_exitcode(waited[1]) == 0
+    try:
+        answer = _read_to_end(read_end, deadline)
+    finally:
+        os.close(read_end)
+        status = None
+        while status is None and time.monotonic() < deadline:
+            reaped, code = os.waitpid(child, os.WNOHANG)
+            status = code if reaped else time.sleep(0.05)
+        if status is None:  # still running: a hang, not a result
+            os.kill(child, signal.SIGKILL)
+            status = os.waitpid(child, 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 0
     assert answer == b"new-thread " + contents["nexus/scan.h5"]
     assert fs.background is parent and fs.cat_file(f"{PID}/table.csv") == contents["table.csv"]
+
+
+def _read_to_end(fd: int, deadline: float) -> bytes:
+    chunks = []
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            if not (chunk := os.read(fd, 1 << 20)):
+                return b"".join(chunks)
+            chunks.append(chunk)
+    raise TimeoutError("the forked child did not answer within 60 s")
 
 
 def _read_on_worker(url: str, options: dict[str, Any]) -> tuple[int, bytes]:
@@ -269,3 +289,32 @@ def test_dask_workers_read_different_files(options, contents):
         results = client.gather(futures, errors="raise")
     assert [data for _, data in results] == [contents[path] for path in paths]
     assert len({pid for pid, _ in results} | {os.getpid()}) == 3  # two worker processes, neither this one
+
+
+def test_threads_read_at_once(fs: ScicatFileSystem):
+    ranges = [(offset, offset + 300_000) for offset in range(0, len(BIG) - 300_000, 250_000)]
+
+    def read(bounds: tuple[int, int]) -> bytes:
+        with fs.open(f"{PID}/raw/big.bin", cache_type="none") as file:
+            file.seek(bounds[0])
+            return file.read(bounds[1] - bounds[0])
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(read, ranges, timeout=60))
+    assert results == [BIG[start:end] for start, end in ranges]
+
+
+def test_a_mount_and_fsspec_share_one_cache_dir(make_mount, analysis_catalog: Catalog, contents, tmp_path: Path):
+    cache = tmp_path / "shared-cache"
+    mount = make_mount(analysis_catalog, cache_dir=cache)
+    assert (mount.dataset(PID) / "raw/big.bin").read_bytes() == BIG  # now in the cache the mount uses
+    options = scicat_options(analysis_catalog, mount.server, mount.sshd, tmp_path) | {"cache_dir": str(cache)}
+    shared = ScicatFileSystem(**options, skip_instance_cache=True)
+    try:
+        assert shared.info(f"{PID}/raw/big.bin")["cached"] == len(BIG)
+        assert shared.cat_file(f"{PID}/raw/big.bin") == BIG
+        assert shared.cat_file(f"{PID}/table.csv") == contents["table.csv"]  # fetched by fsspec ...
+        assert shared.background.stack.transfer.stats["bytes_read"] == len(contents["table.csv"])
+        assert (mount.dataset(PID) / "table.csv").read_bytes() == contents["table.csv"]  # ... while mounted
+    finally:
+        shared.close()
