@@ -110,3 +110,29 @@ def test_bad_options_are_clear_errors(args: list[str], message: str) -> None:
     result = _compare(*args, timeout=30)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_fsspec_benchmark_reports_both_ways_and_the_ratios(tmp_path: Path) -> None:
+    _require_tools()
+    out = tmp_path / "fsspec.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_fsspec", "--size", "8M", "--runs", "1",
+         "--meta-files", "60", "--json", str(out), "--workdir", str(work)],
+        cwd=ROOT, capture_output=True, text=True, timeout=230, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not [m for m in mount_table() if Path(m.mountpoint).is_relative_to(tmp_path)]
+    assert list(work.iterdir()) == [], "the benchmark left files behind"
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == set(report["ratios"]) == {"sequential cold", "sequential warm", "small"}
+    for workload, by_way in report["results"].items():
+        assert set(by_way) == {"mount", "fsspec"}
+        unit = "files/s" if workload == "small" else "MiB/s"
+        for series in by_way.values():
+            _series_ok(series, unit)
+        assert report["ratios"][workload] == pytest.approx(by_way["fsspec"]["median"] / by_way["mount"]["median"])
+    assert "| small |" in result.stdout and "goal >= 0.8" in result.stdout
