@@ -37,14 +37,12 @@ from tests.benchmarks.testbed import (
     MANY,
     META_FILE_SIZE,
     PASSWORD,
-    READ_BUFFER,
     USER,
     BenchmarkError,
     GiB,
     TestBed,
     bounded,
     read_whole,
-    transfer_timeout,
 )
 
 GOAL = 0.8
@@ -65,24 +63,6 @@ def filesystem(bed: TestBed, cache_dir: Path) -> ScicatFileSystem:
         known_hosts=str(endpoint.known_hosts), cache_dir=str(cache_dir), cache_size=max(4 * bed.size, GiB),
         skip_instance_cache=True,
     )  # fmt: skip
-
-
-def fsspec_read_whole(fs: ScicatFileSystem, path: str, expected: int) -> float:
-    """What :func:`read_whole` does on the mount, through ``fs.open``: seconds taken."""
-
-    def read() -> float:
-        buffer = bytearray(READ_BUFFER)
-        total = 0
-        start = time.perf_counter()
-        with fs.open(path, "rb") as file:
-            while count := file.readinto(buffer):
-                total += count
-        elapsed = time.perf_counter() - start
-        if total != expected:
-            raise BenchmarkError(f"read {total} bytes of scicat://{path}, expected {expected}")
-        return elapsed
-
-    return bounded(read, transfer_timeout(expected), f"reading scicat://{path}")
 
 
 def mount_small_files(root: Path) -> int:
@@ -122,7 +102,7 @@ def run_once(bed: TestBed, way: str, workload: str, cache: Path) -> float:
     try:
         if workload == "small":
             return timed_files(lambda: fsspec_small_files(fs, MANY.pid), bed.args.meta_files, way)
-        return mib_per_s(bed.size, fsspec_read_whole(fs, f"{BIG.pid}/{BIG_NAME}", bed.size))
+        return mib_per_s(bed.size, read_whole(f"{BIG.pid}/{BIG_NAME}", bed.size, fs.open))
     finally:
         fs.close()
 
