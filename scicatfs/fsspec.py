@@ -61,7 +61,7 @@ OPTIONS = frozenset(
 #: Bytes fsspec asks the fetcher for at a time (its read-ahead buffer): a
 #: few cache blocks, so that small reads (h5py's) cross to the loop rarely.
 BLOCK_SIZE = 4 * 1024 * 1024
-#: Resolved paths remembered (for listing_ttl seconds): a few large datasets' worth.
+#: Resolved paths remembered (for the shorter TTL): a few large datasets' worth.
 NAMES_KEPT = 100_000
 
 
@@ -106,7 +106,8 @@ class ScicatFileSystem(AbstractFileSystem):
         super().__init__(**options)  # fsspec's base takes its own keys and ignores the rest
         self.mount_options = options_from({k: v for k, v in options.items() if k not in _FSSPEC_OWN})
         self._lock = threading.Lock()
-        self._names = _Names(self.mount_options.listing_ttl)
+        # As long as the mount lets the kernel keep an entry: PID levels listing_ttl, datasets record_ttl.
+        self._names = _Names(min(self.mount_options.listing_ttl, self.mount_options.record_ttl))
         self._background = self._start()
 
     def _start(self) -> BackgroundStack:
@@ -145,9 +146,9 @@ class ScicatFileSystem(AbstractFileSystem):
         """The stripped path and its node (FileNotFoundError if there is none).
 
         The walk starts at the longest ancestor resolved (or listed) in the
-        last ``listing_ttl`` seconds, as the kernel's dentry cache lets the
-        mount skip lookups: asking about a PID prefix again costs catalog
-        requests, once per path otherwise.
+        last ``min(listing_ttl, record_ttl)`` seconds, as the kernel's dentry
+        cache lets the mount skip lookups: asking about a PID prefix again
+        costs catalog requests, once per path otherwise.
         """
         path = self._strip_protocol(path)
         names = [name for name in path.split("/") if name]

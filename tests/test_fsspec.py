@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import distributed
 import fsspec
 import h5py
 import numpy as np
@@ -276,7 +277,6 @@ def _read_on_worker(url: str, options: dict[str, Any]) -> tuple[int, bytes]:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_dask_workers_read_different_files(options, contents):
-    distributed = pytest.importorskip("distributed")
     paths = ["raw/values.f8", "nexus/scan.h5"]
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None, worker_dashboard_address=None) as cluster, \
@@ -318,3 +318,28 @@ def test_a_mount_and_fsspec_share_one_cache_dir(make_mount, analysis_catalog: Ca
         assert (mount.dataset(PID) / "table.csv").read_bytes() == contents["table.csv"]  # ... while mounted
     finally:
         shared.close()
+
+
+def test_a_changed_dataset_is_seen_after_its_record_ttl(make_catalog_server, sshd: OpenSSHServer, tmp_path: Path):
+    pid = "fsspec/versions"
+
+    def catalog_with(content: bytes) -> Catalog:
+        catalog = Catalog.load_default()
+        catalog.add_dataset(dataset_record(pid, "/fsspec/versions"), [{"path": "data.txt"}], chk_alg="sha256",
+                            contents={"data.txt": content})  # fmt: skip
+        catalog.materialize(sshd.root)
+        return catalog
+
+    first = catalog_with(b"one")
+    server = make_catalog_server(first, jwt_secret="versions")
+    options = scicat_options(first, server, sshd, tmp_path) | {"record_ttl": 0}
+    changing = ScicatFileSystem(**options, skip_instance_cache=True)
+    try:
+        assert changing.cat_file(f"{pid}/data.txt") == b"one"
+        port = server.port
+        server.stop()
+        make_catalog_server(catalog_with(b"two!"), port=port, jwt_secret="versions")
+        assert changing.info(f"{pid}/data.txt")["size"] == 4
+        assert changing.cat_file(f"{pid}/data.txt") == b"two!"
+    finally:
+        changing.close()
