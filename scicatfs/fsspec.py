@@ -127,7 +127,7 @@ class ScicatFileSystem(AbstractFileSystem):
     def close(self) -> None:
         """Close the connections and end the loop's thread; the instance is unusable after."""
         self._background.close()
-        self.clear_instance_cache()
+        type(self)._cache.pop(self._fs_token, None)  # the next fsspec.filesystem(...) builds a new one
 
     @classmethod
     def _strip_protocol(cls, path: str | Iterable[str]) -> Any:
