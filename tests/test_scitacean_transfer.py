@@ -17,6 +17,7 @@ from scicatfs.demo.fixtures import Catalog
 from scicatfs.scitacean import ScicatfsFileTransfer
 from tests.support.mounts import Mount
 from tests.support.options import scicat_options
+from tests.support.records import dataset_record
 from tests.support.sshd import OpenSSHServer
 
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
@@ -91,3 +92,24 @@ def test_wrong_arguments_and_uploads_are_refused(tmp_path: Path):
     with pytest.raises(NotImplementedError, match="read-only"):
         with ScicatfsFileTransfer(mountpoint=tmp_path).connect_for_upload(None, None):  # type: ignore[arg-type]
             pass
+
+
+def test_a_file_that_does_not_match_its_checksum_is_not_downloaded(make_catalog_server, sshd: OpenSSHServer,
+                                                                   tmp_path: Path):  # fmt: skip
+    pid = "20.500.12269/scitacean-corrupt"
+    catalog = Catalog.load_default()
+    catalog.add_dataset(dataset_record(pid, "/scitacean/corrupt"),
+                        [{"path": "good.dat"}, {"path": "bad.dat", "chk": "0" * 32}], chk_alg="md5",
+                        contents={"good.dat": b"fine bytes\n", "bad.dat": b"not what the catalog says\n"})  # fmt: skip
+    catalog.materialize(sshd.root)
+    server = make_catalog_server(catalog)
+    transfer = ScicatfsFileTransfer(**scicat_options(catalog, server, sshd, tmp_path))
+    scitacean = client(server.url, transfer)
+    try:
+        with pytest.raises(OSError, match="checksum|md5|integrity"):
+            scitacean.download_files(scitacean.get_dataset(pid), target=tmp_path / "out", select="bad.dat")
+        assert list((tmp_path / "out").iterdir()) == []  # neither the file nor a partial copy
+        dataset = scitacean.download_files(scitacean.get_dataset(pid), target=tmp_path / "out", select="good.dat")
+        assert [file.local_path.read_bytes() for file in dataset.files if file.local_path] == [b"fine bytes\n"]
+    finally:
+        transfer.filesystem.close()
