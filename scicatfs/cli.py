@@ -35,7 +35,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     parser = argparse.ArgumentParser(
         prog="scicatfs",
         description="Mount a SciCat data catalog as a read-only filesystem; "
-        "dataset files are fetched over SFTP on first read and cached.",
+        "dataset files are fetched on first read (SFTP, a local folder or a web server) and cached.",
     )
     parser.add_argument("--version", action="version", version=f"scicatfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,6 +51,11 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     tuning = mount.add_argument_group("behaviour")
     tuning.add_argument("--record-ttl", metavar="SECONDS", help="seconds a dataset record is trusted before asking again (default 60)")
     tuning.add_argument("--listing-ttl", metavar="SECONDS", help="seconds a listing or a 'no such name' is trusted (default 30)")
+    tuning.add_argument("--lookup-timeout", metavar="SECONDS", help="seconds a name never seen may wait for the catalog, retries included, before EIO (default 8)")
+    tuning.add_argument(
+        "--retry-failed", metavar="SECONDS",
+        help="seconds a file that failed verification answers EIO before it is fetched and verified again (default 600)",
+    )  # fmt: skip
     _flag(tuning, "--xattrs", "expose user.scicat.* extended attributes (costs ls -l a round trip per file)")
     _flag(tuning, "--allow-other", "let other users read the mount (adds default_permissions)")
     _flag(tuning, "--foreground", "stay in the foreground (default: return once the mount answers)")

@@ -120,6 +120,7 @@ def _filesystem(options: MountOptions, stack: Stack) -> ScicatOperations:
         record_ttl=options.record_ttl,
         listing_ttl=options.listing_ttl,
         status=status,
+        lookup_timeout=options.lookup_timeout,
     )
     operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
     namespace.on_change = operations.forget_dataset

@@ -20,7 +20,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from scicatfs.transfer.base import is_loopback, source_url
 
@@ -121,5 +121,10 @@ class SourceRules:
 
 
 def default_source(path: str, host: str | None) -> str:
-    """Today's rule without a --source match: SFTP from ``host`` (empty: the configured default)."""
-    return source_url("sftp", host or "", path)
+    """SFTP from ``host`` (empty: the configured default), for paths no rule covers.
+
+    ``host`` may be the catalog's free-text ``sourceFolderHost``: it is
+    percent-encoded, so that a value holding ``@``, ``/`` or ``:`` names an
+    (unresolvable) host instead of a user, a port or a path.
+    """
+    return source_url("sftp", quote(host or "", safe=""), path)

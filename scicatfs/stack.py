@@ -143,5 +143,5 @@ async def open_stack(options: MountOptions) -> AsyncIterator[Stack]:
         catalog = await stack.enter_async_context(CatalogClient(settings))
         store = stack.enter_context(open_store(options.cache_dir, options.cache_size))
         transfer = await stack.enter_async_context(transfers(options, specs))
-        fetcher = await stack.enter_async_context(Fetcher(store, transfer))
+        fetcher = await stack.enter_async_context(Fetcher(store, transfer, retry_failed_after=options.retry_failed))
         yield Stack(catalog, store, transfer, fetcher, specs)

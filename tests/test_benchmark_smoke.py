@@ -128,3 +128,22 @@ def test_the_fsspec_benchmark_reports_both_ways_and_the_ratios(tmp_path: Path) -
             _series_ok(series, unit)
         assert report["ratios"][workload] == pytest.approx(by_way["fsspec"]["median"] / by_way["mount"]["median"])
     assert "| small |" in result.stdout and "goal >= 0.8" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sources_benchmark_reports_each_comparison() -> None:
+    """bench_sources on a tiny file: a file:// row and an http:// row per RTT, each with a ratio."""
+    missing = [tool for tool in ("nginx", "curl", "fusermount3") if not shutil.which(tool, path="/usr/sbin:/usr/bin")]
+    skip_or_fail(f"missing {', '.join(missing)}" if missing else None)
+    skip_or_fail(None if os.geteuid() == 0 else "the benchmark mounts FUSE as root")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_sources", "--size", "4M", "--runs", "1", "--rtt", "0,20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [" ".join(row[:-5]) for row in rows] == [
+        "file:// mount / read()", "http:// mount / curl @0ms", "http:// mount / curl @20ms"]  # fmt: skip
+    for row in rows:
+        assert row[-1].endswith("x") and float(row[-1][:-1]) > 0

@@ -37,9 +37,9 @@ T = TypeVar("T")
 KiB, MiB = 1024, 1024**2
 
 
-def with_http(body: Callable[[HTTPTransfer], Awaitable[T]], **settings: object) -> T:
+def with_http(body: Callable[[HTTPTransfer], Awaitable[T]], token_file: Path | None = None) -> T:
     async def main() -> T:
-        async with HTTPTransfer(HTTPSettings(timeout=5, connect_timeout=2, **settings)) as transfer:  # type: ignore[arg-type]
+        async with HTTPTransfer(HTTPSettings(timeout=5, connect_timeout=2, token_file=token_file)) as transfer:
             return await body(transfer)
 
     return trio.run(main)
@@ -70,7 +70,9 @@ def test_ranged_reads_are_exact(make_nginx: Callable[..., NginxServer]) -> None:
     assert stats["unranged"] == 0 and stats["errors"] == 0 and stats["version_changes"] == 0
 
 
-def test_a_server_that_ignores_ranges_is_sliced(make_nginx: Callable[..., NginxServer], caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_server_that_ignores_ranges_is_sliced(
+    make_nginx: Callable[..., NginxServer], caplog: pytest.LogCaptureFixture
+) -> None:
     nginx = make_nginx()
     data = payload(3 * MiB, seed=2)
     url = nginx.url + "/norange" + nginx.put("/f.bin", data)
@@ -117,18 +119,22 @@ def test_missing_down_and_refused(make_nginx: Callable[..., NginxServer], tmp_pa
     with_http(down)
 
 
+def write_version(path: Path, data: bytes, version: int) -> None:
+    """Write ``data`` with mtime ``version``: nginx's ETag is mtime-size, so same-size versions differ only there."""
+    path.write_bytes(data)
+    os.utime(path, (1_700_000_000 + version, 1_700_000_000 + version))
+
+
 def test_a_changed_file_is_an_error_never_mixed_bytes(make_nginx: Callable[..., NginxServer]) -> None:
     nginx = make_nginx()
     old, new = payload(2 * MiB, seed=3), payload(2 * MiB, seed=4)
     path = nginx.root / "v.bin"
-    path.write_bytes(old)
-    os.utime(path, (1_700_000_000, 1_700_000_000))
+    write_version(path, old, 0)
     url = nginx.url + "/v.bin"
 
     async def body(transfer: HTTPTransfer) -> None:
         assert await transfer.read(url, 0, 100) == old[:100]
-        path.write_bytes(new)  # same size: only the validator (ETag: mtime-size) tells
-        os.utime(path, (1_700_000_100, 1_700_000_100))
+        write_version(path, new, 100)
         with pytest.raises(SourceChanged, match="changed at its source"):
             await transfer.read(url, MiB, 100)  # If-Range: nginx sends the whole new file, 200
         assert await transfer.read(url, MiB, 100) == new[MiB : MiB + 100]  # the new version, pinned
@@ -142,8 +148,7 @@ def test_the_cache_drops_a_changed_file_and_fetches_the_new_version(
     nginx = make_nginx()
     old, new = payload(3 * MiB, seed=5), payload(3 * MiB, seed=6)
     path = nginx.root / "c.bin"
-    path.write_bytes(old)
-    os.utime(path, (1_700_000_000, 1_700_000_000))
+    write_version(path, old, 0)
     url = nginx.url + "/c.bin"
     spec = FileSpec("p", "c.bin", url, "/c.bin", len(old), 0.0, None)
 
@@ -153,8 +158,7 @@ def test_the_cache_drops_a_changed_file_and_fetches_the_new_version(
             async with Dispatcher({"http": web}) as transfer, Fetcher(store, transfer) as fetcher:
                 handle = await fetcher.open(spec)
                 assert await fetcher.read(handle, 0, 1000) == old[:1000]
-                path.write_bytes(new)
-                os.utime(path, (1_700_000_100, 1_700_000_100))
+                write_version(path, new, 100)
                 with pytest.raises(SourceChanged):
                     await fetcher.read(handle, 2 * MiB + 5, 1000)
                 assert await fetcher.read(handle, 0, 1000) == new[:1000]  # refetched, not the old block

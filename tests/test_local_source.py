@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +23,7 @@ import trio
 
 from scicatfs.cache.errors import IntegrityError
 from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.local import version_of
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.demo.fixtures import Catalog
@@ -251,3 +254,33 @@ def test_a_wrong_checksum_on_a_local_file_is_eio_through_the_mount(
         assert status["errors"]["cache"]["integrity_errors"] >= 1
     finally:
         local.write_bytes(original)
+
+
+def test_prefetch_of_a_local_dataset_verifies_in_place(
+    make_catalog_server: Callable[..., CatalogServer], tmp_path: Path
+) -> None:
+    """prefetch builds the mount's stack: local files are verified once, nothing is copied, no sshd."""
+    catalog = Catalog.load_default()
+    root = tmp_path / "local"
+    catalog.materialize(root)
+    server = make_catalog_server(catalog)
+    password = tmp_path / "password"
+    password.touch(mode=0o600)
+    password.write_text(catalog.users["stibbons"].password + "\n")
+    cache = tmp_path / "cache"
+    octarine = "20.500.12269/0b9a6b7e-3c61-4d8e-9f0e-5a1d2c3b4e5f"
+    argv = [
+        sys.executable, "-m", "scicatfs", "prefetch", octarine, "--url", server.url,
+        "--username", "stibbons", "--password-file", str(password),
+        "--source", f"/=file://{root}", "--cache-dir", str(cache), "--cache-size", "1M",
+    ]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert " cached, " in result.stderr and "Traceback" not in result.stderr
+    assert blob_files(cache) == []
+    readme = next(f for f in catalog.files(octarine) if f["path"] == "README.txt")
+    local = root / catalog.dataset(octarine)["sourceFolder"].lstrip("/") / "README.txt"
+    with BlobStore(cache, 1 << 20) as store:
+        version = version_of(local.stat())
+        assert store.local_verified(local, version, f"md5:{readme['chk']}")
+        assert store.usage() == 0

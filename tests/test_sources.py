@@ -10,9 +10,10 @@ import pytest
 
 from scicatfs.cache.store import blob_key
 from scicatfs.catalog.models import DataFile, Dataset
-from scicatfs.config import ConfigError, mount_options, split_fuse_o
+from scicatfs.config import ConfigError, helper_argv_to_cli, mount_options, split_fuse_o
 from scicatfs.sources import SourceRules, parse_rule
 from scicatfs.stack import FileSpecs, transfers
+from scicatfs.transfer.base import split
 
 URL = "http://127.0.0.1:3000"
 
@@ -74,7 +75,9 @@ def test_profile_table_command_line_and_o_forms(tmp_path: Path) -> None:
         '[profiles.ess]\nurl = "http://127.0.0.1:3000"\n'
         '[profiles.ess.sources]\n"/ess/data" = "file:///ess/data"\n"/ess/raw" = "sftp://login.ess.eu/ess/raw"\n'
     )
-    scicat, fuse = split_fuse_o(["source=/ess/raw=file:///raw,xattrs,source=/x=file:///y,auto_unmount"])
+    helper = helper_argv_to_cli(["ess", "/mnt", "-o", "source=/ess/raw=file:///raw,xattrs,source=/x=file:///y"])
+    assert helper == ["mount", "/mnt", "--profile", "ess", "-o", "source=/ess/raw=file:///raw,xattrs,source=/x=file:///y"]
+    scicat, fuse = split_fuse_o([helper[-1] + ",auto_unmount"])
     assert scicat == {"xattrs": True, "sources": ["/ess/raw=file:///raw", "/x=file:///y"]} and fuse == ["auto_unmount"]
     merged = mount_options({"mountpoint": "/mnt", "sources": scicat["sources"]}, profile="ess", config_path=config)
     rules = SourceRules(merged.sources)
@@ -93,6 +96,15 @@ def test_the_sftp_host_rule_lives_in_one_place() -> None:
     assert FileSpecs(options(sftp_host="login"))(with_host, file).source == "sftp://login/data/set/a/b.dat"
     without, file = dataset("/data/set", host=None)
     assert FileSpecs(options())(without, file).source == "sftp:///data/set/a/b.dat"
+
+
+def test_a_catalog_host_cannot_smuggle_a_user_port_or_path_into_the_url() -> None:
+    hostile, file = dataset("/data/set", host="root@evil.example:2222/etc")
+    url = FileSpecs(options())(hostile, file).source
+    assert url == "sftp://root%40evil.example%3A2222%2Fetc/data/set/a/b.dat"
+    assert split(url).path == "/data/set/a/b.dat" and "@" not in split(url).netloc
+    ipv6, file = dataset("/d", host="::1")
+    assert FileSpecs(options())(ipv6, file).source == "sftp://%3A%3A1/d/a/b.dat"
 
 
 def test_blob_keys_without_a_checksum_follow_the_source() -> None:

@@ -2,8 +2,10 @@
 
 Copying a file that is already on this machine into the cache would double
 its disk use and gain nothing, so a local source file is opened and read
-directly (``pread`` inline, as for a cached blob), and never written to the
-cache. What stays the same as for remote files is the trust: the size must
+directly, and never written to the cache. Its reads run in a worker thread
+(unlike cache hits, which are read inline): a source folder is often a
+cluster filesystem, and a stalled one must not stall the event loop that
+answers every other request. What stays the same as for remote files is the trust: the size must
 match the catalog's when the file is opened, and with a checksum the whole
 file is hashed once, in the background from the first open, before the read
 that ends the file is answered (a mismatch is EIO, exactly as for a remote
@@ -25,7 +27,7 @@ from scicatfs.cache.errors import IntegrityError
 from scicatfs.cache.store import Blob, BlobStore, FileSpec
 from scicatfs.transfer.base import LocalFile
 
-__all__ = ["LocalBlob", "LocalFiles"]
+__all__ = ["LocalBlob", "LocalFiles", "version_of"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class LocalFiles:
         )
         return blob
 
-    def complete(self, blob: Blob, spec: FileSpec, digest: str | None = None) -> None:
+    def complete(self, blob: Blob, spec: FileSpec) -> None:
         """Hash the file and compare with the catalog (the fetcher's ``store.complete`` for local blobs).
 
         On a mismatch ``blob.error`` is set and IntegrityError raised; nothing

@@ -219,13 +219,9 @@ async def _standalone(args: argparse.Namespace) -> int:
     options = _options(args)
     try:
         async with open_stack(options) as stack:
-            try:
-                return await _prefetch_with(stack, args)
-            except CommandError as error:
-                problem = error  # raised below: the fetcher's nursery would wrap it in an exception group
+            return await _prefetch_with(stack, args)
     except ScicatfsError as error:
         raise CommandError(str(error)) from None
-    raise problem
 
 
 async def _prefetch_with(stack: Stack, args: argparse.Namespace) -> int:

@@ -74,8 +74,9 @@ class SourceStats:
 class LocalFile:
     """A file on this machine, open for reading: the cache serves it in place of a blob.
 
-    Reads are plain ``pread`` on the caller's thread, as cache hits are; they
-    count into ``stats`` (the dispatcher hands in its counters for the origin).
+    ``read`` is a plain blocking ``pread`` (the cache calls it from a worker
+    thread); it counts into ``stats`` (the dispatcher hands in its counters
+    for the origin).
     """
 
     def __init__(self, path: Path, fd: int) -> None:

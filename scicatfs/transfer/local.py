@@ -6,9 +6,9 @@ copy. The cache therefore asks :meth:`LocalTransfer.open_local` for the file
 and serves reads from it directly, never copying it into a blob; ``read`` and
 ``size`` exist for callers that only want bytes (and for the protocol).
 
-Reads of a slow network filesystem block a worker thread here, never the trio
-thread, except through :class:`~scicatfs.transfer.base.LocalFile`, whose
-``pread`` the cache issues inline as it does for its own blobs.
+Reads of a slow network filesystem block a worker thread, never the trio
+thread: the cache calls :class:`~scicatfs.transfer.base.LocalFile` reads
+from worker threads too.
 """
 
 from __future__ import annotations

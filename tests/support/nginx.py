@@ -95,7 +95,8 @@ class NginxServer:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"nginx exited: {self._process.stderr.read().decode(errors='replace')}")  # type: ignore[union-attr]
+                assert self._process.stderr is not None
+                raise RuntimeError(f"nginx exited: {self._process.stderr.read().decode(errors='replace')}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return self
