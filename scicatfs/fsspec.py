@@ -284,11 +284,11 @@ class ScicatFile(AbstractBufferedFile):
         handle = self._handle
         if isinstance(handle, bytes):
             return handle[start:end]
-        if handle.blob.complete:  # verified on disk: no loop, no network
-            return LocalFile(handle.blob.fd, handle.spec.size).read(start, end - start)
         try:
+            if handle.blob.complete:  # verified on disk: no loop, no network
+                return LocalFile(handle.blob).read(start, end - start)
             return self._background.call(self._background.stack.fetcher.read, handle, start, end - start)
-        except ScicatfsError as error:
+        except ScicatfsError as error:  # e.g. `cache verify` found the cached copy damaged since
             raise _os_error(error, self.path) from error
 
     def read_range(self, start: int, end: int) -> bytes:

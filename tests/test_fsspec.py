@@ -236,10 +236,13 @@ def test_a_forked_child_reads_with_its_own_thread(fs: ScicatFileSystem, contents
         status = 1
         try:
             with os.fdopen(write_end, "wb") as pipe:
-                data = fs.cat_file(f"{PID}/nexus/scan.h5")
-                pipe.write(b"new-thread " if fs.background is not parent else b"same-thread ")
-                pipe.write(data)
-            status = 0
+                try:
+                    data = fs.cat_file(f"{PID}/nexus/scan.h5")
+                    pipe.write(b"new-thread " if fs.background is not parent else b"same-thread ")
+                    pipe.write(data)
+                    status = 0
+                except BaseException as error:  # shown by the parent's assertion
+                    pipe.write(f"child failed: {error!r}".encode())
         finally:
             os._exit(status)
     os.close(write_end)
@@ -255,8 +258,8 @@ def test_a_forked_child_reads_with_its_own_thread(fs: ScicatFileSystem, contents
         if status is None:  # still running: a hang, not a result
             os.kill(child, signal.SIGKILL)
             status = os.waitpid(child, 0)[1]
+    assert answer == b"new-thread " + contents["nexus/scan.h5"], answer[:300]
     assert os.waitstatus_to_exitcode(status) == 0
-    assert answer == b"new-thread " + contents["nexus/scan.h5"]
     assert fs.background is parent and fs.cat_file(f"{PID}/table.csv") == contents["table.csv"]
 
 
