@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ import pytest
 import xarray as xr
 
 from scicatfs.config import ConfigError
+from scicatfs.errors import ScicatfsError
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.fsspec import ScicatFileSystem
@@ -347,3 +349,11 @@ def test_a_changed_dataset_is_seen_after_its_record_ttl(make_catalog_server, ssh
         assert changing.cat_file(f"{pid}/data.txt") == b"two!"
     finally:
         changing.close()
+
+
+def test_an_unreachable_catalog_fails_at_construction_with_its_url(tmp_path: Path):
+    started = time.monotonic()
+    with pytest.raises(ScicatfsError, match=r"catalog at http://127\.0\.0\.1:9/.*unavailable"):
+        ScicatFileSystem(url="http://127.0.0.1:9/", cache_dir=str(tmp_path / "cache"), skip_instance_cache=True)
+    assert time.monotonic() - started < 60
+    assert not [thread for thread in threading.enumerate() if thread.name.startswith("scicatfs http://127.0.0.1:9")]
