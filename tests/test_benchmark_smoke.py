@@ -23,11 +23,24 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("/usr/sbin/sshd", "sftp", "sshfs", "fusermount3")
 
 
-def _compare(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+def _compare(*args: str, timeout: float, module: str = "compare") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.compare", *args],
+        [sys.executable, "-m", f"tests.benchmarks.{module}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def _tiny_run(module: str, tmp_path: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess[str], dict]:
+    """Run benchmark ``module`` with ``args``; check it succeeded and left nothing behind; its JSON report."""
+    _require_tools()
+    out = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    result = _compare(*args, "--json", str(out), "--workdir", str(work), timeout=timeout, module=module)
+    assert result.returncode == 0, result.stderr
+    assert not [m for m in mount_table() if Path(m.mountpoint).is_relative_to(tmp_path)]
+    assert list(work.iterdir()) == [], "the benchmark left files behind"
+    return result, json.loads(out.read_text())
 
 
 def _require_tools() -> None:
@@ -48,20 +61,10 @@ def _series_ok(series: dict, unit: str) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_tiny_run_reports_every_measure(tmp_path: Path) -> None:
-    _require_tools()
-    out = tmp_path / "bench.json"
-    work = tmp_path / "work"
-    work.mkdir()
-    result = _compare(
-        "--size", "8M", "--runs", "1", "--rtt", "0,20", "--meta-files", "200",
-        "--fio-runtime", "1", "--json", str(out), "--workdir", str(work),
-        timeout=220,
+    result, report = _tiny_run(
+        "compare", tmp_path, "--size", "8M", "--runs", "1", "--rtt", "0,20", "--meta-files", "200",
+        "--fio-runtime", "1", timeout=220,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert not [m for m in mount_table() if Path(m.mountpoint).is_relative_to(tmp_path)]
-    assert list(work.iterdir()) == [], "the benchmark left files behind"
-
-    report = json.loads(out.read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["date"]
     assert report["config"]["size"] == 8 * 1024 * 1024 and report["config"]["rtt_ms"] == [0, 20]
     results = report["results"]
@@ -118,6 +121,21 @@ def test_bad_options_are_clear_errors(args: list[str], message: str, log_checker
     assert result.returncode == 2
     assert message in result.stderr
     log_checker.check_output(result.stderr, "stderr")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_fsspec_benchmark_reports_both_ways_and_the_ratios(tmp_path: Path) -> None:
+    result, report = _tiny_run("bench_fsspec", tmp_path, "--size", "8M", "--runs", "1", "--meta-files", "60",
+                               timeout=230)  # fmt: skip
+    assert set(report["results"]) == set(report["ratios"]) == {"sequential cold", "sequential warm", "small"}
+    for workload, by_way in report["results"].items():
+        assert set(by_way) == {"mount", "fsspec"}
+        unit = "files/s" if workload == "small" else "MiB/s"
+        for series in by_way.values():
+            _series_ok(series, unit)
+        assert report["ratios"][workload] == pytest.approx(by_way["fsspec"]["median"] / by_way["mount"]["median"])
+    assert "| small |" in result.stdout and "goal >= 0.8" in result.stdout
 
 
 @pytest.mark.slow

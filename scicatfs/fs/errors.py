@@ -20,6 +20,7 @@ from cachetools import TTLCache
 from scicatfs.cache.errors import IntegrityError, report_integrity
 from scicatfs.catalog.errors import AuthenticationError, DatasetForbidden, DatasetNotFound
 from scicatfs.errors import ScicatfsError
+from scicatfs.fs.noentry import NoEntry
 
 __all__ = ["NoEntry", "fuse_errors", "to_errno"]
 
@@ -27,10 +28,6 @@ log = logging.getLogger(__name__)
 
 #: Failure lines logged in the last seconds, so that a repeated failure is logged once.
 _recent: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=10.0)
-
-
-class NoEntry(LookupError):
-    """The namespace has nothing under this name: ENOENT, an everyday answer, not a failure."""
 
 
 def to_errno(error: BaseException) -> int:

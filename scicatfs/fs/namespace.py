@@ -45,7 +45,7 @@ from scicatfs.cache.store import FileSpec
 from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.errors import BadResponse, CatalogUnavailable, DatasetForbidden, DatasetNotFound
 from scicatfs.catalog.models import DataFile, Dataset, metadata_json
-from scicatfs.fs.errors import NoEntry
+from scicatfs.fs.noentry import NoEntry
 
 __all__ = [
     "Attributes",

@@ -136,14 +136,21 @@ def drop_caches() -> bool:
     return True
 
 
-def read_whole(path: Path, expected: int) -> float:
-    """Read ``path`` sequentially in 1 MiB requests; seconds taken."""
+def _unbuffered(path: Path) -> Any:
+    return open(path, "rb", buffering=0)
+
+
+def read_whole(path: Any, expected: int, open_file: Callable[[Any], Any] = _unbuffered) -> float:
+    """Read ``path`` sequentially in 1 MiB ``readinto`` requests; seconds taken.
+
+    ``open_file`` opens it (default: an unbuffered local file; ``fs.open`` for fsspec).
+    """
 
     def read() -> float:
         buffer = bytearray(READ_BUFFER)
         total = 0
         start = time.perf_counter()
-        with open(path, "rb", buffering=0) as file:
+        with open_file(path) as file:
             while count := file.readinto(buffer):
                 total += count
         elapsed = time.perf_counter() - start
