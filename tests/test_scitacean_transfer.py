@@ -94,6 +94,7 @@ def test_wrong_arguments_and_uploads_are_refused(tmp_path: Path):
             pass
 
 
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: checksum mismatch for 20\.500\.12269/scitacean-corrupt bad\.dat")
 def test_a_file_that_does_not_match_its_checksum_is_not_downloaded(make_catalog_server, sshd: OpenSSHServer,
                                                                    tmp_path: Path):  # fmt: skip
     pid = "20.500.12269/scitacean-corrupt"

@@ -167,6 +167,8 @@ def test_objects_that_vanish_or_shrink_fall_back_to_the_source(sshd: OpenSSHServ
     assert counted["source"] == 2 * CHUNK and counted["shared"] == len(data) - 2 * CHUNK
 
 
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: checksum mismatch for 10\.1/shared corrupt\.bin",
+                       r"WARNING scicatfs\.cache\.shared: removed \d+ objects of .* \(they failed verification\)")
 def test_wrong_bytes_in_the_shared_tier_fail_verification_and_are_removed(
     sshd: OpenSSHServer, tmp_path: Path
 ) -> None:
@@ -205,6 +207,7 @@ def hanging_shared(make_sshd, tmp_path: Path) -> Iterator[tuple[Path, OpenSSHSer
         subprocess.run(["fusermount3", "-uz", str(mountpoint)], timeout=30)
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.cache\.shared: shared cache .* did not answer within 5 s: using the source for 60 s")
 def test_a_hung_shared_filesystem_falls_back_to_the_source_in_seconds(
     sshd: OpenSSHServer, hanging_shared: tuple[Path, OpenSSHServer], tmp_path: Path, caplog  # type: ignore[no-untyped-def]
 ) -> None:
