@@ -26,7 +26,7 @@ from scicatfs.catalog.errors import (
 )
 from scicatfs.transfer.errors import TransferError
 
-__all__ = ["NoEntry", "fuse_errors", "to_errno"]
+__all__ = ["NoEntry", "WrongKind", "fuse_errors", "to_errno"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ _recent: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=10.0)
 
 class NoEntry(LookupError):
     """The namespace has nothing under this name: ENOENT, an everyday answer, not a failure."""
+
+
+class WrongKind(Exception):
+    """A request that the node's type has no answer for (``readlink`` of a directory, ``opendir``
+    of a file): the POSIX errno ``code``, an everyday answer like :class:`NoEntry`."""
+
+    def __init__(self, code: int, node: object) -> None:
+        super().__init__(f"{errno.errorcode[code]}: {node}")
+        self.code = code
 
 
 def to_errno(error: BaseException) -> int:
@@ -49,6 +58,8 @@ def to_errno(error: BaseException) -> int:
     """
     if isinstance(error, pyfuse3.FUSEError):
         return error.errno
+    if isinstance(error, WrongKind):
+        return error.code
     if isinstance(error, (NoEntry, DatasetNotFound)):
         return errno.ENOENT
     if isinstance(error, (DatasetForbidden, AuthenticationError)):
@@ -78,6 +89,8 @@ def fuse_errors(operation: str, pid: str | None, path: str | None) -> Iterator[N
         raise
     except NoEntry as error:
         raise pyfuse3.FUSEError(errno.ENOENT) from error
+    except WrongKind as error:
+        raise pyfuse3.FUSEError(error.code) from error
     except Exception as error:
         code = to_errno(error)
         where = " ".join(part for part in (pid and f"pid={pid!r}", path and f"path={path!r}") if part)
