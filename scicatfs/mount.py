@@ -38,11 +38,12 @@ from scicatfs.cache.errors import CacheError
 from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, default_budget
 from scicatfs.catalog.auth import resolve_credentials
-from scicatfs.catalog.client import CatalogClient, CatalogSettings
+from scicatfs.catalog.client import CatalogClient, CatalogSettings, Selection
 from scicatfs.catalog.errors import CatalogError
 from scicatfs.config import MountOptions
 from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
+from scicatfs.fs.views import top_level_views
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
 from scicatfs.status import collect_status
@@ -162,6 +163,9 @@ def _filesystem(
         record_ttl=options.record_ttl,
         listing_ttl=options.listing_ttl,
         status=status,
+        views=top_level_views(
+            (query.name, Selection(query.where, None, query.sort, query.limit)) for query in options.views
+        ),
     )
     operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
     namespace.on_change = operations.forget_dataset

@@ -38,9 +38,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import trio
 from cachetools import LRUCache, TTLCache
@@ -49,6 +49,7 @@ from scicatfs.cache.store import FileSpec
 from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.errors import BadResponse, CatalogUnavailable, DatasetForbidden, DatasetNotFound
 from scicatfs.catalog.models import DataFile, Dataset, metadata_json
+from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.fs.errors import NoEntry
 from scicatfs.fs.node import Attributes, Entry, Kind, Listing, Node
 
@@ -63,6 +64,7 @@ __all__ = [
     "MountDir",
     "Namespace",
     "Node",
+    "PidAlias",
     "PidLevel",
     "ROOT",
     "RecordFile",
@@ -76,6 +78,8 @@ CONTROL_DIR = ".scicat"
 METADATA = "metadata.json"
 FILES = "files.json"
 STATUS = "status.json"
+#: ``/.scicat/pid``: the PID tree without the root's reserved names (see PidAlias).
+PID_ALIAS = "pid"
 #: After the catalog gave no usable answer, known datasets and PID prefixes are
 #: served from their last version for this many seconds without asking again:
 #: each attempt costs the client's retries, and `ls -l` would pay them per file.
@@ -314,16 +318,21 @@ class MountDir(Node):
     async def lookup(self, ns: Namespace, name: str) -> Node:
         if name == STATUS and ns.has_status:
             return StatusFile()
+        if name == PID_ALIAS and ns.has_views:
+            return PidAlias()
         raise NoEntry(name)
 
     async def attributes(self, ns: Namespace) -> Attributes:
-        return Attributes(Kind.DIRECTORY, 0, ns.started, 2, ns.listing_ttl)
+        return Attributes(Kind.DIRECTORY, 0, ns.started, 3 if ns.has_views else 2, ns.listing_ttl)
 
     async def listing(self, ns: Namespace) -> Listing:
-        if not ns.has_status:
-            return ()
-        status = StatusFile()
-        return ((STATUS, status, await status.attributes(ns)),)
+        entries: list[Entry] = []
+        if ns.has_status:
+            status = StatusFile()
+            entries.append((STATUS, status, await status.attributes(ns)))
+        if ns.has_views:
+            entries.append((PID_ALIAS, PidAlias(), ns.level_attributes()))
+        return tuple(entries)
 
     def parent(self) -> Node:
         return ROOT
@@ -350,6 +359,30 @@ class StatusFile(Node):
 
     def where(self) -> tuple[str | None, str | None]:
         return None, f"/{CONTROL_DIR}/{STATUS}"
+
+
+@dataclass(frozen=True, slots=True)
+class PidAlias(Node):
+    """``/.scicat/pid``: the root's PID tree without its reserved names, so that a PID that
+    equals one (or starts with one and a ``/``) stays reachable. It only answers lookups:
+    listing it shows nothing, the root lists every other PID."""
+
+    kind: ClassVar[Kind] = Kind.DIRECTORY
+
+    async def lookup(self, ns: Namespace, name: str) -> Node:
+        return await ns._lookup_pid(name)
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        return ns.level_attributes()
+
+    async def listing(self, ns: Namespace) -> Listing:
+        return ()
+
+    def parent(self) -> Node:
+        return MountDir()
+
+    def where(self) -> tuple[str | None, str | None]:
+        return None, f"/{CONTROL_DIR}/{PID_ALIAS}"
 
 
 class _DatasetView:
@@ -445,6 +478,9 @@ class Namespace:
         if status is not None or views:
             self.top[CONTROL_DIR] = MountDir()
         self.top.update(views or {})
+        self.has_views = bool(views)
+        # What views built from catalog answers (see remembered)
+        self._remembered: SingleFlightCache[Hashable, Any] = SingleFlightCache(1024, listing_ttl)
         self._views: LRUCache[str, _DatasetView] = LRUCache(maxsize=64)
         # Names a listing showed, so a lookup right after `ls` needs no request
         # to tell a PID prefix from a dataset.
@@ -516,6 +552,10 @@ class Namespace:
     def _spec(self, dataset: Dataset, datafile: DataFile) -> FileSpec:
         """Built as ``prefetch`` builds it, so both find the same blobs."""
         return FileSpec.for_file(dataset, datafile, dataset.source_folder_host if self._use_source_folder_host else None)
+
+    async def remembered(self, key: Hashable, build: Callable[[], Awaitable[T]]) -> T:
+        """``build()``, kept for the listing TTL under ``key``; concurrent callers share one build."""
+        return await self._remembered.get(key, build)
 
     def report_once(self, key: str, message: str) -> None:
         if key not in self._reported:
