@@ -17,10 +17,14 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from scicatfs.catalog.client import ListedDataset
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.routes import nest_error
 from scicatfs.demo.server import CatalogServer
+from scicatfs.fs.views import _value_of, link_names, value_name
 from tests.support.records import dataset_record
 
 PROPOSAL = "2024-0123"
@@ -110,6 +114,54 @@ def data_requests(server: CatalogServer, since: int = 0) -> list[str]:
     return [unquote(urlsplit(path).path) for _, path, _ in server.requests[since:] if "/auth/" not in path]
 
 
+# -- names, without a mount -----------------------------------------------------------------
+
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=300)
+_rows = st.lists(st.builds(ListedDataset, st.text(min_size=1, max_size=80), st.none() | _texts, st.none()),
+                 max_size=40)
+
+
+@given(_rows, st.randoms())
+def test_link_names_are_safe_unique_and_deterministic(rows: list[ListedDataset], random: Any) -> None:
+    names = link_names(rows)
+    distinct = {row.pid: row for row in rows}
+    assert sorted(row.pid for row in names.values()) == sorted(distinct)
+    for name in names:
+        assert name not in ("", ".", "..") and "/" not in name and "\0" not in name
+        assert len(name.encode("utf-8")) <= 255
+    shuffled = list(rows)
+    random.shuffle(shuffled)
+    if len(distinct) == len(rows):  # the same datasets in another order
+        assert link_names(shuffled) == names
+
+
+def test_link_name_rule() -> None:
+    def row(pid: str, name: str | None) -> ListedDataset:
+        return ListedDataset(pid, name, None)
+
+    names = link_names([row("20.500.12269/72fe3ff6-105b", "run"), row("20.500.12269/0b9a6b7e-3c61", "run"),
+                        row("x/abcdefgh-1", "scan"), row("y/abcdefgh-2", "scan"), row("p/q", None),
+                        row("r", "a/b\x00c\n"), row("s", ".."), row("t/1", "long" * 100), row("t/2", "only")])
+    assert sorted(names) == sorted(["run~72fe3ff6", "run~0b9a6b7e", "scan~abcdefgh-1", "scan~abcdefgh-2",
+                                    "p_q", "a_b_c_", "s", "long" * 63 + "lon", "only"])
+    # "b" is shared, and "a/b" and "a_b" both make "a_b": the last resort numbers it.
+    assert link_names([row("a/b", "x"), row("a_b", "x"), row("c/b", "x")]) == {
+        "x~a_b~2": row("a/b", "x"), "x~a_b": row("a_b", "x"), "x~c_b": row("c/b", "x")}
+    assert ".scicat~s" in link_names([row("s", ".scicat")], frozenset({".scicat"}))
+
+
+@given(st.text(max_size=300))
+def test_value_names_round_trip(value: str) -> None:
+    name = value_name(value)
+    if name is None:
+        assert "\0" in value or not value or len(value.encode("utf-8", "surrogatepass")) > 85
+        return
+    assert "/" not in name and name not in (".", "..") and _value_of(name) == value
+
+
+# -- on a mount ------------------------------------------------------------------------------
+
+
 def test_by_field_views_list_exactly_the_visible_datasets(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = views_catalog()
     mount = make_mount(catalog)
@@ -144,6 +196,17 @@ def test_by_field_views_list_exactly_the_visible_datasets(make_mount) -> None:  
     assert os.readlink(proposal / "Collides") == "../../.scicat/pid/by-proposal"
     assert (root / ".scicat" / "pid" / "by-proposal" / "metadata.json").is_file()
 
+    # Links have inodes like every other node: readdir and lstat agree, and they stay put.
+    inodes = {entry.name: entry.inode() for entry in os.scandir(proposal)}
+    assert all(os.lstat(proposal / name).st_ino == ino for name, ino in inodes.items())
+    assert len(set(inodes.values())) == len(inodes)
+    physical = subprocess.run(["sh", "-c", 'cd "$1" && pwd -P', "sh", str(proposal / "run~run-a1")],
+                              capture_output=True, timeout=30, check=True).stdout.decode().strip()
+    assert physical == str(root / "vt" / "run-a1")
+    subprocess.run(["du", "-L", "-s", str(proposal)], capture_output=True, timeout=60, check=True)
+    archive = subprocess.run(["tar", "-h", "-cf", "-", "-C", str(proposal), "."],
+                             capture_output=True, timeout=60, check=True).stdout
+    assert b"metadata.json" in archive
     listing = subprocess.run(["ls", "-l", str(proposal)], capture_output=True, timeout=60, check=True).stdout.decode()
     rows = [line for line in listing.splitlines() if not line.startswith("total")]
     assert len(rows) == len(names) and all(line.startswith("l") and " -> ../../" in line for line in rows)

@@ -1,10 +1,11 @@
 """The datasets ``fullfacet`` route's answer, computed as scicat-backend-next's pipeline does.
 
-The backend (``createFullfacetPipeline`` in src/common/utils.ts) turns the
-``fields`` object into ``$match`` stages, then runs one ``$facet`` branch per
-requested facet: unwind the field if it is an array, apply the conditions of
-the *other* facet fields, group by value with a count, sort by value
-descending. An ``all`` branch counts the documents that match everything.
+The backend (``createFullfacetPipeline`` in src/common/utils.ts) turns every
+key of the ``fields`` object into a ``$match`` stage, then runs one ``$facet``
+branch per requested facet: unwind the field if it is an array, apply the
+conditions of the *other* facet fields again, group by value with a count,
+sort by value descending. An ``all`` branch counts the documents that match
+everything.
 
 * ``userGroups``: ownerGroup or accessGroups among the given groups (the
   route fills it in with the caller's groups unless ``isPublished`` is set);

@@ -479,8 +479,9 @@ class Namespace:
             self.top[CONTROL_DIR] = MountDir()
         self.top.update(views or {})
         self.has_views = bool(views)
-        # What views built from catalog answers (see remembered)
-        self._remembered: SingleFlightCache[Hashable, Any] = SingleFlightCache(1024, listing_ttl)
+        # What views built from catalog answers (see remembered): a view directory's links
+        # are held whole, 10,000 of them a few MB, so only the latest few are kept.
+        self._remembered: SingleFlightCache[Hashable, Any] = SingleFlightCache(128, listing_ttl)
         self._views: LRUCache[str, _DatasetView] = LRUCache(maxsize=64)
         # Names a listing showed, so a lookup right after `ls` needs no request
         # to tell a PID prefix from a dataset.

@@ -26,10 +26,12 @@ Names (docs/filesystem.md states the same rules):
   control characters replaced by ``_``, cut to 255 bytes of UTF-8; a dataset
   without a name, or whose name would be ``.`` or ``..``, is named after its
   PID the same way. When several datasets of one directory get the same name,
-  each of them gets ``~`` and a part of its PID appended: the first 8
-  characters of the PID's last ``/`` component, or, if that is still shared,
-  the whole last component, then the whole PID; a last resort appends
-  ``~2``, ``~3``, ... in PID order. Names that are unique stay bare.
+  each of them gets ``~`` and a part of its PID appended (``/`` and control
+  characters again as ``_``): the first 8 characters of the PID's last ``/``
+  component; if another dataset of the group has the same, the whole last
+  component; if that is shared too, the whole PID; if even that is taken,
+  the whole PID and ``~2``, ``~3``, ... in PID order. Names that are unique
+  stay bare; the names depend only on the set of datasets in the directory.
 * A PID whose first component is a reserved root name (``by-proposal``,
   ``views``, ``.scicat``, ...) is not listed at the root; it is reachable as
   ``/.scicat/pid/<pid>``, and links to it point there.
@@ -91,7 +93,7 @@ class Facet:
         return Selection(v4, json.dumps(v3, separators=(",", ":")))
 
 
-#: The by-field views: one row each.
+#: The by-field views: one row each (on v3 both spellings of a field are asked, see facet_values).
 FACETS = (
     Facet("by-proposal", "proposalIds", ("proposalIds", "proposalId")),
     Facet("by-instrument", "instrumentIds", ("instrumentIds", "instrumentId")),
@@ -147,28 +149,39 @@ def _base_name(row: ListedDataset) -> str:
     return _fit(name)
 
 
+def _suffixes(pid: str) -> tuple[str, str, str]:
+    """The parts of a PID a shared name gets, shortest first (see the module docstring)."""
+    last = _safe(pid.rpartition("/")[2]) or _safe(pid)
+    return last[:8], last, _safe(pid)
+
+
 def link_names(rows: Iterable[ListedDataset], reserved: frozenset[str] = frozenset()) -> dict[str, ListedDataset]:
-    """Unique, safe link names for ``rows`` by the rule in the module docstring (PID order decides
-    only the last resort, so the result does not depend on the order rows came in)."""
+    """Unique, safe link names for ``rows`` by the rule in the module docstring. The result
+    depends only on the set of datasets, not on the order they came in."""
     ordered = sorted({row.pid: row for row in rows}.values(), key=lambda row: row.pid)
-    bases = [(_base_name(row), row) for row in ordered]
-    counts = Counter(base for base, _ in bases)
+    groups: dict[str, list[ListedDataset]] = {}
+    for row in ordered:
+        groups.setdefault(_base_name(row), []).append(row)
     names: dict[str, ListedDataset] = {}
-    taken = set(reserved) | {base for base, count in counts.items() if count == 1 and base not in reserved}
-    for base, row in bases:
-        if counts[base] == 1 and base not in reserved:
-            names[base] = row
+    for base, members in groups.items():
+        if len(members) == 1 and base not in reserved:
+            names[base] = members[0]
+    taken = set(reserved) | names.keys()
+    for base, members in groups.items():
+        if len(members) == 1 and base not in reserved:
             continue
-        last = _safe(row.pid.rpartition("/")[2]) or _safe(row.pid)
-        candidates = [_fit(base, SEPARATOR + part) for part in (last[:8], last, _safe(row.pid))]
-        chosen = next((name for name in candidates if name not in taken), None)
-        number = 2
-        while chosen is None:
-            numbered = _fit(base, f"{SEPARATOR}{_safe(row.pid)}{SEPARATOR}{number}")
-            chosen = numbered if numbered not in taken else None
-            number += 1
-        taken.add(chosen)
-        names[chosen] = row
+        levels = [Counter(_suffixes(row.pid)[level] for row in members) for level in range(3)]
+        for row in members:
+            parts = _suffixes(row.pid)
+            candidates = [_fit(base, SEPARATOR + parts[level]) for level in range(3) if levels[level][parts[level]] == 1]
+            chosen = next((name for name in candidates if name not in taken), None)
+            number = 2
+            while chosen is None:
+                numbered = _fit(base, f"{SEPARATOR}{parts[2]}{SEPARATOR}{number}")
+                chosen = numbered if numbered not in taken else None
+                number += 1
+            taken.add(chosen)
+            names[chosen] = row
     return names
 
 
