@@ -22,23 +22,13 @@ from hypothesis import strategies as st
 
 from scicatfs.catalog.client import ListedDataset
 from scicatfs.demo.fixtures import Catalog
-from scicatfs.demo.routes import nest_error
 from scicatfs.demo.server import CatalogServer
 from scicatfs.fs.views import _value_of, link_names, value_name
+from tests.support.catalog import V3OnlyServer
 from tests.support.records import dataset_record
 
 PROPOSAL = "2024-0123"
 GROUPS = {"uu", "faculty"}  # the demo user's
-
-
-class V3OnlyServer(CatalogServer):
-    """An older backend: every /api/v4 route is unknown, answered the way Nest does."""
-
-    def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
-        path = urlsplit(target).path
-        if path.lower().startswith("/api/v4/"):
-            return nest_error(404, f"Cannot {method} {path}")
-        return super().dispatch(method, target, headers, body)
 
 
 def _add(catalog: Catalog, pid: str, **fields: Any) -> None:

@@ -72,6 +72,8 @@ QUERY_FILE = "query.json"
 #: Appended to a shared name before part of the PID.
 SEPARATOR = "~"
 _MAX_NAME = 255
+#: Names a saved query's links may not take: its directory also holds .scicat/query.json.
+_QUERY_RESERVED = frozenset({CONTROL_DIR})
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/]")
 _ESCAPE = re.compile(r"%(25|2F|2E)")
 
@@ -239,6 +241,14 @@ async def _links(ns: Namespace, home: Node, selection: Selection, reserved: froz
     return await ns.remembered(("links", home), build)
 
 
+async def _link(ns: Namespace, home: Node, selection: Selection, name: str,
+                reserved: frozenset[str] = frozenset()) -> Node:
+    entry = (await _links(ns, home, selection, reserved)).by_name.get(name)
+    if entry is None:
+        raise NoEntry(name)
+    return entry[1]
+
+
 def _directory(ns: Namespace, nlink: int = 2) -> Attributes:
     return Attributes(Kind.DIRECTORY, 0, ns.started, nlink, ns.listing_ttl)
 
@@ -297,10 +307,7 @@ class FacetValueDir(Node):
     kind: ClassVar[Kind] = Kind.DIRECTORY
 
     async def lookup(self, ns: Namespace, name: str) -> Node:
-        entry = (await _links(ns, self, self.facet.selection(self.value))).by_name.get(name)
-        if entry is None:
-            raise NoEntry(name)
-        return entry[1]
+        return await _link(ns, self, self.facet.selection(self.value), name)
 
     async def attributes(self, ns: Namespace) -> Attributes:
         return _directory(ns)
@@ -353,16 +360,13 @@ class QueryDir(Node):
     async def lookup(self, ns: Namespace, name: str) -> Node:
         if name == CONTROL_DIR:
             return QueryControlDir(self)
-        entry = (await _links(ns, self, self.selection, frozenset({CONTROL_DIR}))).by_name.get(name)
-        if entry is None:
-            raise NoEntry(name)
-        return entry[1]
+        return await _link(ns, self, self.selection, name, _QUERY_RESERVED)
 
     async def attributes(self, ns: Namespace) -> Attributes:
         return _directory(ns, 3)
 
     async def listing(self, ns: Namespace) -> Listing:
-        links = await _links(ns, self, self.selection, frozenset({CONTROL_DIR}))
+        links = await _links(ns, self, self.selection, _QUERY_RESERVED)
         return ((CONTROL_DIR, QueryControlDir(self), _directory(ns)), *links.entries)
 
     def parent(self) -> Node:
