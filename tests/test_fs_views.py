@@ -7,6 +7,7 @@ other groups present, each once per value it holds.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -238,11 +239,13 @@ def test_anonymous_mount_shows_published_datasets_in_views(make_mount) -> None: 
     assert "/api/v4/datasets/fullfacet" not in data_requests(mount.server)  # v4 refuses anonymous callers
 
 
-def test_views_on_a_v3_only_server_with_singular_fields(make_mount) -> None:  # type: ignore[no-untyped-def]
+def test_views_on_a_v3_only_server_with_singular_fields(make_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     catalog = views_catalog(singular=True)
+    config = tmp_path / "config.toml"
+    config.write_text('[profiles.old.views.mine]\nwhere = { ownerGroup = "uu" }\n')
     server = V3OnlyServer(catalog).start()
     try:
-        mount = make_mount(catalog, server=server)
+        mount = make_mount(catalog, server=server, args=["--config", str(config), "--profile", "old"])
         assert sorted(os.listdir(mount.path / "by-proposal")) == sorted(
             value_dir(value) for value in expected_values(catalog, "proposalIds"))
         proposal = mount.path / "by-proposal" / PROPOSAL
@@ -250,6 +253,10 @@ def test_views_on_a_v3_only_server_with_singular_fields(make_mount) -> None:  # 
         assert sorted(pids) == sorted(expected_pids(catalog, "proposalIds", PROPOSAL))
         assert sorted(os.listdir(mount.path / "by-instrument" / "LoKI")) == ["run~run-a1", "run~run-a2"]
         assert "/api/v3/datasets/fullfacet" in data_requests(server)
+        # Saved queries are written in v4's filter language: an error that says so, not a guess.
+        with pytest.raises(OSError) as failure:
+            os.listdir(mount.path / "views" / "mine")
+        assert failure.value.errno == errno.EIO and "v4's filter language" in mount.log_text()
     finally:
         server.stop()  # the mount is unmounted by its fixture
 
