@@ -56,6 +56,8 @@ def views_catalog(*, singular: bool = False) -> Catalog:
     _add(catalog, "vt/hidden", datasetName="Secret run", ownerGroup="archchancellor",
          **ids("proposalIds", PROPOSAL), **ids("instrumentIds", "SECRET"))
     _add(catalog, "by-proposal", datasetName="Collides", **ids("proposalIds", PROPOSAL))
+    # A PID that is no path in the tree: a link to it would lead out of the mount.
+    _add(catalog, "vt/../../../etc", datasetName="Escape", **ids("proposalIds", PROPOSAL))
     return catalog
 
 
@@ -78,7 +80,7 @@ def expected_values(catalog: Catalog, field: str, *, anonymous: bool = False) ->
 
 def expected_pids(catalog: Catalog, field: str, value: str, *, anonymous: bool = False) -> set[str]:
     return {record["pid"] for record in catalog.datasets()
-            if _visible(record, anonymous) and value in _values(record, field)}
+            if _visible(record, anonymous) and value in _values(record, field) and ".." not in record["pid"]}
 
 
 def value_dir(value: str) -> str:

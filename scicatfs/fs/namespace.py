@@ -70,6 +70,7 @@ __all__ = [
     "RecordFile",
     "StatusFile",
     "parent_of",
+    "reachable_pid",
 ]
 
 log = logging.getLogger(__name__)
@@ -819,6 +820,12 @@ async def _ask(call: Callable[[], Awaitable[T]], *, impatient: bool) -> T:
     with trio.move_on_after(STALE_WAIT):
         return await call()
     raise CatalogUnavailable(f"the catalog did not answer within {STALE_WAIT:g} s")
+
+
+def reachable_pid(pid: str) -> bool:
+    """Whether ``pid`` has a path in the tree: every ``/`` component a usable name. A link to any
+    other PID could resolve somewhere else entirely (``a/../../x``), so views leave them out."""
+    return all(_valid_component(part) for part in pid.split("/"))
 
 
 def _valid_component(name: str) -> bool:

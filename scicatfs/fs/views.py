@@ -51,7 +51,18 @@ from typing import ClassVar
 
 from scicatfs.catalog.client import ListedDataset, Selection
 from scicatfs.fs.errors import NoEntry
-from scicatfs.fs.namespace import CONTROL_DIR, PID_ALIAS, ROOT, Attributes, Entry, Kind, Listing, Namespace, Node
+from scicatfs.fs.namespace import (
+    CONTROL_DIR,
+    PID_ALIAS,
+    ROOT,
+    Attributes,
+    Entry,
+    Kind,
+    Listing,
+    Namespace,
+    Node,
+    reachable_pid,
+)
 
 __all__ = [
     "FACETS",
@@ -231,7 +242,12 @@ class _Links:
 
 async def _links(ns: Namespace, home: Node, selection: Selection, reserved: frozenset[str] = frozenset()) -> _Links:
     async def build() -> _Links:
-        rows = [row async for row in ns.catalog.iter_selected(selection)]
+        rows = []
+        async for row in ns.catalog.iter_selected(selection):
+            if reachable_pid(row.pid):
+                rows.append(row)
+            else:
+                ns.report_once(row.pid, f"PID {row.pid!r} cannot be linked to: it is no path in the tree")
         entries = []
         for name, row in link_names(rows, reserved).items():
             link = Link(home, name, row.pid, ns.started if row.created is None else row.created)
