@@ -51,6 +51,10 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     tuning = mount.add_argument_group("behaviour")
     tuning.add_argument("--record-ttl", metavar="SECONDS", help="seconds a dataset record is trusted before asking again (default 60)")
     tuning.add_argument("--listing-ttl", metavar="SECONDS", help="seconds a listing or a 'no such name' is trusted (default 30)")
+    tuning.add_argument(
+        "--retry-failed", metavar="SECONDS",
+        help="seconds a file that failed verification answers EIO before it is fetched and verified again (default 600)",
+    )  # fmt: skip
     _flag(tuning, "--xattrs", "expose user.scicat.* extended attributes (costs ls -l a round trip per file)")
     _flag(tuning, "--allow-other", "let other users read the mount (adds default_permissions)")
     _flag(tuning, "--foreground", "stay in the foreground (default: return once the mount answers)")

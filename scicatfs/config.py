@@ -109,6 +109,8 @@ class MountOptions:
     cache_size: int | None = None
     record_ttl: float = 60.0
     listing_ttl: float = 30.0
+    #: Seconds a file version that failed verification answers EIO before one verified re-fetch.
+    retry_failed: float = 600.0
     xattrs: bool = False
     allow_other: bool = False
     fuse_options: tuple[str, ...] = ()
@@ -149,7 +151,7 @@ _PATH_FIELDS = frozenset(
 )
 _STR_FIELDS = frozenset({"url", "username", "sftp_host", "sftp_user", "log_level"})
 _INT_FIELDS = frozenset({"sftp_port", "sftp_connections"})
-_FLOAT_FIELDS = frozenset({"record_ttl", "listing_ttl"})
+_FLOAT_FIELDS = frozenset({"record_ttl", "listing_ttl", "retry_failed"})
 _BOOL_FIELDS = frozenset({"insecure_no_host_key_check", "xattrs", "allow_other", "foreground"})
 _FIELDS = frozenset(f.name for f in dataclasses.fields(MountOptions))
 
@@ -537,7 +539,7 @@ def _validate(values: dict[str, object]) -> None:
     size = values.get("cache_size")
     if size is not None and size <= 0:  # type: ignore[operator]
         raise ConfigError(f"cache_size {size} must be larger than zero")
-    for ttl in ("record_ttl", "listing_ttl"):
+    for ttl in ("record_ttl", "listing_ttl", "retry_failed"):
         seconds = values.get(ttl, 0.0)
         if not (math.isfinite(seconds) and seconds >= 0):  # type: ignore[arg-type]
             raise ConfigError(f"{ttl} {seconds} must be a number of seconds >= 0")

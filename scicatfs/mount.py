@@ -137,7 +137,9 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
         except (CacheError, OSError) as error:
             raise MountError(str(error)) from None
         with store:
-            async with Transfer(sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
+            async with Transfer(sftp_settings(options)) as transfer, Fetcher(
+                store, transfer, retry_failed_after=options.retry_failed
+            ) as fetcher:
                 # Like sshfs, be connected before the mount is ready (so the first read
                 # skips the SSH handshake), but never wait long for a server that is down.
                 await transfer.warm_up(wait=WARM_UP_WAIT)

@@ -128,7 +128,7 @@ def test_prune_keeps_blobs_open_elsewhere(
         store.release_blob(blob)
     assert result.returncode == 0, result.stderr
     assert "freed 1.1 KiB; the cache now holds 4.0 MiB" in result.stdout
-    assert "4.0 MiB more are in files open in a running mount, and were kept" in result.stdout
+    assert "kept 1 blobs that a running mount has open, 4.0 MiB over the target" in result.stdout
 
     status, out, _ = cache_command(capsys, cache, "prune", "--to", "0")
     assert status == 0 and "freed 4.0 MiB; the cache now holds 0 B" in out

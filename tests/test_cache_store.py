@@ -254,14 +254,14 @@ def test_eviction_is_lru_and_skips_open_blobs(tmp_path: Path) -> None:
         for spec, data in zip(specs[1:], blobs[1:], strict=True):
             fill(store, spec, data)
         assert store.usage() == 8 * CHUNK
-        freed = store.evict()
+        freed = store.evict().freed
         assert freed == 4 * CHUNK and store.usage() == 4 * CHUNK
         remaining = {entry.path for entry in store.entries()}
         assert remaining == {"f0", "f3"}  # f1 and f2 were least recently used
         assert not store.blob_file(blob_key(specs[1])).exists()
         assert store.read(pinned, 0, 2 * CHUNK) == blobs[0]
         store.release_blob(pinned)
-        assert store.evict(0) == 4 * CHUNK and store.entries() == []
+        assert store.evict(0).freed == 4 * CHUNK and store.entries() == []
 
 
 def test_eviction_skips_blobs_open_in_another_process(tmp_path: Path) -> None:
@@ -289,10 +289,10 @@ def test_eviction_skips_blobs_open_in_another_process(tmp_path: Path) -> None:
     try:
         assert holder.stdout.readline() == "open\n"
         with BlobStore(tmp_path, budget=0, chunk_size=CHUNK) as store:
-            assert store.evict() == 0
+            assert store.evict().freed == 0
             assert store.cached_bytes(spec) == CHUNK
             holder.communicate("\n", timeout=10)
-            assert store.evict() == CHUNK
+            assert store.evict().freed == CHUNK
     finally:
         holder.kill()
         holder.wait()
@@ -326,7 +326,7 @@ def test_verify_finds_tampered_blobs(store: BlobStore) -> None:
     with open(store.blob_file(blob_key(spec)), "r+b") as tamper:
         tamper.write(b"X")
     [problem] = store.verify()
-    assert hashlib.md5(data).hexdigest() in problem
+    assert hashlib.md5(data).hexdigest() in str(problem) and not problem.in_use
     assert store.cached_bytes(spec) == 0 and not store.entries()[0].complete
 
 

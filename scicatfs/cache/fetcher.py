@@ -22,11 +22,20 @@ Concurrency bounds:
   never queue behind the network and a slow disk write does not hold a slot.
 - Every transfer attempt has a deadline, and every reader waits at most
   ``read_timeout`` before getting ``FetchTimeout`` (EIO): never a hang.
+
+Integrity: a file version whose bytes failed verification (checksum or size)
+is recorded in the cache index by the store, and from then on every open and
+every read of it, in any process, raises its IntegrityError; listeners (the
+mount) are told so that they drop the kernel's cached pages. Failures that
+other processes record are picked up by a poll every ``FAILURE_POLL`` seconds.
+After the retry time the next open re-fetches the whole file and verifies it
+before serving a byte (``_refetch``). docs/failure-behaviour.md says what users see.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,8 +46,8 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from scicatfs.cache.digest import RunningDigest
-from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
-from scicatfs.cache.store import Blob, BlobStore, FileSpec, is_disk_full
+from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
+from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
 from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
 
 if TYPE_CHECKING:
@@ -49,7 +58,11 @@ __all__ = ["Fetcher", "Handle"]
 log = logging.getLogger(__name__)
 
 LOCK_POLL_INTERVAL = 0.02
+#: Seconds between looks at the index for failures that other processes recorded.
+FAILURE_POLL = 2.0
 Progress = Callable[[int, int], None]
+#: Told the blob key of a file version that just failed verification (run in the fetcher's nursery).
+FailureListener = Callable[[str], Awaitable[None]]
 T = TypeVar("T")
 
 
@@ -101,6 +114,8 @@ class Fetcher:
         read_timeout: float = 60.0,
         transfer_timeout: float = 35.0,
         attempts: int = 2,
+        retry_wait: float = 10.0,
+        retry_failed_after: float = RETRY_FAILED_AFTER,
     ) -> None:
         if read_timeout <= 0 or transfer_timeout <= 0 or attempts < 1:
             raise ValueError("timeouts must be positive and attempts at least 1")
@@ -114,6 +129,11 @@ class Fetcher:
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
+        self.retry_wait = retry_wait
+        self.retry_failed_after = retry_failed_after
+        self.failure_listeners: list[FailureListener] = []
+        self._retries: dict[str, trio.Event] = {}  # blob key -> its verified re-fetch, under way
+        self._failures_seen = time.time()
         self._flights: dict[tuple[str, int], _Flight] = {}  # (blob key, block) -> its flight
         self._unevicted = 0  # bytes written since the last eviction pass
         self._verifications: dict[str, trio.Event] = {}
@@ -135,6 +155,7 @@ class Fetcher:
     async def __aenter__(self) -> Fetcher:
         self._nursery = await self._nursery_manager.__aenter__()
         self._nursery.start_soon(self._evict)  # start-up eviction, in the background
+        self._nursery.start_soon(self._watch_failures)
         return self
 
     async def __aexit__(
@@ -151,13 +172,64 @@ class Fetcher:
     # -- the contract used by fs ----------------------------------------------
 
     async def open(self, spec: FileSpec) -> Handle:
-        """Pin the file's blob for reading; nothing is fetched yet."""
+        """Pin the file's blob for reading; nothing is fetched yet.
+
+        A file version that failed verification raises its IntegrityError, unless
+        its retry time has come (see ``_retry_failed``).
+        """
         if spec.size < 0:
             raise CacheError(f"{spec.pid} {spec.path}: negative size {spec.size} in the catalog")
         blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
-        if blob.all_present and not blob.complete:  # filled by another process, or unverified
+        if blob.error is not None:
+            try:
+                await self._retry_failed(spec, blob)
+            except BaseException:
+                await self._unpin(blob)
+                raise
+        elif blob.all_present and not blob.complete:  # filled by another process, or unverified
             self._start_verification(spec, blob)
         return Handle(spec, blob)
+
+    async def _retry_failed(self, spec: FileSpec, blob: Blob) -> None:
+        """Open a failed file version: its error, or, once its retry time has come, a verified re-fetch.
+
+        The re-fetch runs in the background (one per blob across processes:
+        ``claim_retry``) and serves no byte until the whole file has verified;
+        the open waits for it at most ``retry_wait`` seconds, then answers the
+        error as before.
+        """
+        assert blob.error is not None
+        running = self._retries.get(blob.key)
+        if running is None:
+            due = blob.retry_at is not None and time.time() >= blob.retry_at
+            if not due or self._nursery is None or not await trio.to_thread.run_sync(
+                self.store.claim_retry, blob, self.retry_failed_after
+            ):
+                raise blob.error
+            running = self._retries[blob.key] = trio.Event()
+            self.store.retain(blob)
+            self._nursery.start_soon(self._refetch, spec, blob, running)
+        with trio.move_on_after(self.retry_wait):
+            await running.wait()
+        if blob.error is not None:
+            raise blob.error
+
+    async def _refetch(self, spec: FileSpec, blob: Blob, done: trio.Event) -> None:
+        """Fetch a failed file again from scratch and verify it; success clears the failure."""
+        log.info("fetching %s %s again to verify it (it failed verification before)", spec.pid, spec.path)
+        handle = Handle(spec, blob)
+        try:
+            await trio.to_thread.run_sync(self.store.discard, blob)
+            await self._fetch_all(handle)
+            await self._verify(handle)
+        except IntegrityError:  # recorded and reported again; stays failed until the next retry time
+            pass
+        except (CacheError, OSError) as error:  # stays failed until the next retry time
+            log.warning("re-fetching %s %s failed: %s", spec.pid, spec.path, error)
+        finally:
+            del self._retries[blob.key]
+            done.set()
+            await self._unpin(blob)
 
     async def release(self, handle: Handle) -> None:
         await self._unpin(handle.blob)
@@ -255,21 +327,7 @@ class Fetcher:
         handle = await self.open(spec)
         try:
             blob = handle.blob
-            if blob.error is not None:
-                raise blob.error
-            pending: deque[_Flight] = deque()
-            per_chunk = blob.blocks_per_chunk
-            chunks = -(-blob.block_count // per_chunk)
-            for chunk in range(chunks):
-                low, high = chunk * per_chunk, min(blob.block_count, (chunk + 1) * per_chunk)
-                self._start_flights(handle, low, high, high)
-                started = (self._flights.get((blob.key, index)) for index in range(low, high))
-                pending.extend(dict.fromkeys(flight for flight in started if flight is not None))
-                while pending and (len(pending) >= self._max_flights or chunk == chunks - 1):
-                    flight = pending.popleft()
-                    await self._wait(handle, {flight.first: flight}, settled=True)
-                    if progress is not None:
-                        progress(blob.present_bytes, blob.size)
+            await self._fetch_all(handle, progress)
             await self._verify(handle)
             if blob.error is not None:
                 raise blob.error
@@ -277,6 +335,23 @@ class Fetcher:
                 raise CacheError(f"{spec.pid} {spec.path}: could not cache the whole file")
         finally:
             await self.release(handle)
+
+    async def _fetch_all(self, handle: Handle, progress: Progress | None = None) -> None:
+        """Fetch every missing block of a file, ``max_in_flight`` bytes at a time."""
+        blob = handle.blob
+        pending: deque[_Flight] = deque()
+        per_chunk = blob.blocks_per_chunk
+        chunks = -(-blob.block_count // per_chunk)
+        for chunk in range(chunks):
+            low, high = chunk * per_chunk, min(blob.block_count, (chunk + 1) * per_chunk)
+            self._start_flights(handle, low, high, high)
+            started = (self._flights.get((blob.key, index)) for index in range(low, high))
+            pending.extend(dict.fromkeys(flight for flight in started if flight is not None))
+            while pending and (len(pending) >= self._max_flights or chunk == chunks - 1):
+                flight = pending.popleft()
+                await self._wait(handle, {flight.first: flight}, settled=True)
+                if progress is not None:
+                    progress(blob.present_bytes, blob.size)
 
     # -- fetching ----------------------------------------------------------------
 
@@ -398,13 +473,13 @@ class Fetcher:
             actual = await self._with_deadline(
                 lambda: self.transfer.size(spec.host, spec.remote_path), spec
             )
-            blob.error = IntegrityError(
+            error = IntegrityError(
                 f"{spec.pid} {spec.path}: catalog says {spec.size} bytes,"
                 f" server has {actual} ({spec.remote_path})"
             )
-            self.stats["integrity_errors"] += 1
-            log.error("%s", blob.error)
-            raise blob.error
+            await trio.to_thread.run_sync(self.store.record_failure, blob, spec, error, self.retry_failed_after)
+            self._failed(blob, error)
+            raise error
         return data
 
     async def _with_deadline(self, call: Callable[[], Awaitable[T]], spec: FileSpec) -> T:
@@ -473,15 +548,45 @@ class Fetcher:
             if running is not None:
                 async with running.lock:
                     digest = await trio.to_thread.run_sync(running.finish, self.store, blob)
-            await trio.to_thread.run_sync(self.store.complete, blob, handle.spec, digest)
+            await trio.to_thread.run_sync(self.store.complete, blob, handle.spec, digest, self.retry_failed_after)
         except IntegrityError as error:
-            self.stats["integrity_errors"] += 1
-            log.error("%s", error)
+            self._failed(blob, error)
         except (CacheError, OSError) as error:  # stays incomplete; the next open retries
             log.warning("could not verify %s %s: %s", handle.spec.pid, handle.spec.path, error)
         finally:
             del self._verifications[blob.key]
             done.set()
+
+    def _failed(self, blob: Blob, error: IntegrityError) -> None:
+        """A file version just failed verification here or elsewhere: count, log, tell listeners."""
+        self.stats["integrity_errors"] += 1
+        report_integrity(error)
+        for listener in self.failure_listeners:
+            self._start(listener, blob.key)
+
+    async def _watch_failures(self) -> None:
+        """Apply failures recorded by other processes (a second mount, ``cache verify``) to open blobs.
+
+        So once a mismatch is known anywhere, every handle open here answers
+        EIO from its next read, within ``FAILURE_POLL`` seconds.
+        """
+        while True:
+            await trio.sleep(FAILURE_POLL)
+            try:
+                failures = await trio.to_thread.run_sync(self.store.failures_since, self._failures_seen)
+            except CacheError as error:
+                log.debug("looking for recorded failures: %s", error)
+                continue
+            if not failures:
+                continue
+            self._failures_seen = failures[-1].failed_at
+            open_blobs = {blob.key: blob for blob in self.store.open_blobs()}
+            for failure in failures:
+                blob = open_blobs.get(failure.key)
+                if blob is None or blob.error is not None or failure.key in self._retries:
+                    continue
+                blob.error, blob.retry_at, blob.complete = IntegrityError(failure.message), failure.retry_at, False
+                self._failed(blob, blob.error)
 
     def _hash_ahead(self, blob: Blob) -> None:
         """Hash the blob's newly recorded prefix in the background (see cache.digest)."""

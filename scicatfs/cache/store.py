@@ -9,8 +9,11 @@ operations inline on the trio thread and push slow ones (fsync, hashing, evictio
 to worker threads. One sqlite connection and the table of open blobs are guarded
 by one ``threading.Lock`` (``BlobStore._lock``); it is held for single index
 transactions and for the open/evict decisions, never during network I/O, chunk
-writes or hashing. The on-disk format and the cross-process rules are described
-in docs/cache-format.md.
+writes, hashing, ``fsync``, ``unlink`` or a sleep (docs/concurrency.md states the
+rule and who may wait on whom). Questions the event loop asks (``cached_bytes``,
+``usage``, the failure poll) go to a second, read-only connection with its own
+lock, so they never wait for a writer. The on-disk format and the cross-process
+rules are described in docs/cache-format.md.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scicatfs.cache.errors import CacheError, IntegrityError
 
@@ -41,6 +44,10 @@ __all__ = [
     "Blob",
     "BlobInfo",
     "BlobStore",
+    "Eviction",
+    "Failure",
+    "Forgotten",
+    "VerifyProblem",
     "FileSpec",
     "blob_key",
     "default_budget",
@@ -56,11 +63,18 @@ BLOCK_SIZE = 128 * 1024
 INDEX_FILE = "index.sqlite3"
 DEFAULT_BUDGET = 10 * 1024**3
 #: Format 1 recorded whole chunks; its rows are dropped on upgrade (refetched).
-SCHEMA_VERSION = 2
+#: Format 3 added ``failures``: a scicatfs that does not know it would serve a failed file again.
+SCHEMA_VERSION = 3
 # A one-byte region far beyond any real file offset: every process that has a
 # blob open holds a shared fcntl lock on it; an evictor needs the exclusive lock.
 PIN_OFFSET = 1 << 62
 OPEN_RETRIES = 50
+#: How long a file version that failed verification answers EIO before one verified re-fetch is tried.
+RETRY_FAILED_AFTER = 600.0
+#: How long opening a blob waits for this process's own open or eviction of it, at most.
+BUSY_WAIT = 30.0
+#: How long the first process to create an index may hold it while switching it to WAL.
+SETUP_WAIT = 30.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
@@ -83,6 +97,15 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (pid, path)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_key ON files(key);
+CREATE TABLE IF NOT EXISTS failures (
+    key       TEXT PRIMARY KEY,
+    pid       TEXT NOT NULL,
+    path      TEXT NOT NULL,
+    message   TEXT NOT NULL,
+    failed_at REAL NOT NULL,
+    retry_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS failures_by_time ON failures(failed_at);
 """
 
 
@@ -158,6 +181,8 @@ class Blob:
     present: set[int] = field(default_factory=set)
     complete: bool = False
     error: IntegrityError | None = None
+    #: When a recorded failure of this blob may be retried (a verified re-fetch), if it failed.
+    retry_at: float | None = None
     pins: int = 0
 
     @property
@@ -189,6 +214,35 @@ class Blob:
         last = self.block_count - 1
         short = self.block_size - self.block_length(last) if last in self.present else 0
         return count * self.block_size - short
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A recorded verification failure: this blob's bytes must not be served (see ``record_failure``)."""
+
+    key: str
+    pid: str
+    path: str
+    message: str
+    failed_at: float
+    retry_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    """What ``BlobStore.forget`` did: blobs dropped, and blobs left because a mount has them open."""
+
+    dropped: int
+    failures_cleared: int
+    in_use: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Eviction:
+    """What one eviction pass did."""
+
+    freed: int
+    skipped_in_use: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,22 +280,29 @@ class BlobStore:
         self._blobs_dir = self.directory / "blobs"
         self._lock = threading.Lock()
         self._open: dict[str, Blob] = {}
+        #: Keys that one thread is opening or evicting outside ``_lock``; others wait on the event.
+        self._busy: dict[str, threading.Event] = {}
+        self._read_lock = threading.Lock()
         try:
             _make_private_dir(self.directory)
             _make_private_dir(self._blobs_dir)
             self._db = self._connect(self.directory / INDEX_FILE)
+            self._reader = sqlite3.connect(
+                f"file:{self.directory / INDEX_FILE}?mode=ro", uri=True, check_same_thread=False,
+                isolation_level=None, timeout=30,
+            )  # fmt: skip
         except (OSError, sqlite3.Error) as error:
             raise CacheError(f"cannot use cache directory {self.directory}: {error}") from error
 
     def _connect(self, path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
+        _use_wal(db)
         # NORMAL in WAL mode survives a process crash; after power loss the
         # newest transactions may be lost, which only forgets chunks (safe).
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, SCHEMA_VERSION):
+        if version not in (0, 1, 2, SCHEMA_VERSION):
             raise CacheError(
                 f"cache index {path} has format {version}, this scicatfs knows {SCHEMA_VERSION};"
                 " use another --cache-dir or delete this one"
@@ -261,6 +322,8 @@ class BlobStore:
                 os.close(blob.fd)
             self._open.clear()
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
 
     def __enter__(self) -> BlobStore:
         return self
@@ -288,6 +351,11 @@ class BlobStore:
         except sqlite3.Error as error:
             raise CacheError(f"cache index {self.directory / INDEX_FILE}: {error}") from error
 
+    def _query(self, sql: str, parameters: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """A read on the read-only connection: never waits for ``_lock`` or a writer."""
+        with self._read_lock, self._index_errors():
+            return self._reader.execute(sql, parameters).fetchall()
+
     def _touch(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
         """Bookkeeping (access times, the (pid, path) map) that must not fail a read.
 
@@ -307,30 +375,74 @@ class BlobStore:
 
     # -- open / pin ------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _claim(self, key: str) -> Iterator[Blob | None]:
+        """Hold ``key`` against this process's other openers and evictors, without ``_lock``.
+
+        Yields the blob if it is already open (pinned once more, nothing claimed),
+        else None with the key claimed until the block ends. Waiting for another
+        thread's claim happens outside ``_lock``, so a slow open or eviction of one
+        blob never stalls the index for everyone else.
+        """
+        deadline = time.monotonic() + BUSY_WAIT
+        while True:
+            with self._lock:
+                blob = self._open.get(key)
+                if blob is not None:
+                    blob.pins += 1
+                    break
+                busy = self._busy.get(key)
+                if busy is None:
+                    mine = self._busy[key] = threading.Event()
+                    break
+            if not busy.wait(max(0.0, deadline - time.monotonic())):
+                raise CacheError(f"cache blob {self.blob_file(key)} stayed busy for {BUSY_WAIT:g} s")
+        if blob is not None:
+            yield blob
+            return
+        try:
+            yield None
+        finally:
+            with self._lock:
+                del self._busy[key]
+            mine.set()
+
     def open_blob(self, spec: FileSpec) -> Blob:
-        """Pin the blob for ``spec`` (creating it empty if new) and record (pid, path) -> blob."""
+        """Pin the blob for ``spec`` (creating it empty if new) and record (pid, path) -> blob.
+
+        A recorded verification failure comes back as ``blob.error`` (and ``retry_at``).
+        """
         key = blob_key(spec)
         touch: list[tuple[str, tuple[object, ...]]] = [
             ("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), key)),
             ("INSERT OR REPLACE INTO files (pid, path, key) VALUES (?, ?, ?)", (spec.pid, spec.path, key)),
         ]
-        with self._lock, self._index_errors():
-            blob = self._open.get(key)
-            if blob is None:
-                blob = self._open[key] = self._open_file(key, spec, touch)
-            else:
-                self._touch(touch)
-            blob.pins += 1
-            return blob
+        with self._claim(key) as blob:
+            if blob is not None:
+                with self._lock:
+                    self._touch(touch)
+                return blob
+            path = self.blob_file(key)
+            fd, created = self._pin_file(path)
+            try:
+                with self._lock, self._index_errors():
+                    blob = self._load(key, spec, path, fd, created, touch)
+                    blob.pins = 1
+                    self._open[key] = blob
+                    return blob
+            except BaseException:
+                os.close(fd)
+                raise
 
-    def _open_file(self, key: str, spec: FileSpec, touch: list[tuple[str, tuple[object, ...]]]) -> Blob:
-        """Open and pin-lock the blob file, then load what the index says is present.
+    def _pin_file(self, path: Path) -> tuple[int, bool]:
+        """Open and pin-lock the blob file; returns (fd, created). Called with the key claimed.
 
         Order matters against an evictor in another process: we hold the shared
         pin lock and have checked that the path still names our inode *before*
         trusting any chunk rows, and the evictor deletes rows before unlinking.
+        The retries (another process is evicting this blob right now) sleep
+        without ``_lock``.
         """
-        path = self.blob_file(key)
         path.parent.mkdir(mode=0o700, exist_ok=True)
         for _ in range(OPEN_RETRIES):
             created = True
@@ -346,23 +458,22 @@ class BlobStore:
                 fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 1, PIN_OFFSET)
                 if os.fstat(fd).st_ino != os.stat(path).st_ino:
                     raise FileNotFoundError(path)
+                os.fchmod(fd, 0o600)
             except (BlockingIOError, PermissionError, FileNotFoundError):
                 os.close(fd)
                 time.sleep(0.01)
                 continue
-            try:
-                os.fchmod(fd, 0o600)
-                return self._load(key, spec, path, fd, created, touch)
             except BaseException:
                 os.close(fd)
                 raise
+            return fd, created
         raise CacheError(f"cannot open cache blob {path}: it keeps being evicted")
 
     def _load(
         self, key: str, spec: FileSpec, path: Path, fd: int, created: bool,
         touch: list[tuple[str, tuple[object, ...]]],
     ) -> Blob:  # fmt: skip
-        """Read the blob's rows; ``touch`` (open's bookkeeping) shares the one transaction."""
+        """Read the blob's rows; ``touch`` (open's bookkeeping) shares the one transaction. Holds ``_lock``."""
         checksum = str(spec.checksum) if spec.checksum is not None else None
         try:
             with self._transaction() as db:
@@ -381,12 +492,22 @@ class BlobStore:
             if getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
                 raise
             if created:
-                return Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, self.block_size)
+                blob = Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, self.block_size)
+                self._apply_failure(blob, self._db)
+                return blob
         state = self._db.execute("SELECT complete FROM blobs WHERE key = ?", (key,)).fetchone()
         present = {row[0] for row in self._db.execute("SELECT idx FROM chunks WHERE key = ?", (key,))}
         blob = Blob(key, path, fd, spec.size, spec.checksum, self.chunk_size, self.block_size, present)
         blob.complete = bool(state and state[0]) and blob.all_present
+        self._apply_failure(blob, self._db)
         return blob
+
+    @staticmethod
+    def _apply_failure(blob: Blob, db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT message, retry_at FROM failures WHERE key = ?", (blob.key,)).fetchone()
+        if row is not None:
+            blob.error, blob.retry_at = IntegrityError(row[0]), row[1]
+            blob.complete = False
 
     def release_blob(self, blob: Blob) -> None:
         """Unpin; the last release closes the file (which drops this process's locks)."""
@@ -402,6 +523,11 @@ class BlobStore:
         """One more pin on an already open blob (background work outliving a handle)."""
         with self._lock:
             blob.pins += 1
+
+    def open_blobs(self) -> list[Blob]:
+        """The blobs this process has open right now (a snapshot)."""
+        with self._lock:
+            return list(self._open.values())
 
     # -- chunks ----------------------------------------------------------------
 
@@ -447,11 +573,9 @@ class BlobStore:
         wanted = range(first, first + count)
         if blob.present.issuperset(wanted):
             return True
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT idx FROM chunks WHERE key = ? AND idx >= ? AND idx < ?",
-                (blob.key, first, first + count),
-            ).fetchall()
+        rows = self._query(
+            "SELECT idx FROM chunks WHERE key = ? AND idx >= ? AND idx < ?", (blob.key, first, first + count)
+        )
         blob.present.update(row[0] for row in rows)
         return blob.present.issuperset(wanted)
 
@@ -472,15 +596,18 @@ class BlobStore:
     def unlock_blocks(self, blob: Blob, first: int, count: int) -> None:
         fcntl.lockf(blob.fd, fcntl.LOCK_UN, count * self.block_size, first * self.block_size)
 
-    # -- completion and verification -----------------------------------------
+    # -- completion, verification and failures ---------------------------------
 
-    def complete(self, blob: Blob, spec: FileSpec, digest: str | None = None) -> None:
+    def complete(
+        self, blob: Blob, spec: FileSpec, digest: str | None = None, retry_after: float = RETRY_FAILED_AFTER
+    ) -> None:
         """Mark a blob whose blocks are all present complete, after checking its checksum.
 
         Hashes the whole blob unless ``digest`` (the caller hashed the recorded
         blocks as they arrived) is given: call it from a worker thread. On a
-        mismatch the blob's blocks are forgotten, ``blob.error`` is set and
-        IntegrityError raised.
+        mismatch the failure is recorded (``record_failure``), the blob's blocks
+        are forgotten and IntegrityError raised. A success clears an earlier
+        failure of the blob: this was its verified re-fetch.
         """
         if blob.complete or not blob.all_present:
             return
@@ -492,17 +619,67 @@ class BlobStore:
                             blob.checksum.algorithm)  # fmt: skip
                 actual = blob.checksum.hexdigest.lower()
             if actual != blob.checksum.hexdigest.lower():
-                # error first: a reader racing with the truncation sees it after its pread
-                blob.error = IntegrityError(
+                error = IntegrityError(
                     f"checksum mismatch for {spec.pid} {spec.path}: catalog says"
                     f" {blob.checksum.algorithm}:{blob.checksum.hexdigest.lower()},"
                     f" server sent {blob.checksum.algorithm}:{actual}; cached copy discarded"
                 )
+                self.record_failure(blob, spec, error, retry_after)
                 self.discard(blob)
-                raise blob.error
+                raise error
         with self._lock, self._index_errors(), self._transaction() as db:
             db.execute("UPDATE blobs SET complete = 1 WHERE key = ?", (blob.key,))
+            db.execute("DELETE FROM failures WHERE key = ?", (blob.key,))
         blob.complete = True
+        blob.error = blob.retry_at = None
+
+    def record_failure(
+        self, blob: Blob, spec: FileSpec, error: IntegrityError, retry_after: float = RETRY_FAILED_AFTER
+    ) -> None:
+        """Remember that ``blob``'s bytes failed verification, for every process and every restart.
+
+        ``blob.error`` is set first, so that a reader racing with this sees it
+        after its pread. Until ``retry_after`` seconds have passed, opening the
+        blob answers the error; after that, one open re-fetches and verifies the
+        whole file before any byte is served (the fetcher). If the index cannot
+        take the row (disk full), the failure still holds in this process.
+        """
+        blob.error, blob.retry_at = error, time.time() + retry_after
+        blob.complete = False
+        try:
+            with self._lock, self._transaction() as db:
+                db.execute(
+                    "INSERT OR REPLACE INTO failures (key, pid, path, message, failed_at, retry_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (blob.key, spec.pid, spec.path, str(error), time.time(), blob.retry_at),
+                )
+        except sqlite3.Error as problem:
+            log.warning("cannot record the failure of %s %s in the cache index: %s", spec.pid, spec.path, problem)
+
+    def claim_retry(self, blob: Blob, retry_after: float = RETRY_FAILED_AFTER) -> bool:
+        """Take the turn to re-fetch a failed blob whose retry time has come (once across processes).
+
+        Pushes ``retry_at`` forward in the same transaction that checks it, so
+        two processes (or a crash half-way through) never start two re-fetches
+        in one retry period.
+        """
+        now = time.time()
+        with self._lock, self._index_errors(), self._transaction() as db:
+            claimed = db.execute(
+                "UPDATE failures SET retry_at = ? WHERE key = ? AND retry_at <= ?",
+                (now + retry_after, blob.key, now),
+            ).rowcount
+        if claimed:
+            blob.retry_at = now + retry_after
+        return bool(claimed)
+
+    def failures_since(self, since: float) -> list[Failure]:
+        """Failures recorded after ``since`` (POSIX time), by any process: the mount polls this."""
+        rows = self._query(
+            "SELECT key, pid, path, message, failed_at, retry_at FROM failures WHERE failed_at > ?"
+            " ORDER BY failed_at", (since,),
+        )  # fmt: skip
+        return [Failure(*row) for row in rows]
 
     @staticmethod
     def _digest(file: Path, algorithm: str) -> str:
@@ -517,8 +694,15 @@ class BlobStore:
         blob.complete = False
         os.ftruncate(blob.fd, 0)
 
-    def verify(self) -> list[str]:
-        """Re-hash every complete blob that has a checksum; discard and report mismatches."""
+    def verify(self) -> list[VerifyProblem]:
+        """Re-hash every complete blob that has a checksum; report, record and drop mismatches.
+
+        Reading never disturbs a mount that has the blob open. A mismatching blob
+        that no process has open is dropped; one that is open elsewhere is left in
+        place (``in_use``) and its failure recorded, which that mount notices
+        within its failure poll and then refuses to serve. Either way the next
+        open re-fetches the file and verifies it before serving a byte.
+        """
         with self._lock:
             rows = self._db.execute(
                 "SELECT key, checksum FROM blobs WHERE complete = 1 AND checksum IS NOT NULL"
@@ -530,18 +714,69 @@ class BlobStore:
                 actual = self._digest(self.blob_file(key), algorithm)
             except FileNotFoundError:
                 actual = "missing file"
-            if actual != expected.lower():
-                problems.append(f"{key}: expected {checksum}, found {algorithm}:{actual}")
-                with self._lock, self._transaction() as db:
-                    _forget_blocks(db, key)
+            if actual == expected.lower():
+                continue
+            message = f"the cached copy of {key} is damaged: expected {checksum}, found {algorithm}:{actual}"
+            with self._claim(key) as blob:
+                if blob is not None:  # open in this very process
+                    self.release_blob(blob)
+                pinned = blob is not None or self._pinned_elsewhere(key)
+                with self._lock, self._index_errors(), self._transaction() as db:
+                    names = db.execute("SELECT pid, path FROM files WHERE key = ? LIMIT 1", (key,)).fetchone()
+                    pid, path = names if names else ("", "")
+                    db.execute(
+                        "INSERT OR REPLACE INTO failures (key, pid, path, message, failed_at, retry_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?)", (key, pid, path, message, time.time(), 0.0),
+                    )  # fmt: skip
+                    if not pinned:
+                        _forget_blocks(db, key)
+            problems.append(VerifyProblem(key, checksum, f"{algorithm}:{actual}", in_use=pinned))
         return problems
+
+    def _pinned_elsewhere(self, key: str) -> bool:
+        """Does another process hold the pin lock of ``key``? Caller has claimed the key."""
+        try:
+            fd = os.open(self.blob_file(key), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PIN_OFFSET)
+        except (BlockingIOError, PermissionError):
+            return True
+        finally:
+            os.close(fd)  # this process has no other descriptor of it (claimed, not open)
+        return False
+
+    def forget(self, pid: str, path: str | None = None) -> Forgotten:
+        """Drop the cached copies and recorded failures of a dataset's files (``cache forget``).
+
+        The next open fetches them as new files. Blobs that another process has
+        open keep their bytes (a running mount may be reading them); their
+        failure records are cleared all the same, which that mount honours once
+        the file is no longer open there.
+        """
+        condition, parameters = ("pid = ?", (pid,)) if path is None else ("pid = ? AND path = ?", (pid, path))
+        with self._lock:
+            keys = [row[0] for row in self._db.execute(f"SELECT DISTINCT key FROM files WHERE {condition}", parameters)]
+        dropped, cleared, in_use = 0, 0, []
+        for key in keys:
+            with self._lock, self._index_errors(), self._transaction() as db:
+                cleared += db.execute("DELETE FROM failures WHERE key = ?", (key,)).rowcount
+            with self._claim(key) as blob:
+                if blob is not None:  # open in this process (a mount's own store)
+                    in_use.append(key)
+                    self.release_blob(blob)
+                elif self._delete_unpinned(key):
+                    dropped += 1
+                else:
+                    in_use.append(key)
+        return Forgotten(dropped, cleared, tuple(in_use))
 
     # -- accounting ------------------------------------------------------------
 
     def usage(self) -> int:
         """Bytes of recorded blocks over all blobs (holes and torn writes not counted)."""
-        with self._lock:
-            return self._db.execute("SELECT COALESCE(SUM(length), 0) FROM chunks").fetchone()[0]
+        return self._query("SELECT COALESCE(SUM(length), 0) FROM chunks")[0][0]
 
     def cached_bytes(self, spec: FileSpec) -> int:
         key = blob_key(spec)
@@ -550,10 +785,10 @@ class BlobStore:
             return blob.present_bytes
         # Called for every file that stat, ls -l and readdir show, on the event
         # loop: a complete blob is answered from its one row, not a sum over
-        # its (up to thousands of) block rows.
-        with self._lock:
-            row = self._db.execute(f"SELECT {_CACHED_BYTES} FROM blobs b WHERE b.key = ?", (key,)).fetchone()
-        return row[0] if row else 0
+        # its (up to thousands of) block rows; and from the read connection,
+        # which no writer holds.
+        rows = self._query(f"SELECT {_CACHED_BYTES} FROM blobs b WHERE b.key = ?", (key,))
+        return rows[0][0] if rows else 0
 
     def entries(self, pid: str | None = None) -> list[BlobInfo]:
         """Every (pid, path) the index knows (of dataset ``pid`` only, if given), with how much is cached."""
@@ -565,12 +800,11 @@ class BlobStore:
         return found[0] if found else None
 
     def _entries(self, condition: str, parameters: tuple[str, ...]) -> list[BlobInfo]:
-        with self._lock:
-            rows = self._db.execute(
-                f"""SELECT f.pid, f.path, b.key, b.size, b.complete, b.atime, b.checksum, {_CACHED_BYTES}
-                    FROM files f JOIN blobs b ON b.key = f.key {condition} ORDER BY f.pid, f.path""",
-                parameters,
-            ).fetchall()
+        rows = self._query(
+            f"""SELECT f.pid, f.path, b.key, b.size, b.complete, b.atime, b.checksum, {_CACHED_BYTES}
+                FROM files f JOIN blobs b ON b.key = f.key {condition} ORDER BY f.pid, f.path""",
+            parameters,
+        )
         return [
             BlobInfo(pid, path, key, self.blob_file(key), size, present, bool(complete), atime, checksum)
             for pid, path, key, size, complete, atime, checksum, present in rows
@@ -578,33 +812,42 @@ class BlobStore:
 
     # -- eviction --------------------------------------------------------------
 
-    def evict(self, target: int | None = None) -> int:
+    def evict(self, target: int | None = None) -> Eviction:
         """Delete least recently used blobs, never pinned ones, until usage <= target.
 
-        ``target`` defaults to the budget. Returns the bytes freed. Blobs open in
-        another process are recognised by their shared pin lock and skipped.
+        ``target`` defaults to the budget. Blobs open in another process are
+        recognised by their shared pin lock and skipped. ``_lock`` is taken per
+        blob, never across the whole pass, so opens and index writes interleave.
         """
         target = self.budget if target is None else target
-        freed = 0
-        with self._lock, self._index_errors():
-            usage = self._db.execute("SELECT COALESCE(SUM(length), 0) FROM chunks").fetchone()[0]
-            if usage <= target:
-                return 0
-            candidates = self._db.execute(
-                """SELECT b.key, (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
-                   FROM blobs b ORDER BY b.atime"""
-            ).fetchall()
-            for key, size in candidates:
-                if usage - freed <= target:
-                    break
-                if key not in self._open and self._delete_unpinned(key):
+        usage = self.usage()
+        if usage <= target:
+            return Eviction(0, 0)
+        candidates = self._query(
+            """SELECT b.key, (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
+               FROM blobs b ORDER BY b.atime"""
+        )
+        freed = skipped = 0
+        for key, size in candidates:
+            if usage - freed <= target:
+                break
+            with self._claim(key) as blob:
+                if blob is not None:  # open here: never evicted
+                    self.release_blob(blob)
+                    skipped += bool(size)
+                elif self._delete_unpinned(key):
                     freed += size
+                else:
+                    skipped += bool(size)
         if freed:
             log.info("cache eviction freed %d bytes (budget %d bytes)", freed, target)
-        return freed
+        return Eviction(freed, skipped)
 
     def _delete_unpinned(self, key: str) -> bool:
-        """Delete one blob unless another process has it open; caller holds ``_lock``."""
+        """Delete one blob unless another process has it open. Caller has claimed ``key``.
+
+        Only the index transaction holds ``_lock``; the unlink does not.
+        """
         path = self.blob_file(key)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -616,7 +859,7 @@ class BlobStore:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PIN_OFFSET)
                 except (BlockingIOError, PermissionError):
                     return False
-            with self._transaction() as db:
+            with self._lock, self._index_errors(), self._transaction() as db:
                 db.execute("DELETE FROM blobs WHERE key = ?", (key,))
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -624,6 +867,41 @@ class BlobStore:
         finally:
             if fd is not None:
                 os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyProblem:
+    """One blob whose cached bytes no longer match its checksum (``BlobStore.verify``)."""
+
+    key: str
+    expected: str
+    found: str
+    in_use: bool
+
+    def __str__(self) -> str:
+        return f"{self.key}: expected {self.expected}, found {self.found}"
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch the index to WAL, waiting for a process that is creating it at the same moment.
+
+    Changing the journal mode needs the database to itself, and sqlite answers
+    "database is locked" at once instead of calling the busy handler when two
+    processes open a brand-new index together; so retry for a bounded time.
+    """
+    deadline = time.monotonic() + SETUP_WAIT
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                return
+            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+                return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise sqlite3.OperationalError("could not switch the cache index to WAL mode")
+        time.sleep(0.02)
 
 
 #: Bytes cached of blob ``b``: all of it once complete (set only when every block is recorded).

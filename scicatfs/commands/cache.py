@@ -1,9 +1,10 @@
-"""``scicatfs cache status|prune|verify|where``: look after the cache directory.
+"""``scicatfs cache status|prune|verify|forget|where``: look after the cache directory.
 
-All four work while a mount uses the same directory: the index is sqlite in
-WAL mode, and blobs a mount has open are never pruned (their pin lock is
-held, docs/cache-format.md). A directory that holds no cache yet is reported
-as empty and left alone, never created.
+All of them work while a mount uses the same directory: the index is sqlite in
+WAL mode, and blobs a mount has open are never pruned, dropped or changed
+(their pin lock is held, docs/cache-format.md); each command says what it left
+for that reason. A directory that holds no cache yet is reported as empty and
+left alone, never created.
 """
 
 from __future__ import annotations
@@ -44,12 +45,19 @@ def register(subparsers: Any) -> None:
     verify = commands.add_parser("verify", help="re-hash complete blobs against their checksums, drop bad ones")
     verify.set_defaults(func=guarded(_verify))
 
+    forget = commands.add_parser(
+        "forget", help="drop a dataset's (or one file's) cached copy and failed-verification record"
+    )
+    forget.add_argument("pid", metavar="PID")
+    forget.add_argument("path", metavar="PATH", nargs="?", help="one file's path inside the dataset (default: all)")
+    forget.set_defaults(func=guarded(_forget))
+
     where = commands.add_parser("where", help="the blob file behind a dataset file, and how much of it is cached")
     where.add_argument("pid", metavar="PID")
     where.add_argument("path", metavar="PATH", help="the file's path inside the dataset")
     where.set_defaults(func=guarded(_where))
 
-    for command in (status, prune, verify, where):
+    for command in (status, prune, verify, forget, where):
         add_cache_options(command)
 
 
@@ -107,11 +115,12 @@ def _prune(args: argparse.Namespace) -> int:
         if store is None:
             return 0
         target = parse_size(args.to) if args.to is not None else store.budget
-        freed = store.evict(target)
+        eviction = store.evict(target)
         used = store.usage()
-        print(f"freed {human_size(freed)}; the cache now holds {human_size(used)}")
-        if used > target:
-            print(f"{human_size(used - target)} more are in files open in a running mount, and were kept")
+        print(f"freed {human_size(eviction.freed)}; the cache now holds {human_size(used)}")
+        if eviction.skipped_in_use:
+            over = f", {human_size(used - target)} over the target" if used > target else ""
+            print(f"kept {eviction.skipped_in_use} blobs that a running mount has open{over}")
     return 0
 
 
@@ -127,10 +136,29 @@ def _verify(args: argparse.Namespace) -> int:
         for entry in entries:
             files[entry.key].append(f"{entry.pid} {entry.path}")
         for problem in problems:
-            key = problem.partition(": ")[0]
-            print(f"BAD {problem}; dropped (used by: {'; '.join(files[key]) or 'no file'})")
+            users = "; ".join(files[problem.key]) or "no file"
+            if problem.in_use:
+                fate = "open in a running mount: left in place, and that mount now refuses it"
+            else:
+                fate = "dropped"
+            print(f"BAD {problem}; {fate} (used by: {users}); the next open fetches and verifies it again")
         print(f"verified {checkable} complete blobs with checksums: {len(problems)} bad")
     return 1 if problems else 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        if store is None:
+            return 0
+        what = f"{args.pid} {args.path}" if args.path else args.pid
+        result = store.forget(args.pid, args.path)
+        if not (result.dropped or result.in_use or result.failures_cleared):
+            raise CommandError(f"{what} is not in the cache")
+        print(f"{what}: dropped {result.dropped} cached files, cleared {result.failures_cleared} failed verifications")
+        if result.in_use:
+            print(f"kept the cached bytes of {len(result.in_use)} files that a running mount has open"
+                  " (run this again once they are closed there to drop them too)")  # fmt: skip
+    return 0
 
 
 def _where(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import pyfuse3
 from cachetools import TTLCache
 
-from scicatfs.cache.errors import CacheError
+from scicatfs.cache.errors import CacheError, IntegrityError, report_integrity
 from scicatfs.catalog.errors import (
     AuthenticationError,
     CatalogError,
@@ -94,7 +94,9 @@ def fuse_errors(operation: str, pid: str | None, path: str | None) -> Iterator[N
     except Exception as error:
         code = to_errno(error)
         where = " ".join(part for part in (pid and f"pid={pid!r}", path and f"path={path!r}") if part)
-        if isinstance(error, (CatalogError, TransferError, CacheError)):
+        if isinstance(error, IntegrityError):  # names pid, path, expected and actual itself
+            report_integrity(error)
+        elif isinstance(error, (CatalogError, TransferError, CacheError)):
             line = f"{operation} {where}: {_describe(error)} ({errno.errorcode[code]})"
             if line not in _recent:  # the kernel retries and reads ahead: one failure, one line
                 _recent[line] = True

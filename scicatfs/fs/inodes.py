@@ -50,6 +50,10 @@ class InodeTable(Generic[N]):
         """The node behind ``ino``; KeyError if the kernel forgot it (or never had it)."""
         return self._by_ino[ino]
 
+    def items(self) -> list[tuple[int, N]]:
+        """Every (inode, node) known now (a snapshot: rare whole-table questions, not per request)."""
+        return list(self._by_ino.items())
+
     def ino_of(self, node: N) -> int | None:
         """The inode number ``node`` has now, or None if it has none."""
         return self._by_node.get(node)

@@ -1,7 +1,7 @@
 """pyfuse3 request handlers: FUSE call -> namespace / fetcher call -> errno.
 
-Rules this module keeps (the numbers behind them are in
-../shared/research/fuse-anchors.md and docs/architecture.md):
+Rules this module keeps (the measurements behind them are in
+docs/performance.md and docs/filesystem.md):
 
 * Never a zero timeout for things that have attributes: each answer carries
   the namespace's TTL (catalog record or listing TTL). Unknown names are
@@ -15,6 +15,10 @@ Rules this module keeps (the numbers behind them are in
 * A data file whose cached copy is complete and verified when it is opened
   is read with one inline ``pread`` per request (:mod:`scicatfs.fs.localfile`),
   without the fetcher.
+* A file version that failed verification answers EIO to every open and read
+  (the fetcher and the cache index keep that state), and the kernel's cached
+  pages of every inode showing it are dropped (``_drop_pages``), so neither a
+  new open nor an ``mmap`` can see a byte of it.
 * Reads that may need the network are capped (``max_reads``) below
   pyfuse3's worker count, so however many readers wait for a slow file
   server, some workers are always free to answer ``stat``, ``lookup``,
@@ -39,7 +43,9 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from scicatfs.cache.errors import IntegrityError, report_integrity
 from scicatfs.cache.fetcher import Fetcher, Handle
+from scicatfs.cache.store import blob_key
 from scicatfs.fs.dirstream import DirectoryStream
 from scicatfs.fs.errors import fuse_errors
 from scicatfs.fs.inodes import InodeTable
@@ -113,6 +119,7 @@ class ScicatOperations(pyfuse3.Operations):
         self._records: dict[int, bytes] = {}
         self._dirs: dict[int, tuple[tuple[Entry, ...] | DirectoryStream[Entry], Node]] = {}
         self._reads = trio.CapacityLimiter(options.max_reads)
+        fetcher.failure_listeners.append(self._drop_pages)
 
     # -- helpers -----------------------------------------------------------------
 
@@ -142,6 +149,24 @@ class ScicatOperations(pyfuse3.Operations):
         mtime_ns = int(attributes.mtime * 1e9)
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = mtime_ns
         return entry
+
+    async def _drop_pages(self, key: str) -> None:
+        """Drop the kernel's cached pages of every inode that shows blob ``key`` (it failed verification).
+
+        ``invalidate_inode`` waits for pages locked by reads in flight, and those
+        reads are answered by this very event loop: called here it could
+        deadlock with the request that found the failure. So it runs in a
+        worker thread (pyfuse3 releases the GIL for it) while the loop goes on
+        answering; the reads that are still pending get EIO, not bytes.
+        """
+        inodes = [
+            ino for ino, node in self.inodes.items() if isinstance(node, DataFileNode) and blob_key(node.spec) == key
+        ]
+        for ino in inodes:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+            except OSError as error:  # the kernel has forgotten the inode meanwhile: nothing cached
+                log.debug("invalidating inode %d: %s", ino, error)
 
     def forget_dataset(self, pid: str, names: dict[str, list[str]]) -> None:
         """Drop the kernel's cached entries for names that changed in the catalog.
@@ -286,7 +311,7 @@ class ScicatOperations(pyfuse3.Operations):
             if isinstance(node, DataFileNode):
                 handle = self._files[fh] = await self.fetcher.open(node.spec)
                 if handle.blob.complete:  # verified: reads need no fetcher while it stays open
-                    self._local[fh] = LocalFile(handle.blob.fd, handle.spec.size)
+                    self._local[fh] = LocalFile(handle.blob)
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
             if node.kind is Kind.FILE:
                 self._records[fh] = await self.namespace.content(node)
@@ -303,6 +328,9 @@ class ScicatOperations(pyfuse3.Operations):
             except OSError as error:
                 spec = self._files[fh].spec
                 log.error("reading the cached copy of %s %s: %s", spec.pid, spec.path, error)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except IntegrityError as error:
+                report_integrity(error)
                 raise pyfuse3.FUSEError(errno.EIO) from None
         record = self._records.get(fh)
         if record is not None:
