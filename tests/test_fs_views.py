@@ -18,13 +18,16 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scicatfs.catalog.client import ListedDataset
+from scicatfs.catalog.auth import Credentials, Secret
+from scicatfs.catalog.client import CatalogClient, CatalogSettings, ListedDataset
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
-from scicatfs.fs.views import _value_of, link_names, value_name
+from scicatfs.fs.namespace import ROOT, Namespace
+from scicatfs.fs.views import _value_of, link_names, top_level_views, value_name
 from tests.support.catalog import V3OnlyServer
 from tests.support.records import dataset_record
 
@@ -150,6 +153,33 @@ def test_value_names_round_trip(value: str) -> None:
         assert "\0" in value or not value or len(value.encode("utf-8", "surrogatepass")) > 85
         return
     assert "/" not in name and name not in (".", "..") and _value_of(name) == value
+
+
+def test_view_listings_are_kept_for_the_listing_ttl(make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    """Within the listing TTL a view is answered from memory; after it, the catalog is asked again
+    and a dataset added meanwhile appears."""
+    catalog = views_catalog()
+    server = make_catalog_server(catalog)
+    ttl = 0.5
+
+    async def main() -> None:
+        credentials = Credentials(token=Secret(server.issue_token("stibbons")), source="test token")
+        settings = CatalogSettings(url=server.url, credentials=credentials, listing_ttl=ttl)
+        async with CatalogClient(settings) as client:
+            namespace = Namespace(client, cached_bytes=lambda spec: 0, listing_ttl=ttl, views=top_level_views())
+            proposals = await namespace.lookup(ROOT, "by-proposal")
+            values = await namespace.listing(proposals)
+            value = await namespace.lookup(proposals, PROPOSAL)
+            first = [name for name, _, _ in await namespace.listing(value)]
+            before = len(server.requests)
+            assert [name for name, _, _ in await namespace.listing(value)] == first
+            assert await namespace.listing(proposals) == values and len(server.requests) == before
+            _add(catalog, "vt/late", datasetName="Late run", proposalIds=[PROPOSAL])
+            await trio.sleep(ttl + 0.1)
+            assert "Late run" in [name for name, _, _ in await namespace.listing(value)]
+            assert len(server.requests) > before
+
+    trio.run(main)
 
 
 # -- on a mount ------------------------------------------------------------------------------
