@@ -26,6 +26,11 @@ docs/performance.md and docs/filesystem.md):
 * Without ``-o xattrs`` getxattr/listxattr answer ENOSYS, which the kernel
   remembers for the whole mount, so ``ls -l`` costs no xattr round trips.
 * Every write-type request answers EROFS.
+* Node kinds are the nodes' own business (:mod:`scicatfs.fs.node`): the
+  handlers ask a node for its attributes, listing, content or link target
+  and map its :class:`~scicatfs.fs.node.Kind` to ``st_mode``; only the data
+  file handlers below know :class:`DataFileNode`, because only they talk to
+  the fetcher.
 """
 
 from __future__ import annotations
