@@ -51,6 +51,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     tuning = mount.add_argument_group("behaviour")
     tuning.add_argument("--record-ttl", metavar="SECONDS", help="seconds a dataset record is trusted before asking again (default 60)")
     tuning.add_argument("--listing-ttl", metavar="SECONDS", help="seconds a listing or a 'no such name' is trusted (default 30)")
+    tuning.add_argument("--lookup-timeout", metavar="SECONDS", help="seconds a name never seen may wait for the catalog, retries included, before EIO (default 8)")
     tuning.add_argument(
         "--retry-failed", metavar="SECONDS",
         help="seconds a file that failed verification answers EIO before it is fetched and verified again (default 600)",

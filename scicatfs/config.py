@@ -109,6 +109,7 @@ class MountOptions:
     cache_size: int | None = None
     record_ttl: float = 60.0
     listing_ttl: float = 30.0
+    lookup_timeout: float = 8.0
     #: Seconds a file version that failed verification answers EIO before one verified re-fetch.
     retry_failed: float = 600.0
     xattrs: bool = False
@@ -151,7 +152,7 @@ _PATH_FIELDS = frozenset(
 )
 _STR_FIELDS = frozenset({"url", "username", "sftp_host", "sftp_user", "log_level"})
 _INT_FIELDS = frozenset({"sftp_port", "sftp_connections"})
-_FLOAT_FIELDS = frozenset({"record_ttl", "listing_ttl", "retry_failed"})
+_FLOAT_FIELDS = frozenset({"record_ttl", "listing_ttl", "lookup_timeout", "retry_failed"})
 _BOOL_FIELDS = frozenset({"insecure_no_host_key_check", "xattrs", "allow_other", "foreground"})
 _FIELDS = frozenset(f.name for f in dataclasses.fields(MountOptions))
 
@@ -543,6 +544,9 @@ def _validate(values: dict[str, object]) -> None:
         seconds = values.get(ttl, 0.0)
         if not (math.isfinite(seconds) and seconds >= 0):  # type: ignore[arg-type]
             raise ConfigError(f"{ttl} {seconds} must be a number of seconds >= 0")
+    lookup_timeout = values.get("lookup_timeout", 1.0)
+    if not (math.isfinite(lookup_timeout) and lookup_timeout > 0):  # type: ignore[arg-type]
+        raise ConfigError(f"lookup_timeout {lookup_timeout} must be a number of seconds > 0")
     level = str(values.get("log_level", "info")).lower()
     if level == "warn":
         level = "warning"

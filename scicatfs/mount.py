@@ -168,6 +168,7 @@ def _filesystem(
         views=top_level_views(
             (query.name, Selection(query.where, None, query.sort, query.limit)) for query in options.views
         ),
+        lookup_timeout=options.lookup_timeout,
     )
     operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
     namespace.on_change = operations.forget_dataset

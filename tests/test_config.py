@@ -282,6 +282,8 @@ def _options(tmp_path: Path, **cli: object) -> MountOptions:
         ({"cache_size": "lots"}, "invalid size"),
         ({"record_ttl": "-1"}, "record_ttl"),
         ({"listing_ttl": "nan"}, "listing_ttl"),
+        ({"lookup_timeout": "0"}, "lookup_timeout 0.0 must be a number of seconds > 0"),
+        ({"lookup_timeout": "inf"}, "lookup_timeout"),
         ({"log_level": "chatty"}, "not one of debug, info"),
         ({"xattrs": "maybe"}, "true or false"),
         ({"token_file": "/t", "username": "u"}, "exclude each other"),
@@ -309,6 +311,7 @@ def test_text_values_are_converted(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         mountpoint="mnt",
         sftp_port="2222",
         record_ttl="0",
+        lookup_timeout="2.5",
         xattrs="yes",
         allow_other=True,
         log_level="WARN",
@@ -318,6 +321,7 @@ def test_text_values_are_converted(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert options.mountpoint == tmp_path / "mnt"  # absolute: the daemon leaves the cwd
     assert options.sftp_port == 2222
     assert options.record_ttl == 0.0
+    assert options.lookup_timeout == 2.5
     assert options.xattrs is True and options.allow_other is True
     assert options.log_level == "warning"
     assert options.token_file == tmp_path / "token"

@@ -119,14 +119,14 @@ def test_stream_resumes_without_restarting_and_restarts_when_rewound() -> None:
 # -- namespace over the real catalog server --------------------------------------------
 
 
-def _namespace_test(server: CatalogServer, body, user: str | None = "stibbons") -> None:  # type: ignore[no-untyped-def]
+def _namespace_test(server: CatalogServer, body, user: str | None = "stibbons", **options) -> None:  # type: ignore[no-untyped-def]
     credentials = Credentials()
     if user is not None:
         credentials = Credentials(token=Secret(server.issue_token(user)), source="test token")
 
     async def main() -> None:
         async with CatalogClient(CatalogSettings(url=server.url, credentials=credentials)) as catalog:
-            await body(Namespace(catalog, cached_bytes=lambda spec: 0))
+            await body(Namespace(catalog, cached_bytes=lambda spec: 0, **options))
 
     trio.run(main)
 
@@ -411,6 +411,23 @@ def test_a_never_seen_name_is_resolved_in_one_catalog_round_trip(make_catalog_se
         assert paths == ["/api/v4/datasets", f"/api/v4/datasets/{name}"]
 
     _namespace_test(server, body)
+
+
+def test_a_name_never_seen_waits_at_most_the_lookup_timeout(make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    """With no last version to fall back on, the lookup deadline ends the client's retries."""
+    server = make_catalog_server()
+
+    async def body(namespace: Namespace) -> None:
+        level = await namespace.lookup(ROOT, "20.500.12269")
+        server.latency = 3.0  # slower than the deadline below; the client alone would wait
+        for parent, name in ((ROOT, "never-seen"), (level, "never-seen")):
+            started = trio.current_time()
+            with pytest.raises(CatalogUnavailable, match="did not answer within 0.5 s"):
+                await namespace.lookup(parent, name)
+            assert trio.current_time() - started < 1.5
+        server.latency = 0.0
+
+    _namespace_test(server, body, lookup_timeout=0.5)
 
 
 def test_a_dataset_below_a_prefix_costs_one_request(catalog_server: CatalogServer) -> None:

@@ -170,12 +170,15 @@ def test_large_read_is_spread_over_connections(sshd: OpenSSHServer, remote_dir: 
 # -- errors ---------------------------------------------------------------------
 
 
-def test_missing_file_is_remote_file_not_found(sshd: OpenSSHServer, remote_dir: str) -> None:
+@pytest.mark.parametrize("length", [10, 16 * MiB])  # one connection; split over several
+def test_missing_file_is_remote_file_not_found(
+    sshd: OpenSSHServer, remote_dir: str, length: int
+) -> None:
     missing = f"{remote_dir}/archived.h5"
 
     async def body(transfer: Transfer) -> None:
         with pytest.raises(RemoteFileNotFound, match="may be archived") as read_error:
-            await transfer.read(None, missing, 0, 10)
+            await transfer.read(None, missing, 0, length)
         with pytest.raises(RemoteFileNotFound):
             await transfer.size(None, missing)
         assert read_error.value.path == missing

@@ -18,19 +18,20 @@ import asyncio
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NoReturn
 
 import asyncssh
 
-__all__ = ["DemoSFTPServer"]
+__all__ = ["DemoSFTPServer", "ReadOnlySFTPServer"]
 
 _START_TIMEOUT = 10.0
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 
 
-class _ReadOnlySFTPServer(asyncssh.SFTPServer):
+class ReadOnlySFTPServer(asyncssh.SFTPServer):
     """An SFTP server that refuses every call that would change the tree."""
 
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> object:
@@ -52,13 +53,23 @@ class DemoSFTPServer:
     After `start()`: `port`, `client_key_path` (private key, OpenSSH format),
     `known_hosts_path` (``[host]:port <host key>``) and `username` (any name is
     accepted; this is merely a suggestion for clients) describe how to connect.
+    ``sftp_server(chan, chroot=...)`` makes the server of each SFTP session: a
+    `ReadOnlySFTPServer` unless a test needs one that misbehaves.
     """
 
     username = "demo"
 
-    def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        sftp_server: Callable[..., ReadOnlySFTPServer] = ReadOnlySFTPServer,
+    ) -> None:
         self.root = Path(root)
         self.host = host
+        self._sftp_server = sftp_server
         self._requested_port = port
         self._keydir: Path | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,13 +123,13 @@ class DemoSFTPServer:
         return self
 
     async def _listen(self, host_key: asyncssh.SSHKey) -> asyncssh.SSHAcceptor:
-        root = str(self.root)
+        root, server = str(self.root), self._sftp_server
         return await asyncssh.listen(
             self.host, self._requested_port,
             server_host_keys=[host_key],
             authorized_client_keys=str(self._require_keydir() / "authorized_keys"),
             password_auth=False, kbdint_auth=False,
-            sftp_factory=lambda chan: _ReadOnlySFTPServer(chan, chroot=root),
+            sftp_factory=lambda chan: server(chan, chroot=root),
             allow_scp=False)
 
     def stop(self) -> None:

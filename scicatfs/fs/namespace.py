@@ -89,6 +89,11 @@ OFFLINE_RETRY = 10.0
 #: using that answer (the client's own retries and deadlines can take minutes
 #: against a catalog that accepts requests and never answers).
 STALE_WAIT = 5.0
+#: How long resolving a name with no last known answer (a PID or prefix never
+#: seen) may take in all, the client's retries and backoff included, before it
+#: is EIO; the client alone may take 4 tries of 35 s. 8 s keeps the lookup's
+#: answer within 10 s with room for the FUSE round trip.
+LOOKUP_TIMEOUT = 8.0
 #: Built listings of dataset directories are kept for the record TTL, up to
 #: this many entries in all: a second ``ls -lR`` or ``find`` then costs no
 #: per-entry work (cached-bytes look-ups in the cache index above all). A
@@ -465,8 +470,10 @@ class Namespace:
         status: Callable[[], bytes] | None = None,
         views: Mapping[str, Node] | None = None,
         on_change: Callable[[str, dict[str, list[str]]], None] | None = None,
+        lookup_timeout: float = LOOKUP_TIMEOUT,
     ) -> None:
         self.catalog = catalog
+        self.lookup_timeout = lookup_timeout
         self.cached_bytes = cached_bytes
         self._use_source_folder_host = use_source_folder_host
         self.record_ttl = record_ttl
@@ -555,6 +562,10 @@ class Namespace:
         """Built as ``prefetch`` builds it, so both find the same blobs."""
         return FileSpec.for_file(dataset, datafile, dataset.source_folder_host if self._use_source_folder_host else None)
 
+    async def ask_new(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` for a name with no last known answer: CatalogUnavailable after ``lookup_timeout``."""
+        return await _ask(call, self.lookup_timeout)
+
     async def remembered(self, key: Hashable, build: Callable[[], Awaitable[T]]) -> T:
         """``build()``, kept for the listing TTL under ``key``; concurrent callers share one build."""
         return await self._remembered.get(key, build)
@@ -576,7 +587,7 @@ class Namespace:
         if self._seen_prefixes.get(candidate) or (known and self._offline):
             return PidLevel(candidate + "/")
         try:
-            return await _ask(lambda: self._resolve_pid(candidate), impatient=known)
+            return await _ask(lambda: self._resolve_pid(candidate), self._wait(known))
         except _NO_ANSWER as error:
             if not known:
                 raise
@@ -779,7 +790,7 @@ class Namespace:
         dataset = self.catalog.cached_dataset(pid)
         if dataset is None:
             try:
-                dataset = await _ask(lambda: self.catalog.get_dataset(pid), impatient=previous is not None)
+                dataset = await _ask(lambda: self.catalog.get_dataset(pid), self._wait(previous is not None))
             except _NO_ANSWER as error:
                 if previous is None:
                     raise
@@ -797,6 +808,10 @@ class Namespace:
                 self.on_change(pid, changes)
         return view
 
+    def _wait(self, known: bool) -> float:
+        """How long to wait for the catalog: briefly with a last known answer to fall back on."""
+        return STALE_WAIT if known else self.lookup_timeout
+
     @property
     def _offline(self) -> bool:
         """The catalog gave no usable answer a moment ago: do not ask it again yet."""
@@ -813,13 +828,11 @@ def parent_of(node: Node) -> Node:
     return node.parent()
 
 
-async def _ask(call: Callable[[], Awaitable[T]], *, impatient: bool) -> T:
-    """``call()``; if ``impatient`` (a last known answer exists), CatalogUnavailable after STALE_WAIT s."""
-    if not impatient:
+async def _ask(call: Callable[[], Awaitable[T]], wait: float) -> T:
+    """``call()``, or CatalogUnavailable once it has taken ``wait`` seconds."""
+    with trio.move_on_after(wait):
         return await call()
-    with trio.move_on_after(STALE_WAIT):
-        return await call()
-    raise CatalogUnavailable(f"the catalog did not answer within {STALE_WAIT:g} s")
+    raise CatalogUnavailable(f"the catalog did not answer within {wait:g} s")
 
 
 def reachable_pid(pid: str) -> bool:

@@ -286,7 +286,7 @@ class FacetDir(Node):
             exists = value in known
         else:  # one small request (a one-row list), remembered either way
             exists = await ns.remembered(
-                ("has", facet, value), lambda: ns.catalog.any_selected(facet.selection(value))
+                ("has", facet, value), lambda: ns.ask_new(lambda: ns.catalog.any_selected(facet.selection(value)))
             )
         if not exists:
             raise NoEntry(f"no visible dataset has {facet.v4_field} {value!r}")

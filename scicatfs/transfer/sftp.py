@@ -9,6 +9,13 @@ with many requests in flight, and a large read is split across connections,
 because SFTP throughput is bytes in flight divided by round-trip time and one
 connection is bound to one CPU for its cipher.
 
+A server may answer a read request with fewer bytes than asked without being at
+end of file (the SFTP spec allows it; some servers cut answers below the size
+they advertise). Such a short answer is followed by a request for the rest; only
+an empty answer (``SSH_FX_EOF``) ends the file. The requests are issued here,
+one at a time per pipeline slot, rather than by asyncssh's ``read_parallel``,
+so that this holds whatever the asyncssh version does with short answers.
+
 Every public operation runs under ``SFTPSettings.timeout``. A read whose
 connection drops is retried once on a fresh connection within that deadline;
 failed connects back off exponentially so a dead server is not hammered.
@@ -19,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,14 +272,12 @@ class _Pool:
         pieces = _split(offset, length, self._settings.connections)
         if len(pieces) == 1:
             return await self._on_connection(path, lambda conn: conn.read(path, offset, length))
-        async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(
-                    self._on_connection(path, lambda conn, o=o, n=n: conn.read(path, o, n))
-                )
+        return b"".join(
+            await _gather(
+                self._on_connection(path, lambda conn, o=o, n=n: conn.read(path, o, n))
                 for o, n in pieces
-            ]
-        return b"".join(task.result() for task in tasks)
+            )
+        )
 
     async def size(self, path: str) -> int:
         return await self._on_connection(path, lambda conn: conn.size(path))
@@ -464,6 +469,8 @@ class _Connection:
         self._ssh = ssh
         self._sftp = sftp
         self._max_requests = settings.max_requests
+        # The server's limits@openssh.com answer, else asyncssh's safe 16 KiB.
+        self._request_size = sftp.limits.max_read_len
         self._files = _OpenFiles(settings.open_files, self._evicted)
         self._open_lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
@@ -471,7 +478,9 @@ class _Connection:
     async def read(self, path: str, offset: int, length: int) -> bytes:
         entry = await self._acquire(path)
         try:
-            return _in_order(offset, [piece async for piece in await entry.file.read_parallel(length, offset)])
+            return await _Pipeline(entry.file, offset, length, self._request_size).run(
+                self._max_requests
+            )
         finally:
             entry.users -= 1
             if entry.evicted and entry.users == 0:
@@ -501,9 +510,8 @@ class _Connection:
         async with self._open_lock:
             entry = self._files.get(path)
             if entry is None:
-                file = await self._sftp.open(
-                    path, "rb", block_size=-1, max_requests=self._max_requests
-                )
+                # block_size 0: each file.read() is one SFTP request; _Pipeline splits.
+                file = await self._sftp.open(path, "rb", block_size=0)
                 entry = self._files[path] = _OpenFile(file)
             entry.users += 1
             return entry
@@ -546,21 +554,80 @@ async def _close_quietly(file: asyncssh.SFTPClientFile) -> None:
         await file.close()
 
 
-def _in_order(offset: int, pieces: list[tuple[int, bytes]]) -> bytes:
-    """The answers to pipelined requests, joined in file order up to the first gap (EOF).
+class _Pipeline:
+    """One ranged read as ``workers`` requests in flight, each at most ``request_size`` bytes.
 
-    One copy of the data (none for a single request), where asyncssh's own
-    ``read`` makes two (into a bytearray, then to bytes): at zero RTT the asyncio
-    thread is CPU-bound and that copy was a sixth of its time.
+    Each worker claims the next range and keeps asking until that range is
+    complete: a short answer is followed at once by a request for the rest, and
+    only an empty answer (end of file) stops it, and lowers the end for all
+    workers. The answers are joined in file order, one copy of the data (none
+    for a single answer), where asyncssh's own ``read`` makes two (into a
+    bytearray, then to bytes): at zero RTT the asyncio thread is CPU-bound and
+    that copy was a sixth of its time.
     """
-    pieces.sort(key=lambda piece: piece[0])
-    parts = []
-    for start, data in pieces:
-        if start != offset:
-            break
-        parts.append(data)
-        offset += len(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def __init__(
+        self, file: asyncssh.SFTPClientFile, offset: int, length: int, request_size: int
+    ) -> None:
+        self._file = file
+        self._offset = offset
+        self._next = offset  # start of the first range no worker has claimed
+        self._end = offset + length  # lowered to the end of file once an answer shows it
+        self._request_size = request_size
+        self._answers: list[tuple[int, bytes]] = []
+
+    async def run(self, workers: int) -> bytes:
+        workers = min(workers, math.ceil((self._end - self._offset) / self._request_size))
+        if workers == 1:
+            await self._worker()  # no task for the common small read
+        else:
+            await _gather(self._worker() for _ in range(workers))
+        return self._joined()
+
+    async def _worker(self) -> None:
+        while self._next < self._end:
+            start = self._next
+            stop = self._next = min(start + self._request_size, self._end)
+            while start < min(stop, self._end):  # after a short answer: ask for the rest
+                asked = min(stop, self._end) - start
+                data: bytes = await self._file.read(asked, start)
+                if not data:  # SSH_FX_EOF: the file ends here
+                    self._end = min(self._end, start)
+                    return
+                if len(data) > asked:  # reported like any other broken SFTP message
+                    message = f"the server answered {len(data)} bytes for {asked} asked"
+                    raise asyncssh.SFTPBadMessage(message)
+                self._answers.append((start, data))
+                start += len(data)
+
+    def _joined(self) -> bytes:
+        """The answers in file order up to the end of file (an answer past it is dropped)."""
+        self._answers.sort(key=lambda answer: answer[0])
+        parts = []
+        position = self._offset
+        for start, data in self._answers:
+            if start != position or start >= self._end:
+                break
+            parts.append(data)
+            position += len(data)
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _gather(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``coroutines`` concurrently; their results in order.
+
+    The first failure cancels the others and is raised as itself, not inside
+    the ExceptionGroup of a TaskGroup: callers map single SFTP and connection
+    errors to TransferErrors.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def _split(offset: int, length: int, connections: int) -> list[tuple[int, int]]:
