@@ -30,10 +30,10 @@ from scicatfs.catalog.errors import (
     DatasetForbidden,
     DatasetNotFound,
 )
+from scicatfs.catalog.jsdate import parse_js_date
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import normalise_base_url
 from scicatfs.demo.fixtures import Catalog
-from scicatfs.demo.jsdate import parse_js_date
 from scicatfs.demo.routes import Reply
 from scicatfs.demo.server import CatalogServer
 from tests.support.catalog import V3OnlyServer

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from scicatfs.catalog.jsdate import parse_js_date
 from scicatfs.demo import jwt
 from scicatfs.demo.fixtures import Catalog, hashlib_name, resolve_remote_path
-from scicatfs.demo.jsdate import parse_js_date
 from scicatfs.demo.routes import Api
 from scicatfs.demo.server import CatalogServer
 

@@ -21,7 +21,6 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import quote, urlsplit
 
 import trio
-from cachetools import TTLCache
 
 from scicatfs.catalog.auth import Credentials, Secret, TokenKeeper
 from scicatfs.catalog.errors import (
@@ -31,7 +30,9 @@ from scicatfs.catalog.errors import (
     DatasetForbidden,
     DatasetNotFound,
 )
+from scicatfs.catalog.jsdate import parse_js_date
 from scicatfs.catalog.models import Dataset, parse_dataset, parse_size, parse_time
+from scicatfs.catalog.paging import Child, Pager, PidRange, RangeRefused, RecentTimes
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import Reply, Transport
 
@@ -125,9 +126,10 @@ class CatalogClient:
             log.warning("the catalog URL %s is not https: credentials travel unencrypted", self.base_url)
         self._v4 = True
         self._datasets: SingleFlightCache[str, Dataset] = SingleFlightCache(1024, settings.record_ttl)
-        self._pages: SingleFlightCache[tuple[str, int], tuple[str, ...]] = SingleFlightCache(
+        self._pages: SingleFlightCache[tuple[object, ...], tuple[str, ...]] = SingleFlightCache(
             16, settings.listing_ttl
         )
+        self._pager = Pager(self._range_page, self._skip_page, settings.page_size, self.base_url)
         self._prefixes: SingleFlightCache[str, bool] = SingleFlightCache(4096, settings.listing_ttl)
         self._counts: SingleFlightCache[None, int] = SingleFlightCache(1, settings.listing_ttl)
         self._facets: SingleFlightCache[tuple[str, tuple[str, ...]], dict[str, str]] = SingleFlightCache(
@@ -135,7 +137,7 @@ class CatalogClient:
         )
         self._hidden_hinted: set[str] = set()
         # creationTime of each PID on the listing pages fetched lately (see listed_creation_time)
-        self._listed_times: TTLCache[str, float] = TTLCache(maxsize=65536, ttl=max(settings.listing_ttl, 1e-3))
+        self._listed_times = RecentTimes(65536, settings.listing_ttl)
 
     @property
     def base_url(self) -> str:
@@ -182,18 +184,16 @@ class CatalogClient:
             raise DatasetNotFound("an empty PID names no dataset", pid)
         return await self._datasets.get(pid, lambda: self._either(self._dataset_v4, self._dataset_v3, pid))
 
-    async def iter_pids(self, prefix: str = "") -> AsyncIterator[str]:
-        """PIDs visible to the caller that start with ``prefix``, in PID order, one page at a time."""
-        size = self._settings.page_size
-        skip = 0
-        while True:
-            page = await self._pages.get((prefix, skip), lambda: self._page(prefix, skip, size))
-            for pid in page:
-                if pid.startswith(prefix):  # never trust the server's filter with the tree's shape
-                    yield pid
-            if len(page) < size:
-                return
-            skip += size
+    def iter_pids(self, prefix: str = "") -> AsyncIterator[str]:
+        """PIDs visible to the caller that start with ``prefix``, in PID order, one page at a time.
+
+        Pages are fetched as the iteration asks for them (see :mod:`scicatfs.catalog.paging`).
+        """
+        return self._pager.pids(prefix)
+
+    def iter_children(self, prefix: str = "") -> AsyncIterator[Child]:
+        """The names of PID level ``prefix`` (``""`` or ending in ``/``), in PID order, by skip scan."""
+        return self._pager.children(prefix)
 
     def listed_creation_time(self, pid: str) -> float | None:
         """The creation time (POSIX seconds) a listing page showed for ``pid`` lately; no request.
@@ -333,7 +333,25 @@ class CatalogClient:
                 return list(blocks.values())
             skip += V3_BLOCK_CAP
 
-    async def _page(self, prefix: str, skip: int, limit: int) -> tuple[str, ...]:
+    async def _range_page(self, keys: PidRange, limit: int) -> tuple[str, ...]:
+        """The PIDs in ``keys``, sorted, at most ``limit``: one index range scan for the catalog."""
+
+        async def v4(_: None) -> tuple[str, ...]:
+            public = "/public" if self._tokens.anonymous else ""
+            bounds = _bounds(keys, "$")
+            query = {"where": {"pid": bounds} if bounds else {}, "fields": ["pid", "creationTime"],
+                     "limits": {"limit": limit, "skip": 0, "sort": {"pid": "asc"}}}
+            return self._pids(await self._refusable(f"/v4/datasets{public}", _filter(query)))
+
+        async def v3(_: None) -> tuple[str, ...]:
+            query = {"where": _v3_bounds(keys), "fields": ["pid", "creationTime"],
+                     "limits": {"limit": limit, "skip": 0, "order": "pid:asc"}}
+            return self._pids(await self._refusable("/v3/datasets", _filter(query)))
+
+        return await self._pages.get(("range", keys, limit), lambda: self._either(v4, v3, None))
+
+    async def _skip_page(self, prefix: str, skip: int, limit: int) -> tuple[str, ...]:
+        """Page ``skip // limit`` of the PIDs under ``prefix``: for a catalog that takes no ranges."""
         where = {"pid": {"$regex": _prefix_pattern(prefix)}} if prefix else {}
 
         async def v4(_: None) -> tuple[str, ...]:
@@ -348,7 +366,7 @@ class CatalogClient:
             query = {"where": v3_where, "fields": ["pid", "creationTime"], "limits": limits}
             return self._pids(await self._get("/v3/datasets", _filter(query)))
 
-        return await self._either(v4, v3, None)
+        return await self._pages.get(("skip", prefix, skip, limit), lambda: self._either(v4, v3, None))
 
     async def _facet(self, v4_field: str, v3_fields: tuple[str, ...]) -> dict[str, str]:
         async def ask(path: str, facets: tuple[str, ...], asks: tuple[dict[str, Any], ...]) -> dict[str, str]:
@@ -414,14 +432,14 @@ class CatalogClient:
             name = row.get("datasetName")
             created = parse_time(row.get("creationTime"))
             if created is not None:
-                self._listed_times[row["pid"]] = created
+                self._listed_times.note(row["pid"], created)
             listed.append(ListedDataset(row["pid"], name if isinstance(name, str) and name else None, created))
         if len(listed) != len(rows):
             log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(listed))
         return listed
 
     async def _has_prefix(self, prefix: str) -> bool:
-        return any(pid.startswith(prefix) for pid in await self._page(prefix, 0, 1))
+        return await self._pager.first(prefix) is not None
 
     async def _count(self) -> int:
         async def v4(_: None) -> int:
@@ -466,12 +484,25 @@ class CatalogClient:
                     log.info("SciCat at %s has no v4 API; using v3 routes from now on", self.base_url)
         return await v3(argument)
 
-    async def _get(self, path: str, params: dict[str, str] | None = None, pid: str | None = None) -> Reply:
+    async def _send(self, path: str, params: dict[str, str] | None = None, pid: str | None = None) -> Reply:
+        """A GET, its answer unchecked but for a missing v4 route."""
         headers = await self._tokens.headers()
         reply = await self._transport.request("GET", path, params=params, headers=headers, pid=pid)
         log.debug("GET %s -> %d (%d bytes)", path, reply.status, len(reply.body))
         if reply.status == 404 and path.startswith("/v4/") and _route_missing(reply):
             raise _NoV4(path)
+        return reply
+
+    async def _refusable(self, path: str, params: dict[str, str]) -> Reply:
+        """A list request with a range filter: a 400 is the catalog refusing the range."""
+        reply = await self._send(path, params)
+        if reply.status == 400:
+            raise RangeRefused(f"HTTP 400: {reply.message}")
+        self._check(reply, path)
+        return reply
+
+    async def _get(self, path: str, params: dict[str, str] | None = None, pid: str | None = None) -> Reply:
+        reply = await self._send(path, params, pid)
         if reply.status == 404 and pid is not None:
             self._fail_missing(pid)
         self._check(reply, f"dataset {pid!r}" if pid is not None else path, pid)
@@ -591,18 +622,7 @@ class CatalogClient:
         )
 
     def _pids(self, reply: Reply) -> tuple[str, ...]:
-        rows = self._json(reply, "the dataset list")
-        if not isinstance(rows, list):
-            self._transport.stats["bad_responses"] += 1
-            raise BadResponse("the catalog sent a dataset list that is not a JSON list")
-        pids = tuple(row["pid"] for row in rows if isinstance(row, dict) and isinstance(row.get("pid"), str))
-        for row in rows:
-            created = parse_time(row.get("creationTime")) if isinstance(row, dict) else None
-            if created is not None and isinstance(row.get("pid"), str):
-                self._listed_times[row["pid"]] = created
-        if len(pids) != len(rows):
-            log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(pids))
-        return pids
+        return tuple(row.pid for row in self._listed(reply))
 
     def _count_of(self, reply: Reply) -> int:
         data = self._json(reply, "the dataset count")
@@ -641,6 +661,45 @@ def _cleartext(url: str) -> bool:
     """True for plain http to anything but this machine."""
     parts = urlsplit(url)
     return parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1")
+
+
+def _bounds(keys: PidRange, sigil: str) -> dict[str, str]:
+    """The comparison operators of ``keys``: Mongo's (``sigil`` "$") or LoopBack's ("").
+
+    Empty for the whole catalog: the caller sends no ``pid`` condition then,
+    since ``{"pid": {}}`` asks for a PID equal to ``{}``.
+    """
+    bounds = {}
+    if keys.start is not None:
+        bounds[sigil + ("gte" if keys.inclusive else "gt")] = keys.start
+    if keys.stop is not None:
+        bounds[sigil + "lt"] = keys.stop
+    return bounds
+
+
+def _v3_bounds(keys: PidRange) -> dict[str, Any]:
+    """A v3 ``where`` for ``keys`` whose strings reach MongoDB as strings.
+
+    v3 turns a filter value that ``new Date()`` parses into a Date (and one
+    that is JSON, such as ``"12345"``, into a number): either matches no PID,
+    and would end the listing early without a word. Strings inside arrays
+    are left alone, so such bounds go as an ``$expr`` comparison instead.
+    """
+    bounds = _bounds(keys, "")
+    if not bounds:
+        return {}
+    if not any(_v3_mangles(value) for value in bounds.values()):
+        return {"pid": bounds}
+    return {"$expr": {"$and": [{"$" + op: ["$pid", value]} for op, value in bounds.items()]}}
+
+
+def _v3_mangles(value: str) -> bool:
+    """True if v3's filter pipe would not hand ``value`` to MongoDB as this string."""
+    try:
+        json.loads(value)
+    except ValueError:
+        return parse_js_date(value) is not None
+    return True
 
 
 def _prefix_pattern(prefix: str) -> str:

@@ -3,8 +3,10 @@
 scicat-backend-next takes Mongo-style `where` clauses on v4 (whitelisted keys,
 `$regex`/`$options` allowed) and LoopBack-style ones on v3 (`inq`, `and`, `or`,
 `like`, ... mapped to Mongo). Both spellings are accepted here by one matcher,
-which evaluates a clause against a plain dict in Python: the demo catalog is
-small enough that a scan is the simplest correct implementation.
+which evaluates a clause against a plain dict in Python. `key_range` reads
+the bounds a clause puts on one key (``pid``), so that the server can walk a
+sorted index from the lower bound to the upper one, as MongoDB does, and match
+the rest of the clause against the documents it meets there.
 
 The v3 pipe also turns every string that JavaScript's `new Date()` accepts
 into a Date (`v3_dates`); a Date equals no string, so `{"pid": "noprefix-1"}`
@@ -16,13 +18,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from scicatfs.demo.jsdate import parse_js_date
+from scicatfs.catalog.jsdate import parse_js_date
 
-__all__ = ["FilterError", "JsDate", "limits", "matches", "parse_filter", "project",
-           "reject_unknown_keys", "sort_v3", "sort_v4", "v3_dates"]
+__all__ = ["FilterError", "JsDate", "KeyRange", "RANGE_OPERATORS", "key_range", "limits", "matches",
+           "operators_in", "parse_filter", "project", "reject_unknown_keys", "sort_v3", "sort_v4", "v3_dates"]
 
 
 class FilterError(ValueError):
@@ -52,6 +54,11 @@ _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
 _LOOPBACK = {"inq": "$in", "nin": "$nin", "neq": "$ne", "gt": "$gt", "gte": "$gte",
              "lt": "$lt", "lte": "$lte", "like": "$regex", "ilike": "$regex",
              "and": "$and", "or": "$or", "exists": "$exists", "regexp": "$regex"}
+
+
+#: Comparison operators in both spellings (what a server without range support refuses).
+RANGE_OPERATORS = frozenset({"$gt", "$gte", "$lt", "$lte", "gt", "gte", "lt", "lte"})
+_EXPRESSION_OPERATORS = ("$and", "$or", "$eq", "$ne", *_COMPARISONS)
 
 
 def parse_filter(raw: str | None) -> dict[str, Any]:
@@ -190,13 +197,38 @@ def _field_matches(value: Any, condition: Any) -> bool:
     return True
 
 
+def _evaluate(doc: Mapping[str, Any], expression: Any) -> Any:
+    """An aggregation expression of `$expr`: "$field" paths, literals, and/or, comparisons."""
+    if isinstance(expression, str) and expression.startswith("$"):
+        value = _lookup(doc, expression[1:])
+        return None if value is _UNSET else value
+    if not isinstance(expression, dict):
+        return expression
+    if len(expression) != 1 or next(iter(expression)) not in _EXPRESSION_OPERATORS:
+        raise FilterError(f"Unsupported expression {json.dumps(expression)[:80]}")
+    [(op, arguments)] = expression.items()
+    if not isinstance(arguments, list):
+        raise FilterError(f"{op} needs an array")
+    values = [_evaluate(doc, argument) for argument in arguments]
+    if op in ("$and", "$or"):
+        return all(values) if op == "$and" else any(values)
+    if len(values) != 2:
+        raise FilterError(f"Expression {op} takes exactly 2 arguments")
+    if op in ("$eq", "$ne"):
+        return (values[0] == values[1]) == (op == "$eq")
+    return _compare(_COMPARISONS[op], *values)
+
+
 def matches(doc: Mapping[str, Any], where: Any) -> bool:
     """Whether `doc` satisfies a Mongo- or LoopBack-style `where` clause."""
     if not isinstance(where, dict):
         raise FilterError("where must be an object")
     for key, condition in where.items():
         op = _LOOPBACK.get(key, key)
-        if op in ("$and", "$or"):
+        if op == "$expr":
+            if not _evaluate(doc, condition):
+                return False
+        elif op in ("$and", "$or"):
             if not isinstance(condition, list):
                 raise FilterError(f"{key} needs an array")
             results = (matches(doc, clause) for clause in condition)
@@ -207,6 +239,95 @@ def matches(doc: Mapping[str, Any], where: Any) -> bool:
         elif not _field_matches(_lookup(doc, key), condition):
             return False
     return True
+
+
+def operators_in(value: Any) -> Iterable[str]:
+    """Every key of `value`, at any depth (to find operators a server does not take)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from operators_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from operators_in(item)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """Bounds a `where` clause puts on one key: documents outside them cannot match.
+
+    ``prefix``: every match starts with it (from an anchored literal regex).
+    """
+
+    low: str | None = None
+    low_inclusive: bool = True
+    high: str | None = None
+    high_inclusive: bool = False
+    prefix: str = ""
+
+    def below_high(self, value: str) -> bool:
+        """False once `value` (walking upwards) is past every possible match."""
+        if not value.startswith(self.prefix) and value > self.prefix:
+            return False
+        if self.high is None:
+            return True
+        return value <= self.high if self.high_inclusive else value < self.high
+
+    def tighter(self, other: KeyRange) -> KeyRange:
+        """The intersection of two ranges (both must hold)."""
+        merged = self
+        if other.low is not None and (merged.low is None or other.low > merged.low
+                                      or (other.low == merged.low and not other.low_inclusive)):
+            merged = replace(merged, low=other.low, low_inclusive=other.low_inclusive)
+        if other.high is not None and (merged.high is None or other.high < merged.high
+                                       or (other.high == merged.high and not other.high_inclusive)):
+            merged = replace(merged, high=other.high, high_inclusive=other.high_inclusive)
+        if len(other.prefix) > len(merged.prefix):
+            merged = replace(merged, prefix=other.prefix)
+            if merged.low is None or merged.low < merged.prefix:
+                merged = replace(merged, low=merged.prefix, low_inclusive=True)
+        return merged
+
+
+_LITERAL = re.compile(r"(?:[^\\^$.|?*+()\[\]{}]|\\[^A-Za-z0-9])*")
+
+
+def _literal_prefix(pattern: Any) -> str:
+    """The literal text an anchored regex (``^abc``, ``^(?:a\\.b)``) requires at the start, or ""."""
+    if not isinstance(pattern, str) or not pattern.startswith("^"):
+        return ""
+    body = pattern[1:]
+    if body.startswith("(?:") and body.endswith(")"):
+        body = body[3:-1]
+    if not _LITERAL.fullmatch(body):
+        return ""
+    return re.sub(r"\\(.)", r"\1", body)
+
+
+def key_range(where: Any, key: str) -> KeyRange:
+    """The bounds `where` puts on `key` through comparisons and anchored regexes, at its top or in `and`s.
+
+    Anything else (`or`, `$expr`, ...) is left to `matches`: the range is only
+    where to look, never the answer.
+    """
+    found = KeyRange()
+    if not isinstance(where, dict):
+        return found
+    for name, condition in where.items():
+        if _LOOPBACK.get(name, name) == "$and" and isinstance(condition, list):
+            for clause in condition:
+                found = found.tighter(key_range(clause, key))
+        if name != key or not isinstance(condition, dict):
+            continue
+        for raw_op, operand in condition.items():
+            op = _LOOPBACK.get(raw_op, raw_op)
+            if op == "$regex" and raw_op != "ilike" and "i" not in str(condition.get("$options", "")):
+                found = found.tighter(KeyRange(prefix=_literal_prefix(operand)))
+            elif isinstance(operand, str) and op in ("$gt", "$gte"):
+                found = found.tighter(KeyRange(low=operand, low_inclusive=op == "$gte"))
+            elif isinstance(operand, str) and op in ("$lt", "$lte"):
+                found = found.tighter(KeyRange(high=operand, high_inclusive=op == "$lte"))
+    return found
 
 
 def project(doc: Mapping[str, Any], fields: Any) -> dict[str, Any]:

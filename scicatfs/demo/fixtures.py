@@ -19,24 +19,33 @@ The packaged fixtures (`catalog.json`, loaded by `Catalog.load_default`) hold:
 
 File contents that the fixture file does not spell out are deterministic
 pseudo-random bytes derived from (pid, path), generated on demand: a catalog
-with 100,000 files holds no file bytes in memory.
+with 100,000 files holds no file bytes in memory. Likewise `add_generated`
+adds a run of numbered datasets without files whose records are made when
+asked for: a catalog of a million datasets holds a few numbers, not a million
+records.
+
+`pids_from` walks every PID in sorted order from a bound, as a database's
+PID index would: the server answers PID-ordered pages through it.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
+import heapq
 import json
 import os
 import posixpath
 import random
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from itertools import chain
+from typing import Any, overload
 
 __all__ = ["Catalog", "User", "hashlib_name", "resolve_remote_path"]
 
@@ -127,12 +136,63 @@ class _Entry:
     contents: dict[str, bytes] = field(default_factory=dict)
 
 
+def _from(run: Sequence[str], index: int) -> Iterator[str]:
+    """The items of ``run`` from ``index`` on, reaching it directly (islice would walk there)."""
+    return (run[i] for i in range(index, len(run)))
+
+
+class _Generated(Sequence[str]):
+    """Datasets ``prefix + zero-padded number``, 0 to count - 1: sorted by PID as by number.
+
+    Records are made on demand from the number; all share one owner and access.
+    """
+
+    def __init__(self, prefix: str, count: int, access: dict[str, Any], first: datetime) -> None:
+        self.prefix = prefix
+        self.count = count
+        self.width = len(str(max(count - 1, 0)))
+        self.access = access
+        self.first = first
+
+    def __len__(self) -> int:
+        return self.count
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        return f"{self.prefix}{index % self.count:0{self.width}d}"
+
+    def number(self, pid: str) -> int | None:
+        """The number of ``pid`` in this run, or None if it is not one of its PIDs."""
+        digits = pid[len(self.prefix):]
+        if not pid.startswith(self.prefix) or len(digits) != self.width or not digits.isdigit():
+            return None
+        number = int(digits)
+        return number if number < self.count else None
+
+    def record(self, number: int) -> dict[str, Any]:
+        moment = _iso(self.first + timedelta(seconds=number))
+        return {"pid": self[number], "datasetName": f"generated {number}", "type": "raw",
+                "owner": "ingestor", "contactEmail": "ingestor@example.org",
+                "sourceFolder": f"/generated/{number}", "creationTime": moment, "size": 0,
+                "numberOfFiles": 0, "createdBy": "ingestor", "updatedBy": "ingestor",
+                "createdAt": moment, "updatedAt": moment, "version": "v3", **self.access}
+
+
 class Catalog:
     """Users, datasets, origdatablocks and file bytes of a demo SciCat instance."""
 
     def __init__(self, users: list[User] | None = None) -> None:
         self.users: dict[str, User] = {user.username: user for user in users or []}
         self._entries: dict[str, _Entry] = {}
+        self._generated: list[_Generated] = []
+        self._sorted: list[str] | None = None  # the explicit PIDs, sorted (rebuilt after an addition)
 
     @classmethod
     def load_default(cls) -> Catalog:
@@ -177,8 +237,9 @@ class Catalog:
         pid = record.get("pid")
         if not isinstance(pid, str):
             raise ValueError(f"a dataset record needs a string 'pid', got {pid!r}")
-        if pid in self._entries:
+        if pid in self._entries or self._generated_record(pid) is not None:
             raise ValueError(f"duplicate pid {pid!r}")
+        self._sorted = None
         moment = _iso(_EPOCH + timedelta(seconds=len(self._entries)))
         full = {"type": "raw", "accessGroups": [], "isPublished": False,
                 "createdBy": "ingestor", "updatedBy": "ingestor", "createdAt": moment,
@@ -204,6 +265,24 @@ class Catalog:
         full["size"] = sum(block["size"] for block in entry.blocks if isinstance(block["size"], int))
         full["numberOfFiles"] = sum(len(block["dataFileList"]) for block in entry.blocks)
 
+    def add_generated(self, prefix: str, count: int, *, owner_group: str,
+                      access_groups: list[str] | None = None, published: bool = False) -> None:
+        """Add datasets ``prefix + number`` (numbers zero-padded to one width), none with files.
+
+        Their records are made when asked for, so a million of them cost no
+        memory; their creation times are one second apart from 2024-01-01.
+        """
+        if count < 1:
+            raise ValueError("a generated run needs at least one dataset")
+        run = _Generated(prefix, count, {"ownerGroup": owner_group, "accessGroups": list(access_groups or []),
+                                         "isPublished": published}, datetime(2024, 1, 1, tzinfo=timezone.utc))
+        clash = next((pid for pid in self._entries if run.number(pid) is not None), None)
+        clash = clash or next((other.prefix for other in self._generated
+                               if other.prefix.startswith(prefix) or prefix.startswith(other.prefix)), None)
+        if clash is not None:
+            raise ValueError(f"generated PIDs {prefix}… clash with {clash!r}")
+        self._generated.append(run)
+
     def _complete_file(self, entry: _Entry, data_file: dict, chk_alg: str | None) -> dict:
         path = data_file.get("path")
         if "size" not in data_file:
@@ -219,17 +298,47 @@ class Catalog:
     # -- reading ---------------------------------------------------------------
 
     def pids(self) -> list[str]:
-        """All PIDs in insertion order."""
-        return list(self._entries)
+        """All PIDs in insertion order (generated runs after the others)."""
+        return list(chain(self._entries, *self._generated))
+
+    def pids_from(self, start: str | None = None, *, inclusive: bool = True) -> Iterator[str]:
+        """Every PID from ``start`` on (above it unless ``inclusive``), in PID order.
+
+        Finding the start costs a binary search per run of PIDs; each PID
+        after it costs O(1): what a B-tree index on the PID gives a database.
+        """
+        if self._sorted is None:
+            self._sorted = sorted(self._entries)
+        runs: list[Sequence[str]] = [self._sorted, *self._generated]
+        if start is None:
+            return heapq.merge(*(iter(run) for run in runs))
+        find = bisect.bisect_left if inclusive else bisect.bisect_right
+        return heapq.merge(*(_from(run, find(run, start)) for run in runs))
 
     def dataset(self, pid: str) -> dict[str, Any] | None:
-        """The stored dataset record (no origdatablocks), or None. Do not mutate."""
+        """The stored (or generated) dataset record (no origdatablocks), or None. Do not mutate."""
         entry = self._entries.get(pid)
-        return entry.record if entry else None
+        return entry.record if entry else self._generated_record(pid)
+
+    def _generated_record(self, pid: str) -> dict[str, Any] | None:
+        for run in self._generated:
+            number = run.number(pid)
+            if number is not None:
+                return run.record(number)
+        return None
+
+    def generated_runs(self) -> Iterator[tuple[dict[str, Any], int]]:
+        """(access fields, number of datasets) of each generated run: counts without records."""
+        return ((run.access, run.count) for run in self._generated)
+
+    def explicit_datasets(self) -> Iterator[dict[str, Any]]:
+        """The records added one by one (not generated), in insertion order."""
+        return (entry.record for entry in self._entries.values())
 
     def datasets(self) -> Iterator[dict[str, Any]]:
-        """Every dataset record in insertion order."""
-        return (entry.record for entry in self._entries.values())
+        """Every dataset record in insertion order (generated runs after the others)."""
+        generated = (run.record(number) for run in self._generated for number in range(run.count))
+        return chain(self.explicit_datasets(), generated)
 
     def origdatablocks(self, pid: str) -> list[dict[str, Any]]:
         """The origdatablocks of a dataset ([] when unknown). Do not mutate."""

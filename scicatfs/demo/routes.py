@@ -31,13 +31,20 @@ v3 checks the dataset's access only and returns all of its blocks; v4 also
 filters blocks by their own ownerGroup / accessGroups / isPublished /
 sharedWith. Lists project (`fields`) before they sort, as the backend's
 aggregation pipeline does.
+
+Lists sorted by PID ascending are answered as MongoDB answers them from the
+PID index: a walk from the lower bound of the `where` clause's PID range
+(`filters.key_range`) to its upper bound, matching the rest of the clause on
+the way, so a range page costs O(log n + limit) and a `skip` page
+O(skip + limit). `CatalogServer.range_filters = False` makes the list routes
+refuse comparison operators, as a server that does not take them would.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http import HTTPStatus
@@ -157,6 +164,11 @@ def _filter_includes(value: Any) -> set[str]:
     return _check_includes(value)
 
 
+def _keeps_pid(fields: Any) -> bool:
+    """Whether a projection keeps `pid` (the backend projects before it sorts)."""
+    return not fields or (isinstance(fields, list) and "pid" in fields)
+
+
 def _wants_blocks(includes: set[str]) -> bool:
     return "origdatablocks" in includes or "all" in includes
 
@@ -193,6 +205,40 @@ class Api:
 
     def _visible(self, user: User | None) -> Iterator[dict[str, Any]]:
         return (record for record in self.catalog.datasets() if _can_read(user, record))
+
+    def _selected(self, user: User | None, where: Any) -> Iterator[dict[str, Any]]:
+        """The visible records that match `where`, in PID order, walked along the PID index."""
+        self._check_ranges(where)
+        keys = filters.key_range(where, "pid")
+        for pid in self.catalog.pids_from(keys.low, inclusive=keys.low_inclusive):
+            if not keys.below_high(pid):
+                return
+            record = self.catalog.dataset(pid)
+            if record is not None and _can_read(user, record) and filters.matches(record, where):
+                yield record
+
+    def _count(self, user: User | None, where: Any) -> int:
+        """How many visible records match `where`; without a clause, generated runs count as a whole."""
+        if where:
+            return sum(1 for _ in self._selected(user, where))
+        explicit = sum(1 for record in self.catalog.explicit_datasets() if _can_read(user, record))
+        return explicit + sum(count for access, count in self.catalog.generated_runs() if _can_read(user, access))
+
+    def _check_ranges(self, where: Any) -> None:
+        if self.server.range_filters:
+            return
+        refused = next((op for op in filters.operators_in(where) if op in filters.RANGE_OPERATORS), None)
+        if refused is not None:
+            raise FilterError(f"Property where.pid.{refused} should not exist in the filter object")
+
+    def _listed(self, user: User | None, where: Any, by_pid: bool,
+                order: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+                skip: int, limit: int) -> list[dict[str, Any]]:
+        """Page `skip // limit` of the matches: along the PID index when sorted by PID, else sorted in full."""
+        if by_pid:
+            return list(islice(self._selected(user, where), skip, skip + limit))
+        self._check_ranges(where)
+        return order([r for r in self._visible(user) if filters.matches(r, where)])[skip:skip + limit]
 
     def _blocks(self, pid: str, user: User | None) -> list[dict[str, Any]]:
         """The blocks a v4 caller sees: filtered by their own access fields."""
@@ -275,25 +321,23 @@ class Api:
             return error
         return Reply(200, {"count": len(self.catalog.origdatablocks(record["pid"]))})
 
-    def _v3_selected(self, request: Request) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def v3_datasets(self, request: Request) -> Reply:
         spec = filters.parse_filter(request.param("filter"))
         where = filters.v3_dates(spec.get("where", {}))
-        return [r for r in self._visible(request.user) if filters.matches(r, where)], spec
-
-    def v3_datasets(self, request: Request) -> Reply:
-        records, spec = self._v3_selected(request)
         includes = _filter_includes(spec.get("include", []))
         fields = spec.get("fields")
         limits = spec.get("limits")
         skip, limit = filters.limits(limits, default_limit=100)
-        if isinstance(limits, dict) and "order" in limits:
-            records = filters.sort_v3(records, limits["order"], fields)
-        page = records[skip:skip + limit]
+        order = limits.get("order") if isinstance(limits, dict) else None
+        by_pid = isinstance(order, str) and order.replace(" ", "") in ("pid", "pid:asc") and _keeps_pid(fields)
+        page = self._listed(request.user, where, by_pid,
+                            lambda records: records if order is None else filters.sort_v3(records, order, fields),
+                            skip, limit)
         return Reply(200, [filters.project(self._v3_view(r, includes), fields) for r in page])
 
     def v3_count(self, request: Request) -> Reply:
-        records, _ = self._v3_selected(request)
-        return Reply(200, {"count": len(records)})
+        spec = filters.parse_filter(request.param("filter"))
+        return Reply(200, {"count": self._count(request.user, filters.v3_dates(spec.get("where", {})))})
 
     def _fullfacet(self, request: Request) -> Reply:
         """Both versions' ``fullfacet``: the caller's groups are added to ``fields`` unless it
@@ -363,16 +407,16 @@ class Api:
             sort = limits.get("sort", sort)
         where = spec.get("where", {})
         fields = spec.get("fields")
-        records = filters.sort_v4([r for r in self._visible(user) if filters.matches(r, where)], sort, fields)
+        by_pid = sort in ({"pid": "asc"}, {"pid": 1}, {"pid": "1"}) and _keeps_pid(fields)
+        records = self._listed(user, where, by_pid, lambda found: filters.sort_v4(found, sort, fields), skip, limit)
         includes = _filter_includes(spec.get("include") or [])
-        page = [self._v4_record(r, includes, user) for r in records[skip:skip + limit]]
+        page = [self._v4_record(r, includes, user) for r in records]
         return Reply(200, [filters.project(r, fields) for r in page])
 
     def _v4_count(self, request: Request, user: User | None) -> Reply:
         spec = filters.parse_filter(request.param("filter"))
         filters.reject_unknown_keys(spec, ("where",))
-        where = spec.get("where", {})
-        return Reply(200, {"count": sum(1 for r in self._visible(user) if filters.matches(r, where))})
+        return Reply(200, {"count": self._count(user, spec.get("where", {}))})
 
     def v4_datasets(self, request: Request) -> Reply:
         if request.user is None:

@@ -136,6 +136,8 @@ class CatalogServer:
       failure_rate  fraction of data requests (datasets / origdatablocks routes)
                     answered 503 with a Nest error body
       malformed     data routes answer 200 with a body that is not valid JSON
+      range_filters False: list routes answer 400 to comparison operators
+                    ($gt, gte, ...), as a server that does not take them would
     `requests` logs (method, path with query, status) of every request.
     `stop()` drops open connections; `start()` after `stop()` listens on the
     same port again (a catalog outage and its recovery, for fault tests).
@@ -149,6 +151,7 @@ class CatalogServer:
         self.latency = 0.0
         self.failure_rate = 0.0
         self.malformed = False
+        self.range_filters = True
         self.requests: list[tuple[str, str, int]] = []
         self._requested_port = port
         self._secret = jwt_secret or secrets.token_hex(32)

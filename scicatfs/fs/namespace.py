@@ -39,6 +39,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -647,35 +648,27 @@ class Namespace:
         return PidLevel(name + "/")
 
     async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
-        """Next PID components below ``prefix``, from the catalog's PID-ordered stream.
+        """The names of PID level ``prefix``, from the catalog's PID-ordered skip scan.
 
-        In PID order every PID that starts with a name follows it without a
-        gap, so remembering the names that are prefixes of the current PID is
-        enough to list each name once while holding almost nothing. The root
-        starts with the mount's own directories (:attr:`top`).
+        The catalog gives each name once (see ``CatalogClient.iter_children``);
+        the root starts with the mount's own directories (:attr:`top`).
         """
         if prefix == "":
             for name, node in self.top.items():
                 yield name, node, await node.attributes(self)
-        open_names: list[str] = []
-        async for pid in self.catalog.iter_pids(prefix):
-            rest = pid[len(prefix):]
-            name, slash, _ = rest.partition("/")
-            if prefix == "" and name in self.top:
-                self.report_once(pid, f"PID {pid!r} is hidden by the mount's reserved /{name}/")
-                continue
-            if not _valid_component(name):
-                self.report_once(pid, f"PID {pid!r} cannot be shown: {name!r} is not a usable file name")
-                continue
-            open_names = [n for n in open_names if rest.startswith(n)]
-            if name in open_names:
-                continue
-            open_names.append(name)
-            if slash:
-                self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
-                yield name, PidLevel(f"{prefix}{name}/"), self.level_attributes()
-            else:
-                yield name, DatasetDir(pid), self.listed_dataset_attributes(pid)
+        async with aclosing(self.catalog.iter_children(prefix)) as children:
+            async for child in children:
+                name = child.name
+                shown = child.pid if child.pid is not None else f"{prefix}{name}/…"
+                if prefix == "" and name in self.top:
+                    self.report_once(shown, f"PID {shown!r} is hidden by the mount's reserved /{name}/")
+                elif not _valid_component(name):
+                    self.report_once(shown, f"PID {shown!r} cannot be shown: {name!r} is not a usable file name")
+                elif child.pid is None:
+                    self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
+                    yield name, PidLevel(f"{prefix}{name}/"), self.level_attributes()
+                else:
+                    yield name, DatasetDir(child.pid), self.listed_dataset_attributes(child.pid)
 
     def listed_dataset_attributes(self, pid: str) -> Attributes:
         """Attributes for a dataset seen as a PID in a listing, without fetching its record.

@@ -5,8 +5,10 @@ clause that ``new Date()`` can parse into a Date before it reaches MongoDB.
 Node's parser (V8) accepts far more than ISO 8601: ``"noprefix-1"``,
 ``"run 1"``, ``"x-12"`` and ``"abc 2024"`` are all dates. A pid compared
 with such a value matches nothing, and a ``like`` pattern that became a Date
-is a 400. The demo server reproduces that with this module, so the client's
-defence (wrapping patterns as ``^(?:…)``) is tested against the real rules.
+is a 400. The client uses this module to keep the bounds of its v3 range
+filters from becoming Dates (see :mod:`scicatfs.catalog.paging`); the demo
+server uses it to reproduce the conversion, so the client's defences (also
+wrapping patterns as ``^(?:…)``) are tested against the same rules.
 
 The approximation, after V8's documented behaviour (ES5 ISO first, then its
 "legacy" parser):

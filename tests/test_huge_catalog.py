@@ -1,0 +1,98 @@
+"""A mounted catalog of 200,000 datasets: listed completely, in order, by range pages, on demand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from urllib.parse import urlsplit
+
+from scicatfs.demo.fixtures import Catalog
+from scicatfs.demo.server import CatalogServer
+from tests.support.probes import bounded
+from tests.support.records import dataset_record
+
+HUGE = "huge"
+COUNT = 200_000
+PAGE = 1000  # the mount's default page size
+
+
+def huge_catalog(*, demo_datasets: bool = True) -> Catalog:
+    users = Catalog.load_default()
+    catalog = users if demo_datasets else Catalog(list(users.users.values()))
+    catalog.add_generated(f"{HUGE}/", COUNT, owner_group="uu")
+    return catalog
+
+
+def list_requests(server: CatalogServer) -> list[str]:
+    """Dataset list pages the catalog served (not the startup count, not the limit-1 prefix probes)."""
+    return [target for _, target, _ in server.requests
+            if urlsplit(target).path.rstrip("/").endswith("/datasets") and "%22limit%22%3A1%2C" not in target]
+
+
+def record_requests(server: CatalogServer) -> list[str]:
+    """Dataset records served (a lookup of ``huge`` asks for that dataset first: a 404, no record)."""
+    return [target for _, target, status in server.requests
+            if "/datasets/" in urlsplit(target).path and status != 404 and not target.endswith("/count")]
+
+
+def test_200000_datasets_list_completely_and_in_order(make_mount, make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    catalog = huge_catalog()
+    server = make_catalog_server(catalog)
+    mount = make_mount(catalog, server=server)
+    server.reset_requests()
+
+    names = bounded(300, lambda: os.listdir(mount.path / HUGE))  # readdir order, not sorted here
+    assert names == [f"{index:06d}" for index in range(COUNT)]
+    pages = list_requests(server)
+    assert len(pages) == COUNT // PAGE + 1  # the last page is empty
+    assert all("%22skip%22%3A0%2C" in page for page in pages)
+    assert not record_requests(server)
+
+
+def test_an_interrupted_listing_stops_within_a_page(make_mount, make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    catalog = huge_catalog()
+    server = make_catalog_server(catalog)
+    mount = make_mount(catalog, server=server)
+    server.reset_requests()
+
+    root = subprocess.run(f"ls -a {mount.path} | head -5", shell=True, capture_output=True, timeout=60, check=True)
+    assert root.stdout.decode().split() == [".", "..", ".scicat", "20.500.12269", HUGE]
+    assert len(list_requests(server)) <= 2  # one page reaching into huge/, one past it
+    server.reset_requests()
+
+    with os.scandir(mount.path / HUGE) as entries:  # five entries, then closedir
+        assert [next(entries).name for _ in range(5)] == [f"{index:06d}" for index in range(5)]
+    time.sleep(1.0)  # anything still fetching would show now
+    assert len(list_requests(server)) == 2  # the page read from, and the one fetched ahead
+    server.reset_requests()
+
+    head = subprocess.run(f"ls -1U {mount.path / HUGE} | head -5", shell=True, capture_output=True,
+                          timeout=60, check=True)
+    assert head.stdout.decode().split() == [f"{index:06d}" for index in range(5)]
+    time.sleep(1.0)  # a page fetched ahead when ls died lands now
+    pages = len(list_requests(server))
+    time.sleep(1.0)
+    # ls reads on until its second 4 KiB of output meets the closed pipe: into the second page
+    # at most (pages 1 and 2 may come from the listing cache), and the third is fetched ahead
+    assert len(list_requests(server)) == pages <= 3
+    assert not record_requests(server)
+
+
+def test_find_to_depth_two_fetches_no_dataset_record(make_mount, make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    catalog = huge_catalog(demo_datasets=False)
+    for index in range(3):
+        pid = f"20.500.12269/BRIGHTNESS/V{index:06d}"
+        catalog.add_dataset(dataset_record(pid, f"/h5test/bright/{index}"), [{"path": "a.dat", "size": 3}])
+    server = make_catalog_server(catalog)
+    mount = make_mount(catalog, server=server)
+    server.reset_requests()
+
+    found = subprocess.run(["find", str(mount.path), "-maxdepth", "2"], capture_output=True, timeout=300, check=True)
+    shown = {os.path.relpath(line.decode(), mount.path) for line in found.stdout.splitlines()}
+    assert {"huge", "huge/000000", "huge/199999", "20.500.12269", "20.500.12269/BRIGHTNESS"} <= shown
+    assert len(shown) == 1 + 3 + 2 + COUNT  # ., .scicat, huge, 20.500.12269, their children
+    detailed = subprocess.run(["ls", "-l", str(mount.path / "20.500.12269" / "BRIGHTNESS")],
+                              capture_output=True, timeout=60, check=True)
+    assert detailed.stdout.count(b"\ndr-x") == 3  # dataset directories, attributes from the listing
+    assert not record_requests(server)
