@@ -48,6 +48,17 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     cache = mount.add_argument_group("cache")
     cache.add_argument("--cache-dir", type=Path, metavar="DIR", help="persistent cache directory (default: ~/.cache/scicatfs)")
     cache.add_argument("--cache-size", metavar="SIZE", help="cache budget, e.g. 20G (default: min(10G, 10%% of its filesystem))")
+    cache.add_argument(
+        "--shared-cache", type=Path, metavar="DIR",
+        help="a directory on the cluster filesystem shared by many nodes' mounts: chunks one node fetched are "
+        "read from there by the others (docs/cluster.md)",
+    )  # fmt: skip
+    metrics = mount.add_argument_group("metrics (needs scicatfs[metrics])")
+    metrics.add_argument("--metrics-port", metavar="PORT", help="serve Prometheus metrics on 127.0.0.1:PORT")
+    metrics.add_argument(
+        "--metrics-textfile", type=Path, metavar="FILE",
+        help="keep FILE (*.prom) up to date for node_exporter's textfile collector",
+    )  # fmt: skip
     tuning = mount.add_argument_group("behaviour")
     tuning.add_argument("--record-ttl", metavar="SECONDS", help="seconds a dataset record is trusted before asking again (default 60)")
     tuning.add_argument("--listing-ttl", metavar="SECONDS", help="seconds a listing or a 'no such name' is trusted (default 30)")

@@ -107,6 +107,12 @@ class MountOptions:
     # None: min(10 GiB, 10 % of the cache filesystem), resolved by the mount
     # because only it knows which filesystem the cache ends up on.
     cache_size: int | None = None
+    #: A directory on the cluster filesystem that many nodes share as a second tier (cache.shared).
+    shared_cache: Path | None = None
+    #: Serve Prometheus metrics on 127.0.0.1:PORT (opt-in; needs the ``metrics`` extra).
+    metrics_port: int | None = None
+    #: Keep a node_exporter textfile (``*.prom``) of the same metrics up to date.
+    metrics_textfile: Path | None = None
     record_ttl: float = 60.0
     listing_ttl: float = 30.0
     lookup_timeout: float = 8.0
@@ -148,10 +154,11 @@ def parse_size(text: str) -> int:
 # ----------------------------------------------------- field kinds, coercion
 
 _PATH_FIELDS = frozenset(
-    {"mountpoint", "token_file", "password_file", "identity_file", "known_hosts", "cache_dir"}
+    {"mountpoint", "token_file", "password_file", "identity_file", "known_hosts", "cache_dir", "shared_cache",
+     "metrics_textfile"}
 )
 _STR_FIELDS = frozenset({"url", "username", "sftp_host", "sftp_user", "log_level"})
-_INT_FIELDS = frozenset({"sftp_port", "sftp_connections"})
+_INT_FIELDS = frozenset({"sftp_port", "sftp_connections", "metrics_port"})
 _FLOAT_FIELDS = frozenset({"record_ttl", "listing_ttl", "lookup_timeout", "retry_failed"})
 _BOOL_FIELDS = frozenset({"insecure_no_host_key_check", "xattrs", "allow_other", "foreground"})
 _FIELDS = frozenset(f.name for f in dataclasses.fields(MountOptions))
@@ -531,9 +538,10 @@ def _validate(values: dict[str, object]) -> None:
     except ValueError:
         raise ConfigError(f"catalog URL {url!r} has an invalid port") from None
 
-    port = values.get("sftp_port")
-    if port is not None and not 1 <= port <= 65535:  # type: ignore[operator]
-        raise ConfigError(f"sftp_port {port} is outside 1-65535")
+    for name in ("sftp_port", "metrics_port"):
+        port = values.get(name)
+        if port is not None and not 1 <= port <= 65535:  # type: ignore[operator]
+            raise ConfigError(f"{name} {port} is outside 1-65535")
     connections = values.get("sftp_connections", 1)
     if not 1 <= connections <= 64:  # type: ignore[operator]
         raise ConfigError(f"sftp_connections {connections} must be between 1 and 64")

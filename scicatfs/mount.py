@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyfuse3
@@ -36,6 +37,7 @@ import trio
 
 from scicatfs.cache.errors import CacheError
 from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.shared import SharedCache, SharedTier
 from scicatfs.cache.store import BlobStore, default_budget
 from scicatfs.catalog.auth import resolve_credentials
 from scicatfs.catalog.client import CatalogClient, CatalogSettings, Selection
@@ -44,6 +46,7 @@ from scicatfs.config import MountOptions
 from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
 from scicatfs.fs.views import top_level_views
+from scicatfs.metrics import MetricsError, MetricsExporter
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
 from scicatfs.status import collect_status
@@ -136,27 +139,45 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
             store = BlobStore(options.cache_dir, cache_budget(options))
         except (CacheError, OSError) as error:
             raise MountError(str(error)) from None
-        with store:
-            async with Transfer(sftp_settings(options)) as transfer, Fetcher(
-                store, transfer, retry_failed_after=options.retry_failed
-            ) as fetcher:
-                # Like sshfs, be connected before the mount is ready (so the first read
-                # skips the SSH handshake), but never wait long for a server that is down.
-                await transfer.warm_up(wait=WARM_UP_WAIT)
-                await _mount_and_serve(_filesystem(options, catalog, transfer, fetcher), options, ready)
+        stack.enter_context(store)
+        shared = None
+        if options.shared_cache is not None:
+            try:
+                tier = SharedTier(options.shared_cache, store.chunk_size)
+            except OSError as error:
+                raise MountError(f"shared cache {options.shared_cache}: {error.strerror or error}") from None
+            shared = await stack.enter_async_context(SharedCache(tier))
+        transfer = await stack.enter_async_context(Transfer(sftp_settings(options)))
+        fetcher = await stack.enter_async_context(
+            Fetcher(store, transfer, retry_failed_after=options.retry_failed, shared=shared)
+        )
+        # Like sshfs, be connected before the mount is ready (so the first read
+        # skips the SSH handshake), but never wait long for a server that is down.
+        await transfer.warm_up(wait=WARM_UP_WAIT)
+        operations, status = _filesystem(options, catalog, transfer, fetcher)
+        exporter = None
+        if options.metrics_port is not None or options.metrics_textfile is not None:
+            exporter = MetricsExporter(status, port=options.metrics_port, textfile=options.metrics_textfile)
+            try:
+                exporter.start()
+            except MetricsError as error:
+                raise MountError(str(error)) from None
+        await _mount_and_serve(operations, options, ready, exporter)
 
 
 def _filesystem(
     options: MountOptions, catalog: CatalogClient, transfer: Transfer, fetcher: Fetcher
-) -> ScicatOperations:
-    """The filesystem over the connected layers; ``/.scicat/status.json`` shows their counters."""
+) -> tuple[ScicatOperations, Callable[[], dict[str, Any]]]:
+    """The filesystem over the connected layers, and its status document (``/.scicat/status.json``, metrics)."""
     started = time.time()
 
-    def status() -> bytes:
-        document = collect_status(
+    def document() -> dict[str, Any]:
+        return collect_status(
             catalog=catalog, transfer=transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
         )
-        return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+    def status() -> bytes:
+        return (json.dumps(document(), indent=2, sort_keys=True) + "\n").encode()
 
     namespace = Namespace(
         catalog,
@@ -172,10 +193,15 @@ def _filesystem(
     )
     operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
     namespace.on_change = operations.forget_dataset
-    return operations
+    return operations, document
 
 
-async def _mount_and_serve(operations: ScicatOperations, options: MountOptions, ready: Callable[[], None]) -> None:
+async def _mount_and_serve(
+    operations: ScicatOperations,
+    options: MountOptions,
+    ready: Callable[[], None],
+    exporter: MetricsExporter | None = None,
+) -> None:
     mountpoint = str(options.mountpoint)
     try:
         pyfuse3.init(operations, mountpoint, fuse_options(options))
@@ -187,6 +213,8 @@ async def _mount_and_serve(operations: ScicatOperations, options: MountOptions, 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal)
             nursery.start_soon(_announce, options.mountpoint, ready, failures)
+            if exporter is not None:
+                nursery.start_soon(exporter.run)
             await pyfuse3.main(min_tasks=2, max_tasks=MAX_TASKS)
             nursery.cancel_scope.cancel()
     finally:

@@ -69,7 +69,12 @@ def collect_status(
             "chunks_in_flight": fetcher.chunks_in_flight,
             **fetcher.stats,
         },
+        "tiers": fetcher.tiers.as_status(),
     }
+    if fetcher.shared is not None:
+        tier = fetcher.shared.tier
+        sections["tiers"]["shared_directory"] = str(tier.directory)
+        sections["tiers"]["shared_writable"] = tier.accepts_writes
     errors = {
         layer: {name: sections[layer].get(name, 0) for name in names} for layer, names in ERROR_COUNTERS.items()
     }

@@ -95,6 +95,10 @@ class Clock:
         return self.now
 
 
+@pytest.mark.allow_log(
+    r"WARNING .*: the token from \$SCICAT_TOKEN expires at .* after that the mount sees only public data",
+    r"ERROR .*: the token from \$SCICAT_TOKEN expired at .*treats this mount as anonymous",
+)
 def test_token_only_warns_then_goes_anonymous(caplog):
     clock = Clock(1000.0)
 
@@ -154,6 +158,7 @@ def test_login_credentials_renew_before_expiry_once_for_concurrent_callers():
     trio.run(run)
 
 
+@pytest.mark.allow_log(r"WARNING .*: renewing the SciCat token failed \(down\); the current one is valid until")
 def test_failed_renewal_keeps_the_valid_token_and_backs_off(caplog):
     clock = Clock(0.0)
     attempts = []

@@ -172,6 +172,7 @@ def test_v3_without_include_counts_then_pages_past_the_block_cap(blocks, paging)
         "/api/v3/datasets/many/blocks/origdatablocks/count"] + ["/api/v3/origdatablocks"] * paging
 
 
+@pytest.mark.allow_log(r"WARNING .*: dataset 'pub/many' has 120 origdatablocks but the catalog shows anonymous callers only the first 100")
 def test_anonymous_v3_without_include_keeps_the_first_100_blocks_and_says_so(caplog):
     catalog = small_catalog()
     catalog.add_dataset(record("pub/many", isPublished=True), files(120), blocks=120)
@@ -311,6 +312,10 @@ def test_expired_token_is_refused_at_startup():
             run(server, lambda client: client.count(), credentials=token)
 
 
+@pytest.mark.allow_log(
+    r"WARNING .*: the token from token file t expires at",
+    r"ERROR .*: the token from token file t expired at .*treats this mount as anonymous",
+)
 def test_token_expiring_during_the_session(caplog):
     with CatalogServer(small_catalog()) as server:
         token = Credentials(token=Secret(server.issue_token("stibbons", 2)), source="token file t")
@@ -404,6 +409,7 @@ def test_concurrent_requests_are_capped():
     assert elapsed >= 0.39  # 4 requests, 2 at a time, 0.2 s each
 
 
+@pytest.mark.allow_log(r"WARNING .*: catalog sent invalid JSON for dataset 'plainpid'")
 def test_malformed_json_is_a_bad_response_and_the_rest_keeps_working():
     with CatalogServer(small_catalog()) as server:
         async def body(client: CatalogClient):
@@ -419,6 +425,7 @@ def test_malformed_json_is_a_bad_response_and_the_rest_keeps_working():
     assert error.pid == PIDS[0] and dataset.pid == PIDS[0]
 
 
+@pytest.mark.allow_log(r"WARNING .*: dataset 'broken': field 'sourceFolder' is missing or not a non-empty string")
 def test_malformed_record_names_pid_and_field(caplog):
     catalog = small_catalog()
     catalog.add_dataset(record("broken", sourceFolder=["not", "a", "string"]), [])
@@ -434,6 +441,7 @@ def test_malformed_record_names_pid_and_field(caplog):
     assert fine.pid == PIDS[0]
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.catalog\.models: dataset 'hostile': dropped file ")
 def test_hostile_paths_from_the_server_are_dropped(caplog):
     catalog = small_catalog()
     hostile = ["../../etc/passwd", "/etc/shadow", "a/../../b", "x\0y", "a//b", "/data/hostile/inside.txt"]
@@ -446,6 +454,7 @@ def test_hostile_paths_from_the_server_are_dropped(caplog):
     assert len(caplog.records) == 5 and all("'hostile'" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.allow_log(r"WARNING .*: dataset 'pub/hidden-blocks' counts 3 files but the catalog shows none of them")
 def test_files_hidden_by_block_access_get_one_hint(caplog):
     catalog = small_catalog()
     catalog.add_dataset(record("pub/hidden-blocks", isPublished=True), files(3),

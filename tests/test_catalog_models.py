@@ -97,6 +97,7 @@ def test_blocks_can_be_given_separately_v3_style():
         "\ud800",
     ],
 )
+@pytest.mark.allow_log(r"WARNING scicatfs\.catalog\.models: dataset '20\.500\.12269/72fe3ff6': dropped file ")
 def test_hostile_paths_are_dropped_and_logged(path, caplog):
     with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.models"):
         dataset = parse_dataset(record([entry(path), entry("good.txt")]))
@@ -117,6 +118,7 @@ def test_component_of_255_bytes_is_fine():
 
 
 @pytest.mark.parametrize("size", [-1, 2**63, 1e30, "12abc", 1.5, True, None, float("nan")])
+@pytest.mark.allow_log(r"WARNING scicatfs\.catalog\.models: dataset '20\.500\.12269/72fe3ff6': dropped file 'bad': unusable size ")
 def test_unusable_sizes_are_dropped(size, caplog):
     with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.models"):
         dataset = parse_dataset(record([entry("bad", size), entry("good")]))
@@ -130,6 +132,7 @@ def test_size_limits():
     assert parse_size(" 42 ") == 42
 
 
+@pytest.mark.allow_log(r"dataset '20\.500\.12269/72fe3ff6' lists \d duplicate file path\(s\); kept the entry from the newest block")
 def test_duplicates_newest_block_wins_then_larger_then_first(caplog):
     raw = record(origdatablocks=[
         {"createdAt": "2024-01-01T00:00:00Z", "dataFileList": [entry("a", 1), entry("b", 5), entry("b", 7)]},
@@ -145,6 +148,7 @@ def test_duplicates_newest_block_wins_then_larger_then_first(caplog):
     assert parse_dataset(twins).files[0].mtime == parse_time("2020-01-01T00:00:00Z")
 
 
+@pytest.mark.allow_log(r"dropped file 'd': path is both a file and a directory")
 def test_a_path_cannot_be_file_and_directory(caplog):
     with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.models"):
         dataset = parse_dataset(record([entry("d"), entry("d/inner"), entry("e")]))
@@ -152,6 +156,10 @@ def test_a_path_cannot_be_file_and_directory(caplog):
     assert "both a file and a directory" in caplog.text
 
 
+@pytest.mark.allow_log(
+    r"dropped file '\.\./x\d+': path component '\.\.' is not allowed",
+    r"1000 problems with file entries in total \(first 10 logged above\)",
+)
 def test_many_bad_entries_log_a_bounded_number_of_lines(caplog):
     bad = [entry(f"../x{i}") for i in range(1000)]
     with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.models"):
@@ -179,6 +187,7 @@ def test_checksum_aliases(algorithm, digest, expected):
     assert parse_checksum(algorithm, digest) == expected
 
 
+@pytest.mark.allow_log(r"catalog uses checksum algorithm 'crc32-unknown-test', which scicatfs does not know")
 def test_unknown_algorithm_warns_once_per_name(caplog):
     with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.models"):
         for _ in range(3):
@@ -187,6 +196,7 @@ def test_unknown_algorithm_warns_once_per_name(caplog):
 
 
 @pytest.mark.parametrize("digest", [MD5[:-1], "z" * 32, 12345])
+@pytest.mark.allow_log(r"dataset '20\.500\.12269/72fe3ff6': file 'f' kept without checksum: ")
 def test_malformed_checksum_keeps_file_without_checksum(digest, caplog):
     with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.models"):
         dataset = parse_dataset(record([entry("f", chk=digest)]))
@@ -220,6 +230,11 @@ def test_record_that_is_not_an_object():
         parse_dataset(["pid"])
 
 
+@pytest.mark.allow_log(
+    r"skipped an origdatablock that is not a JSON object",
+    r"skipped origdatablock 'x': dataFileList is not a list",
+    r"dropped file None: file entry is not a JSON object",
+)
 def test_malformed_blocks_and_entries_are_skipped(caplog):
     raw = record(origdatablocks=[7, {"_id": "x", "dataFileList": "no"}, {"dataFileList": [None, entry("ok")]}])
     with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.models"):

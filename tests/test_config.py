@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from scicatfs.config import (
     parse_size,
     split_fuse_o,
 )
+from tests.support.requirements import missing_program, skip_or_fail
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "running.md"
 GiB = 1024**3
@@ -278,6 +278,9 @@ def _options(tmp_path: Path, **cli: object) -> MountOptions:
         ({"sftp_port": 65536}, "outside 1-65535"),
         ({"sftp_port": "twenty-two"}, "expected a whole number"),
         ({"sftp_connections": 0}, "between 1 and 64"),
+        ({"metrics_port": "0"}, "metrics_port 0 is outside 1-65535"),
+        ({"metrics_port": "http"}, "expected a whole number"),
+        ({"shared_cache": ""}, "expected a path"),
         ({"cache_size": "0"}, "larger than zero"),
         ({"cache_size": "lots"}, "invalid size"),
         ({"record_ttl": "-1"}, "record_ttl"),
@@ -372,6 +375,23 @@ def test_o_values_flow_into_mount_options(tmp_path: Path) -> None:
     assert (options.sftp_port, options.xattrs, options.fuse_options) == (2200, True, ("auto_unmount",))
 
 
+def test_shared_cache_and_metrics_from_o_and_profile(tmp_path: Path) -> None:
+    scicat, fuse = split_fuse_o(["shared_cache=/cluster/scicatfs,metrics-port=9478,metrics_textfile=m.prom"])
+    options = _options(tmp_path, **scicat)
+    assert not fuse
+    assert (options.shared_cache, options.metrics_port) == (Path("/cluster/scicatfs"), 9478)
+    assert options.metrics_textfile == Path.cwd() / "m.prom"
+    config = write_config(tmp_path, '''
+        [profiles.node]
+        url = "http://127.0.0.1:3000/api/v3"
+        shared_cache = "shared"
+        metrics_port = 9100
+        ''')  # fmt: skip
+    assert load_profile("node", config) == {
+        "url": "http://127.0.0.1:3000/api/v3", "shared_cache": tmp_path / "shared", "metrics_port": 9100,
+    }
+
+
 # ---------------------------------------------------------- mount.fuse3
 
 
@@ -422,7 +442,6 @@ with open({log!r}, "a") as f:
 """
 
 
-@pytest.mark.skipif(shutil.which("mount.fuse3") is None, reason="libfuse's mount.fuse3 is not installed")
 def test_real_mount_fuse3_argv_shapes(tmp_path: Path) -> None:
     """Run libfuse's own mount.fuse3 with a recording ``scicatfs`` first in PATH.
 
@@ -430,6 +449,7 @@ def test_real_mount_fuse3_argv_shapes(tmp_path: Path) -> None:
     shapes mount.fuse3 produces; helper_argv_to_cli must turn each into the
     ordinary command line.
     """
+    skip_or_fail(missing_program("mount.fuse3", "fuse3"))
     log = tmp_path / "argv.jsonl"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

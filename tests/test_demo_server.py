@@ -27,6 +27,7 @@ from scicatfs.demo import jwt
 from scicatfs.demo.fixtures import Catalog, hashlib_name, resolve_remote_path
 from scicatfs.demo.routes import Api
 from scicatfs.demo.server import CatalogServer
+from tests.support.checklogs import LogChecker
 
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
 OCTARINE = "20.500.12269/0b9a6b7e-3c61-4d8e-9f0e-5a1d2c3b4e5f"
@@ -647,6 +648,7 @@ def test_request_log(catalog_server, http, auth):
     assert catalog_server.requests == []
 
 
+@pytest.mark.allow_log(r"ERROR scicatfs\.demo\.server: catalog server: GET /api/v3/datasets/\S+ failed\nTraceback(.|\n)*RuntimeError: boom")
 def test_handler_exception_is_logged_500(catalog_server, http, monkeypatch, caplog):
     def explode(self, request):
         raise RuntimeError("boom")
@@ -791,7 +793,7 @@ def test_default_catalog_loads_from_package(demo_catalog):
     assert Path(__file__).parent.parent.joinpath("scicatfs/demo/catalog.json").is_file()
 
 
-def test_module_runs_a_server_for_curl(catalog_server):
+def test_module_runs_a_server_for_curl(catalog_server, log_checker: LogChecker):
     command = [sys.executable, "-m", "scicatfs.demo.server", "--port", "0"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -815,4 +817,4 @@ def test_module_runs_a_server_for_curl(catalog_server):
                           timeout=30)
     assert busy.returncode == 1
     assert f"cannot listen on 127.0.0.1:{catalog_server.port}" in busy.stderr
-    assert "Traceback" not in busy.stderr
+    log_checker.check_output(busy.stderr, "stderr")

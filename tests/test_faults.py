@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -27,7 +28,9 @@ from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.fs.namespace import LOOKUP_TIMEOUT, STALE_WAIT
 from scicatfs.mountpoint import find_mount
-from tests.support.mounts import Mount
+from tests.support.checklogs import LogChecker
+from tests.support.filesystems import small_tmpfs
+from tests.support.mounts import Mount, wait_until
 from tests.support.probes import Background, bounded, read_uncached
 from tests.support.records import dataset_record
 from tests.support.sshd import OpenSSHServer
@@ -37,6 +40,10 @@ MiB = 1024 * 1024
 EIO_BOUND = 75.0
 #: Operations that need no network must answer within this, whatever the servers do.
 PROMPT = 5.0
+#: docs/failure-behaviour.md: with sshd down (connection refused) an uncached read is EIO
+#: after about 1 s. Measured at mount level: 0.71-0.72 s (3 runs, load average ~9 on 2
+#: cores); 2 s leaves room for a machine twice as busy.
+REFUSED_EIO_WITHIN = 2.0
 
 
 def _files_json(mount: Mount, pid: str) -> dict[str, dict]:
@@ -65,7 +72,15 @@ def _eio(action: Callable[[], object], seconds: float = EIO_BOUND) -> float:
 
 # -- the file server fails ------------------------------------------------------------
 
+#: The line that says a dropped transfer is tried again (docs/failure-behaviour.md).
+RETRIED = r"WARNING scicatfs\.cache\.fetcher: fetching h5faults/killed big\.bin failed \(attempt 1 of 2\): "
 
+
+@pytest.mark.allow_log(
+    RETRIED,
+    # The kernel's own read-ahead requests may land while sshd is down; the reader's read retries them.
+    r"WARNING scicatfs\.cache\.fetcher: fetching h5faults/killed big\.bin failed \(attempt 2 of 2\)", optional=True)
+@pytest.mark.allow_log(r"WARNING scicatfs\.fs\.errors: read pid='h5faults/killed' path='big\.bin': .*\(EIO\)", optional=True)
 def test_sshd_killed_mid_read_then_restarted(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
     sshd: OpenSSHServer = make_sshd()
     pid = "h5faults/killed"
@@ -95,19 +110,20 @@ def test_sshd_killed_mid_read_then_restarted(make_mount, make_sshd) -> None:  # 
     resume.set()
     time.sleep(1.0)
     sshd.start()
-    outcome = reader.outcome(EIO_BOUND)
-    if outcome.error is None:
-        assert outcome.value == expected  # reconnected and retried: exact bytes
-    else:
-        assert isinstance(outcome.error, OSError) and outcome.error.errno == errno.EIO, outcome.error
+    # The dropped transfer is retried once on a fresh connection: the reader gets exact bytes.
+    assert reader.outcome(EIO_BOUND).unwrap() == expected
+    assert re.search(RETRIED, mount.log_text())
 
     # The mount is not poisoned: the same file and another one read exactly now.
     assert bounded(EIO_BOUND, lambda: read_uncached(big)) == expected
     assert bounded(EIO_BOUND, lambda: (mount.dataset(pid) / "other.bin").read_bytes()) == catalog.content(
         pid, "other.bin")
-    assert "Traceback" not in mount.log_text()
 
 
+@pytest.mark.allow_log(
+    r"WARNING scicatfs\.cache\.fetcher: fetching h5faults/offline sub/uncached\.bin failed \(attempt [12] of 2\): 127\.0\.0\.1:\d+: cannot connect: \[Errno 111\]",
+    r"WARNING scicatfs\.fs\.errors: read pid='h5faults/offline' path='sub/uncached\.bin': .*cannot connect: \[Errno 111\].*\(EIO\)",
+)
 def test_sshd_down_cached_files_read_uncached_files_eio(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
     sshd: OpenSSHServer = make_sshd()
     pid, other = "h5faults/offline", "h5faults/offline-unseen"
@@ -122,13 +138,14 @@ def test_sshd_down_cached_files_read_uncached_files_eio(make_mount, make_sshd) -
 
     sshd.stop()
     assert bounded(PROMPT, lambda: read_uncached(dataset / "cached.bin")) == catalog.content(pid, "cached.bin")
-    assert _eio(lambda: (dataset / "sub" / "uncached.bin").read_bytes()) < 15
+    refused = _eio(lambda: (dataset / "sub" / "uncached.bin").read_bytes())
+    assert refused < REFUSED_EIO_WITHIN, f"EIO after {refused:.2f} s"
     # The catalog is up: listings, stat and records keep working without the file server.
     assert sorted(bounded(PROMPT, lambda: os.listdir(dataset))) == [".scicat", "cached.bin", "metadata.json", "sub"]
     assert bounded(PROMPT, lambda: os.stat(dataset / "sub" / "uncached.bin").st_size) == 3 * MiB
     assert sorted(bounded(PROMPT, lambda: os.listdir(mount.dataset(other)))) == [".scicat", "metadata.json", "x.bin"]
     log = mount.log_text()
-    assert "uncached.bin" in log and "Traceback" not in log
+    assert "uncached.bin" in log
 
     sshd.start()
     assert bounded(EIO_BOUND, lambda: (dataset / "sub" / "uncached.bin").read_bytes()) == catalog.content(
@@ -153,8 +170,14 @@ def _heal(server: CatalogServer, fault: str) -> None:
 
 
 @pytest.mark.parametrize("fault", list(CATALOG_FAULTS))
-def test_catalog_failure_serves_last_known_datasets(make_mount, fault: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.allow_log(
+    r"WARNING scicatfs\.fs\.namespace: (PID prefix 'h5faults'|dataset 'h5faults/catalog'): no usable answer from the catalog",
+    r"WARNING scicatfs\.fs\.errors: (lookup pid='h5faults/catalog-unseen'|readdir path='h5faults/'): .*\(EIO\)",
+)
+def test_catalog_failure_serves_last_known_datasets(make_mount, fault: str, log_checker: LogChecker) -> None:  # type: ignore[no-untyped-def]
     """Seen datasets stay usable from the last record; unseen names are EIO after bounded retries."""
+    if fault == "malformed JSON":
+        log_checker.allow(r"WARNING scicatfs\.catalog\.client: catalog sent invalid JSON for dataset 'h5faults/catalog-unseen'")
     pid, unseen = "h5faults/catalog", "h5faults/catalog-unseen"
     catalog = Catalog.load_default()
     catalog.add_dataset(dataset_record(pid, "/h5faults/catalog"),
@@ -181,7 +204,6 @@ def test_catalog_failure_serves_last_known_datasets(make_mount, fault: str) -> N
     _heal(mount.server, fault)
     time.sleep(1.5)  # the failed lookup was cached as a negative entry for at most the listing TTL
     assert bounded(PROMPT, lambda: (mount.dataset(unseen) / "x.bin").read_bytes()) == catalog.content(unseen, "x.bin")
-    assert "Traceback" not in mount.log_text()
 
 
 #: A name never seen must be EIO within this against a hung catalog, all retries included:
@@ -190,6 +212,12 @@ NEW_NAME_BOUND = 10.0
 
 
 @pytest.mark.slow
+@pytest.mark.allow_log(
+    r"WARNING scicatfs\.fs\.namespace: PID prefix 'h5faults': no usable answer from the catalog, still shown as a"
+    r" directory \(the catalog did not answer within 5 s\)",
+    r"WARNING scicatfs\.fs\.errors: lookup pid='(10\.99999|h5faults/never-seen)': the catalog did not answer within 8 s"
+    r" \(EIO\)",
+)
 def test_hung_catalog_serves_known_datasets_and_fails_new_names_quickly(make_mount) -> None:  # type: ignore[no-untyped-def]
     """A catalog that accepts requests but never answers: known datasets wait a few seconds, once;
     a name with no last version is EIO at the lookup deadline, not after the client's 4 tries of 35 s."""
@@ -234,9 +262,18 @@ def test_slow_catalog_does_not_block_cached_reads(make_mount) -> None:  # type: 
     data = (dataset / "data.bin").read_bytes()
     _wait_cached(mount, pid, "data.bin")
 
+    asked = threading.Event()  # the slow lookup has reached the catalog
+    answer = mount.server.dispatch
+
+    def dispatch(method: str, target: str, headers: dict[str, str], body: bytes):  # type: ignore[no-untyped-def]
+        if "slow-unseen" in target:
+            asked.set()
+        return answer(method, target, headers, body)
+
+    mount.server.dispatch = dispatch
     mount.server.latency = LOOKUP_TIMEOUT - 2  # slow, but answers before the lookup deadline
     slow = Background(lambda: (mount.dataset(unseen) / "x.bin").read_bytes())
-    time.sleep(0.5)
+    assert asked.wait(10), "the lookup never reached the catalog"
     for _ in range(5):
         assert bounded(PROMPT, lambda: read_uncached(dataset / "data.bin")) == data
         assert bounded(PROMPT, lambda: os.stat(dataset / "data.bin").st_size) == MiB
@@ -284,7 +321,6 @@ def test_kill_9_under_load_then_unmount_and_remount_from_the_surviving_cache(mak
     assert survived >= 4 * MiB, "the chunks recorded before the crash should be reused"
     for name in names:
         assert bounded(EIO_BOUND, lambda name=name: (again.dataset(pid) / name).read_bytes()) == catalog.content(pid, name)
-    assert "Traceback" not in again.log_text()
 
 
 # -- the cache disk fills up ------------------------------------------------------------
@@ -293,15 +329,14 @@ def test_kill_9_under_load_then_unmount_and_remount_from_the_surviving_cache(mak
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs, unmounted after the test whatever happened."""
-    path = tmp_path / "small-disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(path)], check=True, timeout=30)
-    try:
+    with small_tmpfs(tmp_path / "small-disk", "16m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True, timeout=30)
 
 
+@pytest.mark.allow_log(
+    r"WARNING scicatfs\.cache\.fetcher: cannot cache h5faults/diskfull f\d\.bin \(\[Errno 28\] No space left on device\): serving reads uncached, read-ahead off",
+    r"WARNING scicatfs\.cache\.fetcher: caching works again",
+)
 def test_disk_full_reads_still_succeed_and_caching_recovers(make_mount, small_disk: Path) -> None:  # type: ignore[no-untyped-def]
     pid = "h5faults/diskfull"
     names = [f"f{index}.bin" for index in range(3)]
@@ -323,7 +358,6 @@ def test_disk_full_reads_still_succeed_and_caching_recovers(make_mount, small_di
     assert bounded(EIO_BOUND, lambda: read_uncached(dataset / names[0])) == catalog.content(pid, names[0])
     _wait_cached(mount, pid, names[0])
     assert "caching works again" in mount.log_text()
-    assert "Traceback" not in mount.log_text()
 
 
 # -- the server's file is not what the catalog says -------------------------------------
@@ -334,6 +368,10 @@ def _complete_blobs(cache_dir: Path) -> int:
         return index.execute("SELECT count(*) FROM blobs WHERE complete").fetchone()[0]
 
 
+@pytest.mark.allow_log(
+    r"ERROR scicatfs\.cache: checksum mismatch for h5faults/differs badsum\.bin: catalog says md5:0{32}, server sent md5:[0-9a-f]{32}; cached copy discarded",
+    r"ERROR scicatfs\.cache: h5faults/differs (short\.bin: catalog says 6291456 bytes, server has 6290456|long\.bin: catalog says 100 bytes, server has 104)",
+)
 def test_server_file_differs_from_the_catalog(make_mount, make_sshd) -> None:  # type: ignore[no-untyped-def]
     sshd: OpenSSHServer = make_sshd()
     pid = "h5faults/differs"
@@ -350,7 +388,8 @@ def test_server_file_differs_from_the_catalog(make_mount, make_sshd) -> None:  #
     _eio(lambda: (dataset / "badsum.bin").read_bytes())
     _eio(lambda: (dataset / "short.bin").read_bytes())
     _eio(lambda: (dataset / "long.bin").read_bytes())
-    time.sleep(0.5)  # any background verification has finished
+    # good.bin's verification runs in the background: once it is complete, nothing else may be.
+    assert wait_until(lambda: _complete_blobs(mount.cache_dir) >= 1, 15), "good.bin was never marked complete"
     cached = _files_json(mount, pid)
     assert cached["good.bin"]["cached"] == 6 * MiB
     assert _complete_blobs(mount.cache_dir) == 1  # good.bin, and nothing else, is marked complete
@@ -409,5 +448,3 @@ def test_64_readers_over_16_files(make_mount) -> None:  # type: ignore[no-untype
     assert max(peak) < 400 * MiB, f"scicatfs grew to {max(peak) / MiB:.0f} MiB"
     for name in names[:2]:  # and the cache holds exact, verified copies
         assert read_uncached(dataset / name) == expected[name]
-    log = mount.log_text()
-    assert "WARNING" not in log and "ERROR" not in log, log

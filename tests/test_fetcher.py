@@ -22,11 +22,12 @@ import trio
 
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
-from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.fetcher import Fetcher, Handle
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.sftp import Transfer
+from tests.support.filesystems import small_tmpfs
 from tests.support.sshd import OpenSSHServer, _descendants
 
 T = TypeVar("T")
@@ -152,6 +153,7 @@ def test_a_small_read_in_a_cold_large_file_fetches_one_block(sshd, remote, tmp_p
     spec = replace(spec, size=1 << 30)
 
     async def body(fetcher: Fetcher) -> None:
+        await fetcher.transfer.warm_up(wait=10)  # the SSH connection is up, as on a mounted filesystem
         handle = await fetcher.open(spec)
         started = time.perf_counter()
         assert await fetcher.read(handle, 512 * MiB, 4 * KiB) == marker
@@ -167,7 +169,9 @@ def test_a_small_read_in_a_cold_large_file_fetches_one_block(sshd, remote, tmp_p
         return elapsed
 
     elapsed = run(sshd, tmp_path, body, chunk=4 * MiB)
-    assert elapsed < 5
+    # docs/performance.md: about 2-4 ms with the connection up. Measured here: 3.9-9.5 ms
+    # (5 runs, load average 8-13 on 2 cores); 50 ms is five times the worst of those.
+    assert elapsed < 0.05, f"a cold 4 KiB read took {elapsed * 1000:.1f} ms"
 
 
 def test_read_ahead_grows_on_sequential_reads_and_resets_on_a_seek(sshd, remote, tmp_path: Path) -> None:
@@ -247,6 +251,7 @@ def test_bad_requests_are_clear_errors(sshd, remote, tmp_path: Path) -> None:
 # -- integrity ----------------------------------------------------------------------
 
 
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: checksum mismatch for 10\.1/x bad\.bin: catalog says md5:0{32}, server sent md5:[0-9a-f]{32}; cached copy discarded")
 def test_checksum_mismatch_is_an_error_and_leaves_no_complete_blob(
     sshd, remote, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -292,6 +297,7 @@ def test_a_sequential_reader_is_verified_while_it_reads(sshd, remote, tmp_path: 
 
 
 @pytest.mark.parametrize("catalog_size", [3 * SMALL_CHUNK - 1, 3 * SMALL_CHUNK + 1, 5 * SMALL_CHUNK])
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: 10\.1/x sized\.bin: catalog says \d+ bytes, server has 196608 ")
 def test_size_mismatch_is_reported(sshd, remote, tmp_path: Path, catalog_size: int) -> None:
     data = payload(3 * SMALL_CHUNK)
     spec = replace(remote("sized.bin", data, checksum=False), size=catalog_size)
@@ -312,6 +318,9 @@ def test_size_mismatch_is_reported(sshd, remote, tmp_path: Path, catalog_size: i
 # -- offline, failures ---------------------------------------------------------------
 
 
+@pytest.mark.allow_log(
+    r"WARNING scicatfs\.cache\.fetcher: fetching p other\.bin failed \(attempt [12] of 2\): 127\.0\.0\.1:\d+: cannot connect: \[Errno 111\]"
+)
 def test_cached_reads_need_no_server_and_uncached_reads_fail_in_time(
     make_sshd, tmp_path: Path
 ) -> None:
@@ -346,6 +355,7 @@ async def within_budget(store: BlobStore) -> None:
             await trio.sleep(0.01)
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.cache\.fetcher: fetching p f failed \(attempt 1 of 1\): no answer within 1 s")
 def test_a_frozen_server_gives_an_error_not_a_hang(make_sshd, tmp_path: Path) -> None:
     """SIGSTOP the sshd processes: connections stay open but nothing answers."""
     server = make_sshd()
@@ -397,23 +407,85 @@ def test_eviction_under_small_budget_keeps_open_files_intact(sshd, remote, tmp_p
     run(sshd, tmp_path, body, budget=budget)
 
 
-def test_disk_full_still_serves_reads(sshd, remote, tmp_path: Path) -> None:
-    """A real ENOSPC: the cache lives on a tmpfs far smaller than the file."""
-    mountpoint = tmp_path / "tiny"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mountpoint)], check=True)
-    try:
-        data = payload(48 * SMALL_CHUNK)
-        spec = remote("big.bin", data, checksum=False)
+async def settled(fetcher: Fetcher) -> None:
+    """Wait until no flight (demand or read-ahead) is under way."""
+    with trio.fail_after(30):
+        while fetcher.chunks_in_flight:
+            await trio.sleep(0.01)
 
-        async def body(fetcher: Fetcher) -> None:
+
+async def read_until_the_disk_is_full(fetcher: Fetcher, handle: Handle, data: bytes) -> int:
+    """Read ``data``'s file sequentially until a write fails; returns the offset reached."""
+    offset = 0
+    while not fetcher.stats["chunks_uncached"]:
+        assert offset < len(data), "the disk never filled up"
+        assert await fetcher.read(handle, offset, SMALL_CHUNK) == data[offset : offset + SMALL_CHUNK]
+        offset += SMALL_CHUNK
+    return offset
+
+
+FULL = (r"WARNING scicatfs\.cache\.fetcher: cannot cache 10\.1/x big\.bin"
+        r" \(\[Errno 28\] (No space left on device|cache index: database or disk is full)\):"
+        r" serving reads uncached, read-ahead off")
+
+
+@pytest.mark.allow_log(FULL, r"WARNING scicatfs\.cache\.fetcher: caching works again", optional=True)
+def test_disk_full_serves_reads_without_read_ahead(sshd, remote, tmp_path: Path) -> None:
+    """A real ENOSPC: reads are served from memory, and while writes fail no read-ahead runs."""
+    data = payload(48 * SMALL_CHUNK)
+    spec = remote("big.bin", data, checksum=False)
+
+    async def body(fetcher: Fetcher) -> None:
+        handle = await fetcher.open(spec)
+        try:
+            offset = await read_until_the_disk_is_full(fetcher, handle, data)
+            await settled(fetcher)
+            free = os.statvfs(disk)  # whatever a shrink freed is taken again: writes keep failing
+            (disk / "filler").write_bytes(bytes(free.f_bavail * free.f_frsize))
+            fetched, demanded = fetcher.stats["chunks_fetched"], 0
+            for _ in range(8):  # sequential: read-ahead would fetch blocks beyond these
+                demanded += offset // SMALL_CHUNK not in handle.blob.present  # a block per read
+                assert await fetcher.read(handle, offset, SMALL_CHUNK) == data[offset : offset + SMALL_CHUNK]
+                offset += SMALL_CHUNK
+            await settled(fetcher)
+            assert demanded, "every block read was cached before the disk filled"
+            assert fetcher.stats["chunks_fetched"] - fetched == demanded, "read-ahead ran on a full disk"
             assert md5(await read_all(fetcher, spec)) == md5(data)
-            assert fetcher.stats["chunks_uncached"] > 0
-            assert not fetcher.store.entries()[0].complete
+        finally:
+            await fetcher.release(handle)
+        assert not fetcher.store.entries()[0].complete
 
-        run(sshd, mountpoint / "cache", body)
-    finally:
-        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+    with small_tmpfs(tmp_path / "tiny", "1m") as disk:
+        run(sshd, disk / "cache", body)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "on a disk with no byte left the index cannot commit the eviction's deletes"
+    " ('cache eviction failed: ... database or disk is full'), so nothing is freed"))
+@pytest.mark.allow_log(FULL, r"WARNING scicatfs\.cache\.fetcher: cache eviction failed: .*database or disk is full",
+                       optional=True)
+def test_disk_full_shrinks_the_cache_to_half_its_budget(sshd, remote, tmp_path: Path) -> None:
+    """Other files the cache holds fill the disk: ENOSPC evicts them down to half the budget."""
+    budget = 1 << 20
+    others = [(remote(f"other{n}.bin", payload(2 * SMALL_CHUNK, seed=n), checksum=False), n) for n in range(5)]
+    data = payload(48 * SMALL_CHUNK)
+    spec = remote("big.bin", data, checksum=False)
+
+    async def body(fetcher: Fetcher) -> None:
+        for other, seed in others:
+            assert await read_all(fetcher, other) == payload(2 * SMALL_CHUNK, seed=seed)
+        assert fetcher.store.usage() == 5 * 2 * SMALL_CHUNK > budget // 2
+        handle = await fetcher.open(spec)
+        try:
+            await read_until_the_disk_is_full(fetcher, handle, data)
+            with trio.fail_after(10):  # the shrink runs in the background
+                while fetcher.store.usage() > budget // 2:
+                    await trio.sleep(0.05)
+        finally:
+            await fetcher.release(handle)
+
+    with small_tmpfs(tmp_path / "tiny", "1m") as disk:
+        run(sshd, disk / "cache", body, budget=budget)
 
 
 # -- crashes and other processes ------------------------------------------------------
@@ -421,7 +493,7 @@ def test_disk_full_still_serves_reads(sshd, remote, tmp_path: Path) -> None:
 PREFETCH_SCRIPT = """
 import json, sys, trio
 from pathlib import Path
-from scicatfs.cache.fetcher import Fetcher
+from scicatfs.cache.fetcher import Fetcher, Handle
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.sftp import SFTPSettings, Transfer

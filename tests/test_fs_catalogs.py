@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.fs.views import top_level_views
 from tests.support.records import dataset_record
@@ -38,6 +40,7 @@ def test_ten_thousand_files_list_completely(make_mount) -> None:  # type: ignore
         assert (dataset / name).read_bytes() == catalog.content(BIG, name)
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.catalog\.models: dataset 'h5test/hostile': (dropped file |\d+ problems with file entries)")
 def test_hostile_paths_never_appear(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = Catalog.load_default()
     hostile = ["../escape.txt", "/etc/passwd", "a/../../b.txt", "dir//double.txt", "./dot.txt",
@@ -94,6 +97,7 @@ def test_changed_file_gets_new_inode_and_new_bytes(make_mount, make_catalog_serv
     assert "changed in the catalog" in mount.log_text()
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.fs\.namespace: PID 'h5bad/.*' cannot be shown: .* is not a usable file name")
 def test_pids_that_cannot_be_names_are_not_listed(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = Catalog.load_default()
     for suffix in ("ok", "..", ".", "/double", "nul\0name", "y" * 256):

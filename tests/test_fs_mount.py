@@ -28,6 +28,7 @@ import pytest
 from scicatfs.cache.store import BlobStore
 from scicatfs.fs.views import top_level_views
 from tests.support.mounts import Mount
+from tests.support.requirements import needs_root, skip_or_fail
 
 #: The root's own directories, listed before the PID tree.
 VIEWS = [".scicat", *top_level_views()]
@@ -299,6 +300,7 @@ def test_writes_are_refused_with_erofs(mounted: Mount, operation) -> None:  # ty
     assert raised.value.errno == errno.EROFS
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.fs\.errors: lookup pid='20\.500\.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701': dataset '20\.500\.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701' exists but the credentials in use \(login as 'stibbons'\) may")
 def test_forbidden_dataset_is_eacces_and_not_listed(mounted: Mount) -> None:
     assert FORBIDDEN.split("/")[1] not in os.listdir(mounted.path / "20.500.12269")
     with pytest.raises(PermissionError):
@@ -387,14 +389,14 @@ def _cat_as_nobody(mount: Mount, relative: str) -> subprocess.CompletedProcess[b
     return subprocess.run(["cat", relative], capture_output=True, timeout=TIMEOUT, preexec_fn=enter_and_drop)
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
 def test_mount_is_private_to_its_user(mounted: Mount) -> None:
+    skip_or_fail(needs_root("to act as another user"))
     result = _cat_as_nobody(mounted, f"{THAUM}/flux.dat")
     assert result.returncode != 0 and b"Permission denied" in result.stderr
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
 def test_allow_other_lets_others_read_with_default_permissions(make_mount) -> None:  # type: ignore[no-untyped-def]
+    skip_or_fail(needs_root("to act as another user"))
     mount = make_mount(args=["--allow-other"])
     options = next(
         line.split()[3] for line in Path("/proc/self/mounts").read_text().splitlines() if line.split()[1] == str(mount.path)

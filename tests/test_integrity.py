@@ -106,6 +106,10 @@ def _assert_failed_everywhere(mount: Mount, name: str) -> None:
     assert b"Input/output error" in cat.stderr
 
 
+@pytest.mark.allow_log(
+    r"ERROR scicatfs\.cache: checksum mismatch for h5integrity/wrong badsum\.bin: catalog says md5:[0-9a-f]{32}, server sent md5:[0-9a-f]{32}; cached copy discarded",
+    r"ERROR scicatfs\.cache: h5integrity/wrong short\.bin: catalog says 3145728 bytes, server has 3144728 ",
+)
 def test_a_failed_file_stays_failed_across_opens_processes_and_mounts(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = _catalog()
     mount: Mount = make_mount(catalog)
@@ -135,6 +139,7 @@ def test_a_failed_file_stays_failed_across_opens_processes_and_mounts(make_mount
     assert bounded(PROMPT, lambda: _plain_read(third.dataset(PID) / "good.bin")) == catalog.content(PID, "good.bin")
 
 
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: checksum mismatch for h5integrity/wrong partial\.bin: catalog says md5:[0-9a-f]{32}, server sent md5:[0-9a-f]{32}; cached copy discarded")
 def test_readers_that_hold_the_file_learn_of_the_mismatch(make_mount) -> None:  # type: ignore[no-untyped-def]
     """A partial reader gets unverified bytes; once any reader finds the mismatch, nothing more."""
     catalog = _catalog()
@@ -179,6 +184,10 @@ def _cache(args: list[str], cache_dir: Path) -> subprocess.CompletedProcess[str]
     )  # fmt: skip
 
 
+@pytest.mark.allow_log(
+    r"ERROR scicatfs\.cache: checksum mismatch for h5integrity/wrong badsum\.bin: catalog says md5:[0-9a-f]{32}, server sent md5:[0-9a-f]{32}; cached copy discarded",
+    r"ERROR scicatfs\.cache: h5integrity/wrong short\.bin: catalog says 3145728 bytes, server has 3144728 ",
+)
 def test_forget_and_the_retry_time_bring_a_repaired_file_back(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = _catalog()
     mount: Mount = make_mount(catalog, args=["--retry-failed", "3"])
@@ -246,6 +255,7 @@ def test_cache_verify_beside_a_reader_changes_no_byte(make_mount) -> None:  # ty
     assert verified and all(run.returncode == 0 and "0 bad" in run.stdout for run in verified), verified[-1]
 
 
+@pytest.mark.allow_log(r"ERROR scicatfs\.cache: the cached copy of md5:[0-9a-f]{32}:1048576 is damaged: expected md5:[0-9a-f]{32}, found md5:[0-9a-f]{32}")
 def test_cache_verify_finds_damage_in_a_file_a_mount_has_open(make_mount) -> None:  # type: ignore[no-untyped-def]
     catalog = _catalog()
     mount: Mount = make_mount(catalog)
@@ -261,7 +271,9 @@ def test_cache_verify_finds_damage_in_a_file_a_mount_has_open(make_mount) -> Non
         blob.write(b"\0" * 10)
 
     with open(path, "rb") as holder:
-        assert holder.read(4096) == content[:4096]  # from the page cache: the damage is unknown yet
+        # Until something verifies the cached copy again, the damage is unknown: a read gets the
+        # page cache's bytes, or (once memory pressure evicted them) the damaged disk's.
+        holder.read(4096)
         result = _cache(["verify"], mount.cache_dir)
         assert result.returncode == 1, result
         assert "open in a running mount: left in place" in result.stdout
@@ -277,7 +289,7 @@ def test_cache_verify_finds_damage_in_a_file_a_mount_has_open(make_mount) -> Non
             except OSError as error:
                 assert error.errno == errno.EIO
                 break
-            assert data == content[:4096]
+            assert len(data) == 4096
             assert time.monotonic() < deadline, "the open handle still serves the damaged file"
             time.sleep(0.1)
 

@@ -118,6 +118,10 @@ def test_counters_move_as_the_layers_work(taken: list[dict[str, Any]], tmp_path:
     assert fetched["cache"]["reads_fetched"] == 0  # a prefetch is no read
 
     assert fetched["cache"]["chunks_in_flight"] == 0
+    assert fetched["tiers"]["source_bytes"] == 20 and fetched["tiers"]["shared_bytes"] == 0
+    assert fetched["tiers"]["latency"]["source"]["count"] == 1
+    assert fetched["tiers"]["latency"]["source"]["buckets"]["+Inf"] == 1
+    assert hit["tiers"]["local_bytes"] == 10  # the cache hit
 
     # (the miss may be answered by a direct read racing its chunk's fetch, so
     # whether that chunk is already written is left open here)
@@ -146,6 +150,7 @@ def test_render_for_people(taken: list[dict[str, Any]]) -> None:
     assert "errors: transfer errors " in page and "cache fetch errors 1" in page
     assert "token: expires " in page and ("(in 59 min" in page or "(in 1 h 0 min)" in page)
     assert "\ncache:\n" in page and "  used_bytes " in page
+    assert "\ntiers:\n" in page and "source: 2 fetches, mean " in page and "shared: none" in page
     assert render(taken[0]).count("errors: none") == 1
     expired = dict(taken[0], token={"expires": iso_time(0), "expires_in_seconds": -5, "expired": True})
     assert "(EXPIRED)" in render(expired)

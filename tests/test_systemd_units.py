@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from scicatfs.config import helper_argv_to_cli, mount_options, split_fuse_o
+from tests.support.requirements import missing_program, skip_or_fail
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
 SERVICE = UNITS / "scicatfs@.service"
@@ -108,6 +108,7 @@ def test_mount_unit_options_map_to_a_valid_configuration(tmp_path: Path) -> None
 
 def _verify(units: list[Path], tmp_path: Path, user: bool) -> None:
     """Run ``systemd-analyze verify``; any warning about our files fails the test."""
+    skip_or_fail(missing_program("systemd-analyze", "systemd"))
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "runtime")}
     (tmp_path / "runtime").mkdir(mode=0o700, exist_ok=True)
     command = ["systemd-analyze", "verify", *(["--user"] if user else []), *map(str, units)]
@@ -116,12 +117,6 @@ def _verify(units: list[Path], tmp_path: Path, user: bool) -> None:
     assert result.returncode == 0 and not ours, result.stderr
 
 
-needs_systemd = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
-)
-
-
-@needs_systemd
 def test_systemd_verifies_the_user_service(tmp_path: Path) -> None:
     # verify needs an instance name and an executable that exists: use this
     # environment's scicatfs (or python -m scicatfs) in a copy of the unit.
@@ -134,12 +129,10 @@ def test_systemd_verifies_the_user_service(tmp_path: Path) -> None:
     _verify([instance], tmp_path, user=True)
 
 
-@needs_systemd
 def test_systemd_verifies_the_mount_units(tmp_path: Path) -> None:
     _verify([MOUNT, AUTOMOUNT], tmp_path, user=False)
 
 
-@needs_systemd
 def test_the_verify_check_catches_a_typo(tmp_path: Path) -> None:
     broken = tmp_path / AUTOMOUNT.name
     broken.write_text(AUTOMOUNT.read_text().replace("TimeoutIdleSec", "TimeoutIdelSec"))

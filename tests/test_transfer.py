@@ -225,6 +225,7 @@ def test_changed_host_key_is_refused(sshd: OpenSSHServer, remote_dir: str, tmp_p
     with_transfer(sshd.sftp_settings(known_hosts=known), body)
 
 
+@pytest.mark.allow_log(r"WARNING scicatfs\.transfer\.sftp: SSH host key checking is DISABLED")
 def test_host_key_checking_can_be_disabled_loudly(
     sshd: OpenSSHServer, remote_dir: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -48,9 +48,11 @@ import trio
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
 from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
+from scicatfs.cache.tiers import TierStats
 from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
 
 if TYPE_CHECKING:
+    from scicatfs.cache.shared import SharedCache
     from scicatfs.transfer.sftp import Transfer
 
 __all__ = ["Fetcher", "Handle"]
@@ -116,6 +118,7 @@ class Fetcher:
         attempts: int = 2,
         retry_wait: float = 10.0,
         retry_failed_after: float = RETRY_FAILED_AFTER,
+        shared: SharedCache | None = None,
     ) -> None:
         if read_timeout <= 0 or transfer_timeout <= 0 or attempts < 1:
             raise ValueError("timeouts must be positive and attempts at least 1")
@@ -132,6 +135,8 @@ class Fetcher:
         self.retry_wait = retry_wait
         self.retry_failed_after = retry_failed_after
         self.failure_listeners: list[FailureListener] = []
+        self.shared = shared  # the shared cache tier between this cache and the source (cache.shared)
+        self.tiers = TierStats()
         self._retries: dict[str, trio.Event] = {}  # blob key -> its verified re-fetch, under way
         self._failures_seen = time.time()
         self._flights: dict[tuple[str, int], _Flight] = {}  # (blob key, block) -> its flight
@@ -259,6 +264,7 @@ class Fetcher:
         ahead = self._read_ahead(handle, offset, end)
         if cached:
             self.stats["reads_from_cache"] += 1
+            self.tiers.served_locally(end - offset)
             if ahead > handle.ahead:
                 handle.ahead = self._start_flights(handle, max(last + 1, handle.ahead), last + 1, ahead)
             return await self._checked(handle, end, self.store.read(blob, offset, end - offset))
@@ -425,8 +431,7 @@ class Fetcher:
         try:
             if self.store.refresh_blocks(blob, first, count):
                 return
-            async with self._limiter:
-                data = await self._download(spec, blob, first, count)
+            data = await self._from_tiers(spec, blob, first, count)
             self.stats["chunks_fetched"] += count
             flight.data = data
             flight.ready.set()
@@ -456,6 +461,21 @@ class Fetcher:
             self._start_verification(spec, blob)
         elif blob.checksum is not None:
             self._hash_ahead(blob)
+
+    async def _from_tiers(self, spec: FileSpec, blob: Blob, first: int, count: int) -> bytes:
+        """A flight's bytes from the shared tier if there is one and it has them, else from the source."""
+        started = time.monotonic()
+
+        async def download() -> bytes:
+            async with self._limiter:  # only the source transfer takes a network slot
+                return await self._download(spec, blob, first, count)
+
+        if self.shared is None:
+            data, tier = await download(), "source"
+        else:
+            data, tier = await self.shared.read_or_fetch(blob, first, count, download)
+        self.tiers.fetched(tier, len(data), time.monotonic() - started)
+        return data
 
     async def _download(self, spec: FileSpec, blob: Blob, first: int, count: int) -> bytes:
         """Blocks from the server, checking them against the catalog's size.
@@ -561,6 +581,8 @@ class Fetcher:
         """A file version just failed verification here or elsewhere: count, log, tell listeners."""
         self.stats["integrity_errors"] += 1
         report_integrity(error)
+        if self.shared is not None:  # the shared objects may be what was wrong
+            self._start(self.shared.discard, blob.key)
         for listener in self.failure_listeners:
             self._start(listener, blob.key)
 

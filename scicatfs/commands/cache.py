@@ -13,9 +13,11 @@ import argparse
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from scicatfs.cache.errors import CacheError
+from scicatfs.cache.shared import prune as prune_shared
 from scicatfs.cache.store import INDEX_FILE, BlobInfo, BlobStore, default_budget
 from scicatfs.commands.common import (
     CommandError,
@@ -40,6 +42,10 @@ def register(subparsers: Any) -> None:
 
     prune = commands.add_parser("prune", help="delete least recently used blobs down to a size")
     prune.add_argument("--to", metavar="SIZE", help="target size, e.g. 5G (default: the cache budget)")
+    prune.add_argument(
+        "--shared", type=Path, metavar="DIR",
+        help="prune the shared cache tier in DIR instead (needs --to; run it from a timer on one node)",
+    )  # fmt: skip
     prune.set_defaults(func=guarded(_prune))
 
     verify = commands.add_parser("verify", help="re-hash complete blobs against their checksums, drop bad ones")
@@ -111,6 +117,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    if args.shared is not None:
+        return _prune_shared(args)
     with _store(args) as store:
         if store is None:
             return 0
@@ -121,6 +129,26 @@ def _prune(args: argparse.Namespace) -> int:
         if eviction.skipped_in_use:
             over = f", {human_size(used - target)} over the target" if used > target else ""
             print(f"kept {eviction.skipped_in_use} blobs that a running mount has open{over}")
+    return 0
+
+
+def _prune_shared(args: argparse.Namespace) -> int:
+    """Least recently used blobs of the shared tier go first; mounts may keep reading meanwhile."""
+    setup_logging(args.log_level)
+    if args.to is None:
+        raise CommandError("prune --shared needs --to SIZE: the shared tier has no budget of its own")
+    target = parse_size(args.to)
+    try:
+        result = prune_shared(args.shared, target)
+    except FileNotFoundError:
+        print(f"no shared cache in {args.shared} yet")
+        return 0
+    except OSError as error:
+        raise CommandError(f"pruning the shared cache {args.shared}: {error}") from None
+    print(
+        f"freed {human_size(result.freed)} ({result.removed_blobs} blobs); the shared cache now holds"
+        f" {human_size(result.used)}; removed {result.leftovers} leftovers of interrupted writers"
+    )
     return 0
 
 

@@ -78,7 +78,7 @@ def render(status: dict[str, Any]) -> str:
         if count
     ]
     lines.append(f"errors: {', '.join(failing) if failing else 'none'}")
-    for section in ("catalog", "transfer", "cache"):
+    for section in ("catalog", "transfer", "cache", "tiers"):
         counters = status.get(section)
         if not isinstance(counters, dict):
             continue
@@ -88,7 +88,23 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latency(histograms: dict[str, Any]) -> str:
+    """Fetch latency per tier as count, mean and the bucket that holds the median."""
+    parts = []
+    for tier, histogram in histograms.items():
+        count = histogram.get("count", 0)
+        if not count:
+            parts.append(f"{tier}: none")
+            continue
+        median = next(bound for bound, below in histogram["buckets"].items() if below * 2 >= count)
+        mean = histogram["sum_seconds"] / count
+        parts.append(f"{tier}: {count} fetches, mean {mean * 1000:.1f} ms, median <= {median} s")
+    return "; ".join(parts)
+
+
 def _value(name: str, value: Any) -> str:
+    if name == "latency" and isinstance(value, dict):
+        return _latency(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         words = name.split("_")
         if "bytes" in words:

@@ -25,6 +25,7 @@ import pytest
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.mountpoint import find_mount
+from tests.support.checklogs import check_watched_files, watch_file
 from tests.support.sshd import OpenSSHServer
 
 __all__ = [
@@ -184,10 +185,12 @@ def start_mount(
     user: str | None = DEMO_USER,
     args: Sequence[str] = (),
     cache_dir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Mount:
     """Run ``scicatfs mount --foreground`` in ``work/mnt`` and wait until it answers.
 
-    The caller must call :meth:`Mount.unmount` (the fixtures below do, always).
+    ``env`` adds to the daemon's environment (e.g. ``SCICAT_TOKEN``). The caller
+    must call :meth:`Mount.unmount` (the fixtures below do, always).
     """
     mountpoint = work / "mnt"
     mountpoint.mkdir()
@@ -207,7 +210,9 @@ def start_mount(
         argv += ["--username", user, "--password-file", str(password)]
     argv += list(args)
     with open(log, "wb") as log_file:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    watch_file(log)
     mount = Mount(mountpoint, process, catalog, server, sshd, cache, log, argv)
     try:
         wait_for_mount(mountpoint, process, log)
@@ -224,13 +229,13 @@ def make_mount(
     make_catalog_server: Callable[..., CatalogServer],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., Mount]]:
-    """Factory: ``make_mount(catalog=None, *, user="stibbons", args=(), cache_dir=None, server=None, sftp=None)``.
+    """Factory: ``make_mount(catalog=None, *, user="stibbons", args=(), cache_dir=None, server=None, sftp=None, env=None)``.
 
     ``catalog`` defaults to the demo catalog; another catalog's files are
     materialized into the sshd chroot first (give its datasets their own
     sourceFolder). ``sftp`` is an sshd of the test's own (from ``make_sshd``,
     for tests that stop or kill it); the session's sshd otherwise. ``user=None`` mounts anonymously. ``args`` are extra
-    ``scicatfs mount`` arguments (e.g. ``["-o", "xattrs"]``). Every mount is
+    ``scicatfs mount`` arguments (e.g. ``["-o", "xattrs"]``), ``env`` extra environment. Every mount is
     unmounted and its process stopped at teardown.
     """
     sshd = demo_sftp_files
@@ -244,6 +249,7 @@ def make_mount(
         cache_dir: Path | None = None,
         server: CatalogServer | None = None,
         sftp: OpenSSHServer | None = None,
+        env: dict[str, str] | None = None,
     ) -> Mount:
         files_from = sshd if sftp is None else sftp
         if catalog is None:
@@ -253,7 +259,7 @@ def make_mount(
         if server is None:
             server = make_catalog_server(catalog)
         work = tmp_path_factory.mktemp("mount")
-        mount = start_mount(catalog, server, files_from, work, user=user, args=args, cache_dir=cache_dir)
+        mount = start_mount(catalog, server, files_from, work, user=user, args=args, cache_dir=cache_dir, env=env)
         mounts.append(mount)
         return mount
 
@@ -279,3 +285,4 @@ def mounted(
             yield mount
         finally:
             mount.unmount()
+        check_watched_files()  # what unmounting logged, after the module's last test

@@ -9,12 +9,17 @@ and ``root/``: the chroot, whose contents are what SFTP clients see at ``/``.
 The server is started with ``-D -e`` (foreground, log to stderr) so this module
 owns the process; ``kill()`` also reaches sshd's per-connection children, which
 live in their own sessions, by walking /proc.
+
+The SFTP server (``internal-sftp -l INFO``) logs every file it opens, but from
+inside the chroot, to syslog: ``root/dev/log`` is a datagram socket of this
+module, so ``sftp_opens()`` can tell which files the server really opened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,10 +35,13 @@ import pytest
 
 from scicatfs.transfer.sftp import SFTPSettings
 from tests.support.requirements import skip_or_fail
+from tests.support.syslog import SyslogSocket
 
 __all__ = ["OpenSSHServer", "SSHD_BINARY", "make_sshd", "sshd"]
 
 SSHD_BINARY = Path("/usr/sbin/sshd")
+#: internal-sftp's log line for an open: ``open "/path" flags READ mode 0666``.
+_SFTP_OPEN = re.compile(r'\bopen "(.*)" flags ')
 BASE_DIRECTORY = Path("/var/lib/scicatfs-tests")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -60,6 +68,8 @@ class OpenSSHServer:
         self.config = self.workdir / "sshd_config"
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
+        (self.root / "dev").mkdir(mode=0o755)
+        self._sftp_log = SyslogSocket(self.root / "dev" / "log")
         _keygen(self.host_key)
         _keygen(self.client_key)
         (self.workdir / "authorized_keys").write_bytes(
@@ -114,6 +124,7 @@ class OpenSSHServer:
     def close(self) -> None:
         """Stop the server and delete its work directory (keys, data, log)."""
         self.stop()
+        self._sftp_log.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     @property
@@ -181,6 +192,10 @@ class OpenSSHServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def sftp_opens(self) -> list[str]:
+        """Every path an SFTP client has opened on this server so far, as the client named it."""
+        return [match[1] for line in self._sftp_log.messages() if (match := _SFTP_OPEN.search(line))]
+
     # -- internals -------------------------------------------------------------
 
     def _write_config(self) -> None:
@@ -198,8 +213,8 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 ChrootDirectory {self.root}
-ForceCommand internal-sftp
-Subsystem sftp internal-sftp
+ForceCommand internal-sftp -l INFO
+Subsystem sftp internal-sftp -l INFO
 AllowTcpForwarding no
 X11Forwarding no
 PermitTTY no
