@@ -92,13 +92,16 @@ def test_find_to_depth_two_fetches_no_dataset_record(make_mount, make_catalog_se
     mount = make_mount(catalog, server=server)
     server.reset_requests()
 
-    found = subprocess.run(["find", str(mount.path), "-maxdepth", "2"], capture_output=True, timeout=300, check=True)
+    # The views are shown but not descended into: this is about the PID tree (each view's values
+    # would cost a fullfacet scan of the 200,000 generated datasets in the demo server).
+    views = [arg for name in top_level_views() for arg in ("-path", str(mount.path / name), "-o")][:-1]
+    found = subprocess.run(["find", str(mount.path), "-maxdepth", "2", "(", *views, ")", "-prune", "-print",
+                            "-o", "-print"], capture_output=True, timeout=300, check=True)
     shown = {os.path.relpath(line.decode(), mount.path) for line in found.stdout.splitlines()}
     assert {"huge", "huge/000000", "huge/199999", "20.500.12269", "20.500.12269/BRIGHTNESS"} <= shown
-    views = {"by-group/uu", ".scicat/pid"}  # the views' depth-2 entries: one owner group, no proposals
-    assert {*VIEWS, *views} <= shown
-    # ., the root's own directories, huge, 20.500.12269, and their children
-    assert len(shown) == 1 + len(VIEWS) + 2 + len(views) + 2 + COUNT
+    assert {*VIEWS, ".scicat/pid"} <= shown
+    # ., the root's own directories, huge, 20.500.12269; .scicat's two entries, BRIGHTNESS, huge's
+    assert len(shown) == 1 + len(VIEWS) + 2 + 3 + COUNT
     detailed = subprocess.run(["ls", "-l", str(mount.path / "20.500.12269" / "BRIGHTNESS")],
                               capture_output=True, timeout=60, check=True)
     assert detailed.stdout.count(b"\ndr-x") == 3  # dataset directories, attributes from the listing
