@@ -35,7 +35,7 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     parser = argparse.ArgumentParser(
         prog="scicatfs",
         description="Mount a SciCat data catalog as a read-only filesystem; "
-        "dataset files are fetched over SFTP on first read and cached.",
+        "dataset files are fetched on first read (SFTP, a local folder or a web server) and cached.",
     )
     parser.add_argument("--version", action="version", version=f"scicatfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -108,7 +108,9 @@ def _mount(args: argparse.Namespace) -> int:
     values = {key: value for key, value in vars(args).items() if key not in ("command", "o")}
     scicat_keys, fuse = split_fuse_o(args.o)
     for key, value in scicat_keys.items():
-        if values.get(key) is None:
+        if key == "sources":  # -o source=... adds to --source
+            values[key] = [*(values.get(key) or ()), *value]  # type: ignore[misc]
+        elif values.get(key) is None:
             values[key] = value
     if fuse:
         values["fuse_options"] = tuple(fuse)

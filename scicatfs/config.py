@@ -32,6 +32,8 @@ from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from scicatfs.sources import SourceRule, parse_rule
+
 __all__ = [
     "ConfigError",
     "LOG_LEVELS",
@@ -103,6 +105,11 @@ class MountOptions:
     known_hosts: Path | None = None
     insecure_no_host_key_check: bool = False
     sftp_connections: int = 4
+    # --source PREFIX=URL rules, from the profile's [profiles.NAME.sources] table and the
+    # command line (a command-line rule replaces the profile's rule for the same prefix)
+    sources: tuple[SourceRule, ...] = ()
+    http_token_file: Path | None = None  # bearer token for https:// sources (never the catalog's)
+    insecure_http: bool = False  # allow http:// sources that are not on this machine
     cache_dir: Path = field(default_factory=default_cache_dir)
     # None: min(10 GiB, 10 % of the cache filesystem), resolved by the mount
     # because only it knows which filesystem the cache ends up on.
@@ -154,13 +161,13 @@ def parse_size(text: str) -> int:
 # ----------------------------------------------------- field kinds, coercion
 
 _PATH_FIELDS = frozenset(
-    {"mountpoint", "token_file", "password_file", "identity_file", "known_hosts", "cache_dir", "shared_cache",
-     "metrics_textfile"}
+    {"mountpoint", "token_file", "password_file", "identity_file", "known_hosts", "cache_dir", "http_token_file",
+     "shared_cache", "metrics_textfile"}
 )
 _STR_FIELDS = frozenset({"url", "username", "sftp_host", "sftp_user", "log_level"})
 _INT_FIELDS = frozenset({"sftp_port", "sftp_connections", "metrics_port"})
 _FLOAT_FIELDS = frozenset({"record_ttl", "listing_ttl", "lookup_timeout", "retry_failed"})
-_BOOL_FIELDS = frozenset({"insecure_no_host_key_check", "xattrs", "allow_other", "foreground"})
+_BOOL_FIELDS = frozenset({"insecure_no_host_key_check", "insecure_http", "xattrs", "allow_other", "foreground"})
 _FIELDS = frozenset(f.name for f in dataclasses.fields(MountOptions))
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -214,6 +221,15 @@ def _coerce(name: str, value: object, where: str, *, from_text: bool) -> object:
             except ConfigError as exc:
                 raise ConfigError(f"cache_size {where}: {exc}") from None
         raise wrong('a size such as "10G" or a number of bytes')
+    if name == "sources":
+        # Kept as "PREFIX=URL" texts until _validate, which knows insecure_http.
+        if isinstance(value, str) and from_text:
+            return (value,)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value) and from_text:
+            return tuple(value)
+        if isinstance(value, Mapping) and not from_text and all(isinstance(v, str) for v in value.values()):
+            return tuple(f"{prefix}={url}" for prefix, url in value.items())
+        raise wrong("a table of PREFIX = URL" if not from_text else "PREFIX=URL")
     if name == "fuse_options":
         if isinstance(value, str) and from_text:
             return tuple(_split_commas(value))
@@ -377,7 +393,7 @@ def _dropped(option: str) -> bool:
     return option in _DROPPED or option.startswith(_DROPPED_PREFIXES)
 
 
-def split_fuse_o(values: Iterable[str]) -> tuple[dict[str, str | bool], list[str]]:
+def split_fuse_o(values: Iterable[str]) -> tuple[dict[str, str | bool | list[str]], list[str]]:
     """Sort ``-o`` values into scicatfs keys and options for FUSE.
 
     ``["token_file=/x,sftp_host=h,ro,allow_other,xattrs,auto_unmount"]`` gives
@@ -389,15 +405,21 @@ def split_fuse_o(values: Iterable[str]) -> tuple[dict[str, str | bool], list[str
     (``rw``, ``ro``, ``defaults``, ``dev``, ``suid``, ``exec``, ``_netdev``,
     ``noauto``, ``nofail``, ``user``, ``x-*``, ``comment=``) is dropped;
     everything else goes to FUSE unchanged, in order, where an unknown option
-    fails the mount with FUSE's own message. Later values win.
+    fails the mount with FUSE's own message. Later values win, except
+    ``source=PREFIX=URL``, which may repeat and gives the list ``"sources"``.
     """
-    scicat: dict[str, str | bool] = {}
+    scicat: dict[str, str | bool | list[str]] = {}
     fuse: list[str] = []
+    sources: list[str] = []
     for value in values:
         for option in _split_commas(value):
             name, sep, argument = option.partition("=")
             key = _key(name)
-            if key in _FIELDS or key in _EXTRA_O_KEYS:
+            if key == "source":  # repeatable, like --source
+                if not argument.strip():
+                    raise ConfigError("-o source needs a rule: source=PREFIX=URL")
+                sources.append(argument)
+            elif key in _FIELDS or key in _EXTRA_O_KEYS:
                 if key == "fuse_options":
                     raise ConfigError("-o fuse_options is not a thing: give FUSE options to -o directly")
                 if not sep and key not in _BOOL_FIELDS:
@@ -405,6 +427,8 @@ def split_fuse_o(values: Iterable[str]) -> tuple[dict[str, str | bool], list[str
                 scicat[key] = argument if sep else True
             elif not _dropped(option):
                 fuse.append(option)
+    if sources:
+        scicat["sources"] = sources
     return scicat, fuse
 
 
@@ -502,7 +526,8 @@ def mount_options(
     given". Keys that are not fields are ignored so that ``vars(args)`` can
     be passed as is, except ``profile`` and ``config`` (or ``config_path``),
     which stand in for the parameters when those are ``None``. Scalars from the
-    command line replace the profile's; so does ``fuse_options`` as a whole.
+    command line replace the profile's; so does ``fuse_options`` as a whole;
+    ``sources`` rules are added to the profile's (the later rule for a prefix wins).
     """
     given = {_key(k): v for k, v in cli.items() if v is not None}
     if profile is None and "profile" in given:
@@ -516,7 +541,10 @@ def mount_options(
         values.update(load_profile(profile, config_path))
     for key, value in given.items():
         if key in _FIELDS:
-            values[key] = _coerce(key, value, "on the command line", from_text=True)
+            coerced = _coerce(key, value, "on the command line", from_text=True)
+            if key == "sources":  # added to the profile's; the later rule for a prefix wins
+                coerced = (*values.get("sources", ()), *coerced)  # type: ignore[misc]
+            values[key] = coerced
 
     for required, hint in (("url", "--url URL"), ("mountpoint", "a MOUNTPOINT")):
         if required not in values:
@@ -565,3 +593,10 @@ def _validate(values: dict[str, object]) -> None:
         raise ConfigError("token_file and username exclude each other: log in with one or the other")
     if values.get("password_file") is not None and values.get("username") is None:
         raise ConfigError("password_file needs a username")
+    insecure_http = bool(values.get("insecure_http", False))
+    try:
+        values["sources"] = tuple(
+            parse_rule(text, insecure_http=insecure_http) for text in values.get("sources", ())  # type: ignore[attr-defined]
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

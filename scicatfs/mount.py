@@ -35,24 +35,19 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from scicatfs.cache.errors import CacheError
-from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.shared import SharedCache, SharedTier
-from scicatfs.cache.store import BlobStore, default_budget
-from scicatfs.catalog.auth import resolve_credentials
-from scicatfs.catalog.client import CatalogClient, CatalogSettings, Selection
-from scicatfs.catalog.errors import CatalogError
+from scicatfs.catalog.client import Selection
 from scicatfs.config import MountOptions
+from scicatfs.errors import ScicatfsError
 from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
 from scicatfs.fs.views import top_level_views
 from scicatfs.metrics import MetricsError, MetricsExporter
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
+from scicatfs.stack import Stack, open_stack
 from scicatfs.status import collect_status
-from scicatfs.transfer.sftp import SFTPSettings, Transfer
 
-__all__ = ["MountError", "cache_budget", "catalog_settings", "fuse_options", "run", "serve", "sftp_settings"]
+__all__ = ["MountError", "fuse_options", "run", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -80,38 +75,6 @@ def fuse_options(options: MountOptions) -> set[str]:
     return result
 
 
-def cache_budget(options: MountOptions) -> int:
-    """The cache size: as configured, else min(10 GiB, 10 % of the filesystem holding it)."""
-    return options.cache_size if options.cache_size is not None else default_budget(options.cache_dir)
-
-
-def catalog_settings(options: MountOptions) -> CatalogSettings:
-    """How to reach the catalog; also used by ``prefetch`` without a mount.
-
-    Raises :class:`CatalogError` when the credentials cannot be read.
-    """
-    credentials = resolve_credentials(options.token_file, options.username, options.password_file)
-    return CatalogSettings(
-        url=options.url,
-        credentials=credentials,
-        record_ttl=options.record_ttl,
-        listing_ttl=options.listing_ttl,
-    )
-
-
-def sftp_settings(options: MountOptions) -> SFTPSettings:
-    """How to reach the file server; also used by ``prefetch`` without a mount."""
-    return SFTPSettings(
-        host=options.sftp_host,
-        port=options.sftp_port,
-        username=options.sftp_user,
-        identity_files=() if options.identity_file is None else (options.identity_file,),
-        known_hosts=options.known_hosts,
-        check_host_keys=not options.insecure_no_host_key_check,
-        connections=options.sftp_connections,
-    )
-
-
 async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None) -> None:
     """Mount according to ``options`` and serve until unmounted or signalled.
 
@@ -121,40 +84,26 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
     try:
         check_fuse()
         check_mountpoint(options.mountpoint)
-        settings = catalog_settings(options)
-    except (MountpointError, CatalogError) as error:
+    except MountpointError as error:
         raise MountError(str(error)) from None
     for what, path in (("identity file", options.identity_file), ("known_hosts file", options.known_hosts)):
         # SSH is only used on the first read; a typo here would otherwise surface as EIO much later.
         if path is not None and not os.access(path, os.R_OK):
             raise MountError(f"cannot read {what} {path}")
 
-    async with AsyncExitStack() as stack:
+    async with AsyncExitStack() as exits:
         try:
-            catalog = await stack.enter_async_context(CatalogClient(settings))
-            await catalog.count()
-        except CatalogError as error:
-            raise MountError(f"catalog at {options.url}: {error}") from None
-        try:
-            store = BlobStore(options.cache_dir, cache_budget(options))
-        except (CacheError, OSError) as error:
+            stack = await exits.enter_async_context(open_stack(options))
+        except (ScicatfsError, OSError) as error:
             raise MountError(str(error)) from None
-        stack.enter_context(store)
-        shared = None
-        if options.shared_cache is not None:
-            try:
-                tier = SharedTier(options.shared_cache, store.chunk_size)
-            except OSError as error:
-                raise MountError(f"shared cache {options.shared_cache}: {error.strerror or error}") from None
-            shared = await stack.enter_async_context(SharedCache(tier))
-        transfer = await stack.enter_async_context(Transfer(sftp_settings(options)))
-        fetcher = await stack.enter_async_context(
-            Fetcher(store, transfer, retry_failed_after=options.retry_failed, shared=shared)
-        )
+        try:
+            await stack.catalog.count()
+        except ScicatfsError as error:
+            raise MountError(f"catalog at {options.url}: {error}") from None
         # Like sshfs, be connected before the mount is ready (so the first read
         # skips the SSH handshake), but never wait long for a server that is down.
-        await transfer.warm_up(wait=WARM_UP_WAIT)
-        operations, status = _filesystem(options, catalog, transfer, fetcher)
+        await stack.transfer.warm_up(wait=WARM_UP_WAIT)
+        operations, status = _filesystem(options, stack)
         exporter = None
         if options.metrics_port is not None or options.metrics_textfile is not None:
             exporter = MetricsExporter(status, port=options.metrics_port, textfile=options.metrics_textfile)
@@ -165,15 +114,14 @@ async def serve(options: MountOptions, ready: Callable[[], None] = lambda: None)
         await _mount_and_serve(operations, options, ready, exporter)
 
 
-def _filesystem(
-    options: MountOptions, catalog: CatalogClient, transfer: Transfer, fetcher: Fetcher
-) -> tuple[ScicatOperations, Callable[[], dict[str, Any]]]:
+def _filesystem(options: MountOptions, stack: Stack) -> tuple[ScicatOperations, Callable[[], dict[str, Any]]]:
     """The filesystem over the connected layers, and its status document (``/.scicat/status.json``, metrics)."""
     started = time.time()
+    catalog, fetcher = stack.catalog, stack.fetcher
 
     def document() -> dict[str, Any]:
         return collect_status(
-            catalog=catalog, transfer=transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
+            catalog=catalog, transfer=stack.transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
         )
 
     def status() -> bytes:
@@ -182,7 +130,7 @@ def _filesystem(
     namespace = Namespace(
         catalog,
         fetcher.cached_bytes,
-        use_source_folder_host=options.sftp_host is None,
+        stack.file_spec,
         record_ttl=options.record_ttl,
         listing_ttl=options.listing_ttl,
         status=status,

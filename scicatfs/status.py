@@ -5,7 +5,8 @@ The mount serves it as the read-only file ``MOUNT/.scicat/status.json``
 Each layer's counters are copied as the layer exposes them (``.stats``), so
 a counter added to a layer shows up here without touching this module;
 ``errors`` gathers the counters that mean something went wrong, by layer and
-kind, so that "is anything failing?" is one glance.
+kind, so that "is anything failing?" is one glance; ``sources`` counts bytes,
+requests and errors per source (``file://``, ``sftp://host``, ``https://host``).
 
 Sizes are bytes and times POSIX seconds or ISO 8601 UTC strings: this is for
 programs as much as for people (the command adds the human units).
@@ -24,7 +25,7 @@ from scicatfs import __version__
 if TYPE_CHECKING:
     from scicatfs.cache.fetcher import Fetcher
     from scicatfs.catalog.client import CatalogClient
-    from scicatfs.transfer.sftp import Transfer
+    from scicatfs.transfer.dispatch import Dispatcher
 
 __all__ = ["ERROR_COUNTERS", "collect_status", "iso_time"]
 
@@ -44,7 +45,7 @@ def iso_time(moment: float) -> str:
 def collect_status(
     *,
     catalog: CatalogClient,
-    transfer: Transfer,
+    transfer: Dispatcher,
     fetcher: Fetcher,
     mountpoint: Path,
     started: float,
@@ -86,6 +87,8 @@ def collect_status(
         "uptime_seconds": round(now - started, 3),
         "token": _token(catalog.token_expiry, now),
         **sections,
+        # per origin (scheme://[user@]host[:port]): bytes_read, requests, errors
+        "sources": transfer.sources,
         "errors": errors,
     }
 

@@ -139,3 +139,22 @@ def test_views_benchmark_smoke_run(tmp_path: Path) -> None:
     assert report["ls -l by-proposal/BIG (cold)"]["requests"] == 2  # two pages, no request per dataset
     assert report["ls by-proposal (warm)"]["requests"] == report["ls -l by-proposal/BIG (warm)"]["requests"] == 0
     assert not [m for m in mount_table() if "scicatfs-bench-views-" in m.mountpoint]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_sources_benchmark_reports_each_comparison() -> None:
+    """bench_sources on a tiny file: a file:// row and an http:// row per RTT, each with a ratio."""
+    missing = [tool for tool in ("nginx", "curl", "fusermount3") if not shutil.which(tool, path="/usr/sbin:/usr/bin")]
+    skip_or_fail(f"missing {', '.join(missing)}" if missing else None)
+    skip_or_fail(None if os.geteuid() == 0 else "the benchmark mounts FUSE as root")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_sources", "--size", "4M", "--runs", "1", "--rtt", "0,20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [" ".join(row[:-5]) for row in rows] == [
+        "file:// mount / read()", "http:// mount / curl @0ms", "http:// mount / curl @20ms"]  # fmt: skip
+    for row in rows:
+        assert row[-1].endswith("x") and float(row[-1][:-1]) > 0

@@ -31,7 +31,7 @@ BIG_FRAME = "frame_big.raw"  # 9 MiB + 1 byte: three 4 MiB chunks
 
 def big_frame_spec(catalog: Catalog) -> FileSpec:
     entry = next(f for f in catalog.files(FRAMES) if f["path"] == BIG_FRAME)
-    return FileSpec(FRAMES, BIG_FRAME, None, f"/hex/ps/frames/{BIG_FRAME}", entry["size"], 0.0,
+    return FileSpec(FRAMES, BIG_FRAME, f"sftp:///hex/ps/frames/{BIG_FRAME}", f"/hex/ps/frames/{BIG_FRAME}", entry["size"], 0.0,
                     Checksum("sha256", entry["chk"]))  # fmt: skip
 
 

@@ -15,7 +15,7 @@ import trio
 from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
-from scicatfs.transfer.sftp import Transfer
+from scicatfs.transfer.sftp import SFTPTransfer
 from tests.support.powerloss import power_loss_model
 from tests.support.sshd import OpenSSHServer
 
@@ -25,7 +25,7 @@ CHUNK = 4 * BLOCK
 
 def spec_for(data: bytes, path: str) -> FileSpec:
     digest = Checksum("md5", hashlib.md5(data).hexdigest())
-    return FileSpec("10.1/durable", path, None, f"/durable/{path}", len(data), 1_700_000_000.0, digest)
+    return FileSpec("10.1/durable", path, f"sftp:///durable/{path}", f"/durable/{path}", len(data), 1_700_000_000.0, digest)
 
 
 def test_blocks_and_chunks_are_synced_before_their_rows_commit(tmp_path: Path, monkeypatch) -> None:
@@ -50,14 +50,14 @@ def test_fetched_reads_and_prefetch_keep_the_order(sshd: OpenSSHServer, tmp_path
     """The same rule on the fetcher's paths: single blocks, growing read-ahead, prefetch."""
     data = random.Random(2).randbytes(40 * CHUNK + 333)
     remote = sshd.put("/durable/fetched.bin", data)
-    spec = FileSpec("10.1/durable", "fetched.bin", None, remote, len(data), 1_700_000_000.0,
+    spec = FileSpec("10.1/durable", "fetched.bin", "sftp://" + remote, remote, len(data), 1_700_000_000.0,
                     Checksum("md5", hashlib.md5(data).hexdigest()))  # fmt: skip
     rng = random.Random(3)
 
     async def main() -> None:
         with BlobStore(tmp_path / "cache", 1 << 30, CHUNK, BLOCK) as store:
             with power_loss_model(store, monkeypatch) as model:
-                async with Transfer(sshd.sftp_settings(timeout=5, connect_timeout=3)) as transfer:
+                async with SFTPTransfer(sshd.sftp_settings(timeout=5, connect_timeout=3)) as transfer:
                     async with Fetcher(store, transfer) as fetcher:
                         handle = await fetcher.open(spec)
                         try:

@@ -24,7 +24,7 @@ CHUNK = 1024
 
 def spec_for(data: bytes, pid: str = "pid/1", path: str = "a.bin", checksum: bool = True) -> FileSpec:
     digest = Checksum("md5", hashlib.md5(data).hexdigest()) if checksum else None
-    return FileSpec(pid, path, None, f"/data/{pid}/{path}", len(data), 1_700_000_000.0, digest)
+    return FileSpec(pid, path, f"sftp:///data/{pid}/{path}", f"/data/{pid}/{path}", len(data), 1_700_000_000.0, digest)
 
 
 def fill(store: BlobStore, spec: FileSpec, data: bytes) -> None:
@@ -276,7 +276,7 @@ def test_eviction_skips_blobs_open_in_another_process(tmp_path: Path) -> None:
             from pathlib import Path
             from scicatfs.cache.store import BlobStore, FileSpec
             from scicatfs.catalog.models import Checksum
-            spec = FileSpec(*{[spec.pid, spec.path, spec.host, spec.remote_path, spec.size,
+            spec = FileSpec(*{[spec.pid, spec.path, spec.source, spec.remote_path, spec.size,
                                spec.mtime]!r}, Checksum(*{[spec.checksum.algorithm,
                                spec.checksum.hexdigest]!r}))
             store = BlobStore(Path({str(tmp_path)!r}), budget=0, chunk_size={CHUNK})
@@ -341,3 +341,50 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
         BlobStore(tmp_path / "c", budget=1, chunk_size=0)
     with pytest.raises(ValueError, match="not a multiple of the block size"):
         BlobStore(tmp_path / "c", budget=1, chunk_size=3 * 1024, block_size=2 * 1024)
+
+
+def test_writers_that_meet_share_one_sync_per_blob_and_one_transaction(tmp_path: Path, monkeypatch) -> None:
+    """Group commit: runs written while a sync is under way are recorded together, each blob synced first."""
+    import threading
+    import time
+
+    import scicatfs.cache.store as store_module
+
+    datas = [os.urandom(2 * CHUNK) for _ in range(4)]
+    specs = [spec_for(data, path=f"f{number}.bin", checksum=False) for number, data in enumerate(datas)]
+    real_sync = os.fdatasync
+    rows_seen: list[int] = []
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=2 * CHUNK, block_size=CHUNK) as store:
+        blobs = [store.open_blob(spec) for spec in specs]
+
+        def slow_first_sync(fd: int) -> None:
+            with sqlite3.connect(tmp_path / "index.sqlite3") as db:
+                rows_seen.append(db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+            if len(rows_seen) == 1:  # hold the first round until the other seven runs queue behind it
+                deadline = time.monotonic() + 10
+                while len(store._pending) < 7 and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            real_sync(fd)
+
+        monkeypatch.setattr(store_module.os, "fdatasync", slow_first_sync)
+        first = threading.Thread(target=store.write_blocks, args=(blobs[0], 0, datas[0][:CHUNK]))
+        first.start()
+        while not rows_seen:
+            time.sleep(0.001)
+        others = [
+            threading.Thread(target=store.write_blocks, args=(blob, index, data[index * CHUNK : (index + 1) * CHUNK]))
+            for blob, data in zip(blobs, datas, strict=True)
+            for index in (0, 1)
+            if (blob, index) != (blobs[0], 0)
+        ]
+        for thread in others:
+            thread.start()
+        for thread in [first, *others]:
+            thread.join(timeout=20)
+        assert store.stats == {"syncs": 5, "commits": 2}  # one lone round, then 7 runs on 4 blobs
+        assert rows_seen == [0, 1, 1, 1, 1]  # every sync came before the rows of its round
+        for blob, data in zip(blobs, datas, strict=True):
+            assert blob.present == {0, 1} and store.read(blob, 0, 2 * CHUNK) == data
+            store.release_blob(blob)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=2 * CHUNK, block_size=CHUNK) as store:
+        assert [store.cached_bytes(spec) for spec in specs] == [2 * CHUNK] * 4

@@ -248,6 +248,7 @@ def test_files_json_lists_remote_paths_and_cached_bytes(make_mount) -> None:  # 
     files = eventually(lambda: _files_json(dataset), lambda files: files["flux.dat"]["cached"] == 20)
     assert files["flux.dat"] == {
         "path": "flux.dat", "remote_path": "/hex/ps/thaum/flux.dat", "size": 20, "checksum": None, "cached": 20,
+        "source": "sftp://127.0.0.1/hex/ps/thaum/flux.dat",  # --sftp-host of the test's sshd
     }
     assert files["logs/measurement.log"]["cached"] == 0
     octarine = json.loads((mounted.dataset(OCTARINE) / ".scicat" / "files.json").read_text())

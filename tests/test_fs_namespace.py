@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from scicatfs.cache.errors import IntegrityError
-from scicatfs.cache.store import FileSpec, blob_key
+from scicatfs.cache.store import FileSpec
 from scicatfs.catalog.auth import Credentials, Secret
 from scicatfs.catalog.client import CatalogClient, CatalogSettings
 from scicatfs.catalog.errors import (
@@ -23,6 +23,7 @@ from scicatfs.catalog.errors import (
     DatasetForbidden,
     DatasetNotFound,
 )
+from scicatfs.config import mount_options
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.fs.dirstream import WINDOW, DirectoryStream
@@ -41,9 +42,12 @@ from scicatfs.fs.namespace import (
     RecordFile,
     parent_of,
 )
+from scicatfs.stack import FileSpecs
 from scicatfs.transfer.errors import RemoteFileNotFound, TransferTimeout
 from tests.support.checklogs import LogChecker
 
+#: Specs as a mount with --sftp-host files.test builds them.
+SPECS = FileSpecs(mount_options({"url": "http://127.0.0.1", "mountpoint": "/", "sftp_host": "files.test"}))
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
 FORBIDDEN = "20.500.12269/d3a4e5f6-0000-4000-8000-dea15ec2e701"
 LIBRARY = "20.500.12269/e1f2a3b4-0000-4000-8000-11b4a4a7e7ad"
@@ -127,7 +131,7 @@ def _namespace_test(server: CatalogServer, body, user: str | None = "stibbons", 
 
     async def main() -> None:
         async with CatalogClient(CatalogSettings(url=server.url, credentials=credentials)) as catalog:
-            await body(Namespace(catalog, cached_bytes=lambda spec: 0, **options))
+            await body(Namespace(catalog, file_spec=SPECS, cached_bytes=lambda spec: 0, **options))
 
     trio.run(main)
 
@@ -164,7 +168,9 @@ def test_files_and_generated_files(catalog_server: CatalogServer) -> None:
         dataset = DatasetDir(THAUM)
         flux = await namespace.lookup(dataset, "flux.dat")
         assert isinstance(flux, DataFileNode)
-        assert flux.spec == FileSpec(THAUM, "flux.dat", None, "/hex/ps/thaum/flux.dat", 20, flux.spec.mtime, None)
+        assert flux.spec == FileSpec(
+            THAUM, "flux.dat", "sftp://files.test/hex/ps/thaum/flux.dat", "/hex/ps/thaum/flux.dat", 20, flux.spec.mtime, None
+        )
         logs = await namespace.lookup(dataset, "logs")
         assert logs == DatasetDir(THAUM, "logs")
         assert isinstance(await namespace.lookup(logs, "measurement.log"), DataFileNode)
@@ -224,7 +230,7 @@ def test_a_listing_is_built_once_per_record_ttl(catalog_server: CatalogServer) -
         token = Credentials(token=Secret(catalog_server.issue_token("stibbons")), source="test token")
         async with CatalogClient(CatalogSettings(url=catalog_server.url, credentials=token)) as catalog:
             for ttl, per_listing in ((60.0, 0), (0.0, 1)):
-                namespace = Namespace(catalog, cached_bytes=cached_bytes, record_ttl=ttl)
+                namespace = Namespace(catalog, file_spec=SPECS, cached_bytes=cached_bytes, record_ttl=ttl)
                 first = await _entries(namespace, DatasetDir(THAUM))
                 assert asked == ["flux.dat"]
                 flux = next(attributes for name, _, attributes in first if name == "flux.dat")
@@ -233,7 +239,7 @@ def test_a_listing_is_built_once_per_record_ttl(catalog_server: CatalogServer) -
                 assert again == first and asked == ["flux.dat"] * (1 + per_listing)
                 asked.clear()
 
-            namespace = Namespace(catalog, cached_bytes=cached_bytes)
+            namespace = Namespace(catalog, file_spec=SPECS, cached_bytes=cached_bytes)
             for _ in range(3):  # files.json's size: rendered once, not per stat or listing
                 await _names(namespace, ControlDir(THAUM))
                 await namespace.attributes(RecordFile(THAUM, ".scicat/files.json"))
@@ -255,7 +261,7 @@ def test_a_directory_too_large_to_keep_is_streamed(make_catalog_server) -> None:
 
     async def main() -> None:
         async with CatalogClient(CatalogSettings(url=server.url, credentials=token)) as client:
-            namespace = Namespace(client, cached_bytes=lambda spec: 0)
+            namespace = Namespace(client, file_spec=SPECS, cached_bytes=lambda spec: 0)
             listing = await namespace.listing(DatasetDir(pid))
             assert not isinstance(listing, tuple)
             assert [name for name, _, _ in await _entries(namespace, DatasetDir(pid))][2:] == names
@@ -293,7 +299,7 @@ def test_a_changed_dataset_reports_only_the_names_that_changed(make_catalog_serv
         settings = CatalogSettings(url=server.url, credentials=token, record_ttl=0)
         async with CatalogClient(settings) as catalog:
             namespace = Namespace(
-                catalog, cached_bytes=lambda spec: 0,
+                catalog, file_spec=SPECS, cached_bytes=lambda spec: 0,
                 on_change=lambda changed, names: changes.append((changed, {k: set(v) for k, v in names.items()})),
             )
             same = await namespace.lookup(DatasetDir(pid), "same.txt")
@@ -306,32 +312,6 @@ def test_a_changed_dataset_reports_only_the_names_that_changed(make_catalog_serv
 
     trio.run(main)
     assert changes == [(pid, {"": {"data.txt", "metadata.json"}, ".scicat": {"metadata.json"}})]
-
-
-@pytest.mark.parametrize("sftp_host_given", [False, True])
-def test_file_specs_match_what_prefetch_builds(make_catalog_server, sftp_host_given: bool) -> None:  # type: ignore[no-untyped-def]
-    """Without a checksum the host is part of the blob key: mount and prefetch must agree on it."""
-    pid = "hosts/elsewhere"
-    catalog = Catalog.load_default()
-    record = {"pid": pid, "owner": "Ponder Stibbons", "ownerGroup": "uu", "contactEmail": "p.stibbons@uu.am",
-              "creationLocation": "UnseenUniversity", "sourceFolder": "/hosts/elsewhere",
-              "sourceFolderHost": "files.example.org", "creationTime": "2023-05-01T10:00:00.000Z"}
-    catalog.add_dataset(record, [{"path": "sub/data.txt", "size": 3}], contents={"sub/data.txt": b"abc"})
-    server = make_catalog_server(catalog)
-    token = Credentials(token=Secret(server.issue_token("stibbons")), source="test token")
-
-    async def main() -> None:
-        async with CatalogClient(CatalogSettings(url=server.url, credentials=token)) as client:
-            namespace = Namespace(client, cached_bytes=lambda spec: 0, use_source_folder_host=not sftp_host_given)
-            node = await namespace.lookup(DatasetDir(pid, "sub"), "data.txt")
-            dataset = await client.get_dataset(pid)
-        assert isinstance(node, DataFileNode) and node.spec.checksum is None
-        host = None if sftp_host_given else dataset.source_folder_host  # scicatfs.commands.prefetch's rule
-        assert host == (None if sftp_host_given else "files.example.org")
-        expected = FileSpec.for_file(dataset, dataset.files[0], host)
-        assert node.spec == expected and blob_key(node.spec) == blob_key(expected)
-
-    trio.run(main)
 
 
 # -- errno mapping -------------------------------------------------------------------
@@ -394,7 +374,7 @@ def test_a_repeated_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> 
         (RecordFile(THAUM, "metadata.json", "v"), DatasetDir(THAUM)),
         (RecordFile(THAUM, ".scicat/files.json"), ControlDir(THAUM)),
         (MountDir(), ROOT),
-        (DataFileNode(FileSpec(THAUM, "logs/a.log", None, "/x/logs/a.log", 1, 0.0, None)), DatasetDir(THAUM, "logs")),
+        (DataFileNode(FileSpec(THAUM, "logs/a.log", "sftp:///x/logs/a.log", "/x/logs/a.log", 1, 0.0, None)), DatasetDir(THAUM, "logs")),
     ],
 )
 def test_parent_of(node, parent) -> None:  # type: ignore[no-untyped-def]

@@ -312,7 +312,7 @@ def test_a_stalled_eviction_does_not_stall_the_index(tmp_path: Path, monkeypatch
 
     def spec(index: int, data: bytes) -> FileSpec:
         digest = Checksum("md5", hashlib.md5(data).hexdigest())
-        return FileSpec("p", f"f{index}", None, f"/d/f{index}", len(data), 0.0, digest)
+        return FileSpec("p", f"f{index}", f"sftp:///d/f{index}", f"/d/f{index}", len(data), 0.0, digest)
 
     with BlobStore(tmp_path / "cache", budget=1 << 30, chunk_size=4096, block_size=4096) as store:
         blobs = [os.urandom(4096) for _ in range(3)]

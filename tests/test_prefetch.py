@@ -348,7 +348,7 @@ def test_file_server_down(prefetch: Prefetch, log_checker: LogChecker) -> None:
 def test_unverified_complete_file_is_verified_not_refetched(prefetch: Prefetch, catalog: Catalog) -> None:
     """All chunks on disk but no verification yet (a kill -9 in between): hash, do not fetch."""
     entry = next(f for f in catalog.files(BIG) if f["path"] == "notes.txt")
-    spec = FileSpec(BIG, "notes.txt", None, "/prefetch/big/notes.txt", 100, 0.0, Checksum("md5", entry["chk"]))
+    spec = FileSpec(BIG, "notes.txt", "sftp://127.0.0.1/prefetch/big/notes.txt", "/prefetch/big/notes.txt", 100, 0.0, Checksum("md5", entry["chk"]))
     with BlobStore(prefetch.cache, 1 << 30) as store:
         blob = store.open_blob(spec)
         store.write_chunk(blob, 0, catalog.content(BIG, "notes.txt"))

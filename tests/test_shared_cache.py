@@ -1,4 +1,4 @@
-"""The shared cache tier on its own (real files) and behind the fetcher (real sshd, real Transfer)."""
+"""The shared cache tier on its own (real files) and behind the fetcher (real sshd, real SFTP transfer)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.shared import ANSWER_TIMEOUT, FORMAT_DIR, SharedCache, SharedTier, prune, shared_usage
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
-from scicatfs.transfer.sftp import Transfer
+from scicatfs.transfer.base import source_url
+from scicatfs.transfer.sftp import SFTPTransfer
 from tests.support.requirements import skip_or_fail
 from tests.support.sshd import OpenSSHServer
 
@@ -113,7 +114,7 @@ def _run(
 ) -> T:
     async def main() -> T:
         with BlobStore(cache, 1 << 40, CHUNK, BLOCK) as store:
-            async with SharedCache(SharedTier(shared, CHUNK)) as tier, Transfer(
+            async with SharedCache(SharedTier(shared, CHUNK)) as tier, SFTPTransfer(
                 server.sftp_settings(timeout=5, connect_timeout=3)
             ) as transfer, Fetcher(store, transfer, shared=tier) as fetcher:
                 return await body(fetcher)
@@ -136,7 +137,7 @@ async def _read_all(fetcher: Fetcher, spec: FileSpec) -> bytes:
 def _spec(sshd: OpenSSHServer, name: str, data: bytes, digest: bytes | None = None) -> FileSpec:
     path = sshd.put(f"/shared-tests/{name}", data)
     checksum = Checksum("md5", hashlib.md5(digest if digest is not None else data).hexdigest())
-    return FileSpec("10.1/shared", name, None, path, len(data), 1_700_000_000.0, checksum)
+    return FileSpec("10.1/shared", name, source_url("sftp", "", path), path, len(data), 1_700_000_000.0, checksum)
 
 
 def _published(sshd: OpenSSHServer, tmp_path: Path, name: str, data: bytes) -> tuple[FileSpec, Path, SharedTier, str]:

@@ -23,7 +23,8 @@ from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
-from scicatfs.transfer.sftp import Transfer
+from scicatfs.transfer.base import source_url
+from scicatfs.transfer.sftp import SFTPTransfer
 from tests.support.short_sftp import ShortAnsweringServer
 
 T = TypeVar("T")
@@ -35,10 +36,10 @@ LENGTHS = (1, 4 * KiB, 255 * KiB + 1, 3 * MiB, 9 * MiB)
 BODY_DEADLINE = 90
 
 
-def with_transfer(server: ShortAnsweringServer, body: Callable[[Transfer], Awaitable[T]]) -> T:
+def with_transfer(server: ShortAnsweringServer, body: Callable[[SFTPTransfer], Awaitable[T]]) -> T:
     async def main() -> T:
         with trio.fail_after(BODY_DEADLINE):
-            async with Transfer(server.sftp_settings()) as transfer:
+            async with SFTPTransfer(server.sftp_settings()) as transfer:
                 return await body(transfer)
 
     return trio.run(main)
@@ -61,13 +62,13 @@ def test_transfer_reads_exact_bytes_sequentially_and_at_random_offsets(
     path = short_sftp.put("big.bin", big_file)
     ranges = random_ranges(len(big_file), 40, seed=3)
 
-    async def body(transfer: Transfer) -> tuple[bytes, bytes, list[bytes]]:
+    async def body(transfer: SFTPTransfer) -> tuple[bytes, bytes, list[bytes]]:
         chunks = [
-            await transfer.read(None, path, offset, 4 * MiB)
+            await transfer.read(source_url("sftp", "", path), offset, 4 * MiB)
             for offset in range(0, len(big_file), 4 * MiB)
         ]
-        whole = await transfer.read(None, path, 0, len(big_file) + 1)  # split over connections
-        return b"".join(chunks), whole, [await transfer.read(None, path, o, n) for o, n in ranges]
+        whole = await transfer.read(source_url("sftp", "", path), 0, len(big_file) + 1)  # split over connections
+        return b"".join(chunks), whole, [await transfer.read(source_url("sftp", "", path), o, n) for o, n in ranges]
 
     sequential, whole, pieces = with_transfer(short_sftp, body)
     assert hashlib.sha256(sequential).digest() == hashlib.sha256(big_file).digest()
@@ -81,12 +82,12 @@ def test_end_of_file_is_still_end_of_file(short_sftp: ShortAnsweringServer) -> N
     data = random.Random(5).randbytes(600 * KiB)
     path = short_sftp.put("small.bin", data)
 
-    async def body(transfer: Transfer) -> None:
-        assert await transfer.read(None, path, 0, 10 * MiB) == data
-        assert await transfer.read(None, path, 100, len(data)) == data[100:]
-        assert await transfer.read(None, path, len(data) - 1, 2) == data[-1:]
-        assert await transfer.read(None, path, len(data), 1) == b""
-        assert await transfer.read(None, path, len(data) + 5000, 10 * MiB) == b""
+    async def body(transfer: SFTPTransfer) -> None:
+        assert await transfer.read(source_url("sftp", "", path), 0, 10 * MiB) == data
+        assert await transfer.read(source_url("sftp", "", path), 100, len(data)) == data[100:]
+        assert await transfer.read(source_url("sftp", "", path), len(data) - 1, 2) == data[-1:]
+        assert await transfer.read(source_url("sftp", "", path), len(data), 1) == b""
+        assert await transfer.read(source_url("sftp", "", path), len(data) + 5000, 10 * MiB) == b""
 
     with_transfer(short_sftp, body)
     assert short_sftp.short_answers > 0
@@ -96,9 +97,9 @@ def test_an_answer_longer_than_asked_is_an_error(short_sftp: ShortAnsweringServe
     path = short_sftp.put("small.bin", bytes(1000))
     short_sftp.fault.overlong = True
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with pytest.raises(TransferError, match="/small.bin: the server answered 101 bytes for 100 asked"):
-            await transfer.read(None, path, 0, 100)
+            await transfer.read(source_url("sftp", "", path), 0, 100)
 
     with_transfer(short_sftp, body)
 
@@ -109,7 +110,7 @@ def test_fetcher_caches_and_verifies_exact_bytes(
 ) -> None:
     path = short_sftp.put("big.bin", big_file)
     digest = Checksum("md5", hashlib.md5(big_file).hexdigest())
-    spec = FileSpec("10.1/short", "big.bin", None, path, len(big_file), 1_700_000_000.0, digest)
+    spec = FileSpec("10.1/short", "big.bin", source_url("sftp", "", path), path, len(big_file), 1_700_000_000.0, digest)
     ranges = random_ranges(len(big_file), 40, seed=4)
 
     async def body(fetcher: Fetcher) -> tuple[list[bytes], bytes, dict[str, int]]:
@@ -125,7 +126,7 @@ def test_fetcher_caches_and_verifies_exact_bytes(
     async def main() -> tuple[list[bytes], bytes, dict[str, int]]:
         with trio.fail_after(BODY_DEADLINE):
             with BlobStore(tmp_path / "cache", 1 << 40, 4 * MiB) as store:
-                async with Transfer(short_sftp.sftp_settings()) as transfer:
+                async with SFTPTransfer(short_sftp.sftp_settings()) as transfer:
                     async with Fetcher(store, transfer) as fetcher:
                         return await body(fetcher)
 

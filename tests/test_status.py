@@ -23,21 +23,26 @@ import pytest
 import trio
 
 from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.store import BlobStore, FileSpec
+from scicatfs.cache.store import BlobStore
 from scicatfs.catalog.auth import Credentials, Secret
 from scicatfs.catalog.client import CatalogClient, CatalogSettings
 from scicatfs.catalog.errors import DatasetNotFound
 from scicatfs.cli import main
 from scicatfs.commands.status import render
+from scicatfs.config import mount_options
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
+from scicatfs.stack import FileSpecs
 from scicatfs.status import collect_status, iso_time
+from scicatfs.transfer.base import source_url
+from scicatfs.transfer.dispatch import Dispatcher
 from scicatfs.transfer.errors import RemoteFileNotFound
-from scicatfs.transfer.sftp import SFTPSettings, Transfer
+from scicatfs.transfer.sftp import SFTPSettings, SFTPTransfer
 from tests.support.mounts import DEMO_USER, Mount
 from tests.support.sshd import OpenSSHServer
 
 FLUX = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
+SFTP_HOST = "127.0.0.1"  # where tests.support.sshd listens
 
 
 def snapshots(
@@ -51,13 +56,14 @@ def snapshots(
         host=sshd.host, port=sshd.port, username=sshd.username, identity_files=(sshd.client_key,),
         known_hosts=sshd.known_hosts, ssh_config=Path(os.devnull), timeout=5, connect_timeout=3,
     )  # fmt: skip
+    specs = FileSpecs(mount_options({"url": server.url, "mountpoint": "/mnt/scicat", "sftp_host": sshd.host}))
     started = time.time()
     taken: list[dict[str, Any]] = []
 
     async def session() -> None:
         async with (
             CatalogClient(CatalogSettings(server.url, credentials)) as catalog_client,
-            Transfer(sftp) as transfer,
+            Dispatcher({"sftp": SFTPTransfer(sftp)}) as transfer,
         ):
             with BlobStore(cache, 1 << 30) as store:
                 async with Fetcher(store, transfer) as fetcher:
@@ -71,17 +77,17 @@ def snapshots(
 
                     take()  # 0: logged in, nothing else
                     dataset = await catalog_client.get_dataset(FLUX)
-                    spec = FileSpec.for_file(dataset, dataset.files[0], None)
+                    spec = specs(dataset, dataset.files[0])
                     await fetcher.prefetch(spec)
                     take()  # 1: one dataset, one chunk fetched
                     for datafile in dataset.files:  # flux.dat is cached, the log is not
-                        handle = await fetcher.open(FileSpec.for_file(dataset, datafile, None))
+                        handle = await fetcher.open(specs(dataset, datafile))
                         assert await fetcher.read(handle, 5, 10) == catalog.content(FLUX, datafile.path)[5:15]
                         await fetcher.release(handle)
                     take()  # 2: a cache hit and a miss
                     with pytest.raises(DatasetNotFound):
                         await catalog_client.get_dataset("no/such-pid")
-                    handle = await fetcher.open(replace(spec, remote_path="/nowhere/at/all"))
+                    handle = await fetcher.open(replace(spec, source=source_url("sftp", sshd.host, "/nowhere/at/all")))
                     with pytest.raises(RemoteFileNotFound):
                         await fetcher.read(handle, 0, 10)
                     await fetcher.release(handle)
@@ -112,6 +118,7 @@ def test_counters_move_as_the_layers_work(taken: list[dict[str, Any]], tmp_path:
     assert fetched["catalog"]["requests"] > start["catalog"]["requests"]
     assert fetched["transfer"]["bytes_read"] == 20  # flux.dat, whole (one chunk)
     assert fetched["cache"]["chunks_fetched"] == 1
+    assert fetched["sources"] == {f"sftp://{SFTP_HOST}": {"bytes_read": 20, "requests": 1, "errors": 0}}
     assert fetched["cache"]["used_bytes"] == 20
     assert fetched["cache"]["reads_from_cache"] == 0
 
@@ -132,6 +139,7 @@ def test_counters_move_as_the_layers_work(taken: list[dict[str, Any]], tmp_path:
         assert not any(count for layer in document["errors"].values() for count in layer.values())
     errors = failed["errors"]
     assert errors["transfer"]["errors"] >= 1  # the chunk fetch (and maybe a racing direct read)
+    assert failed["sources"][f"sftp://{SFTP_HOST}"]["errors"] == errors["transfer"]["errors"]
     assert errors["cache"] == {"fetch_errors": 1, "integrity_errors": 0, "chunks_uncached": 0}
     assert errors["catalog"] == dict.fromkeys(errors["catalog"], 0)
     assert failed["uptime_seconds"] >= start["uptime_seconds"] >= 0
@@ -150,6 +158,7 @@ def test_render_for_people(taken: list[dict[str, Any]]) -> None:
     assert "errors: transfer errors " in page and "cache fetch errors 1" in page
     assert "token: expires " in page and ("(in 59 min" in page or "(in 1 h 0 min)" in page)
     assert "\ncache:\n" in page and "  used_bytes " in page
+    assert f"\nsources (bytes read, requests, errors):\n  sftp://{SFTP_HOST}  " in page
     assert "\ntiers:\n" in page and "source: 2 fetches, mean " in page and "shared: none" in page
     assert render(taken[0]).count("errors: none") == 1
     expired = dict(taken[0], token={"expires": iso_time(0), "expires_in_seconds": -5, "expired": True})

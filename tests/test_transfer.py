@@ -26,17 +26,23 @@ from scicatfs.transfer.errors import (
     TransferError,
     TransferTimeout,
 )
-from scicatfs.transfer.sftp import SFTPSettings, Transfer
+from scicatfs.transfer.base import source_url
+from scicatfs.transfer.sftp import SFTPSettings, SFTPTransfer
 from tests.support.sshd import OpenSSHServer
 
 T = TypeVar("T")
+
+
+def sftp(path: str | Path) -> str:
+    """The URL of ``path`` on the default host of the settings."""
+    return source_url("sftp", "", str(path))
 KiB, MiB = 1024, 1024 * 1024
 OPENSSH_MAX_READ = 255 * KiB
 
 
-def with_transfer(settings: SFTPSettings, body: Callable[[Transfer], Awaitable[T]]) -> T:
+def with_transfer(settings: SFTPSettings, body: Callable[[SFTPTransfer], Awaitable[T]]) -> T:
     async def main() -> T:
-        async with Transfer(settings) as transfer:
+        async with SFTPTransfer(settings) as transfer:
             return await body(transfer)
 
     return trio.run(main)
@@ -74,13 +80,13 @@ def test_reads_exact_bytes(sshd: OpenSSHServer, remote_dir: str, size: int) -> N
     data = payload(size, seed=size)
     path = sshd.put(f"{remote_dir}/f.bin", data)
 
-    async def body(transfer: Transfer) -> None:
-        assert await transfer.size(None, path) == size
-        assert await transfer.read(None, path, 0, size) == data
-        assert await transfer.read(None, path, 0, size + 1000) == data  # EOF comes first
+    async def body(transfer: SFTPTransfer) -> None:
+        assert await transfer.size(sftp(path)) == size
+        assert await transfer.read(sftp(path), 0, size) == data
+        assert await transfer.read(sftp(path), 0, size + 1000) == data  # EOF comes first
         for offset in {0, 1, size // 3, max(size - 1, 0)}:
             length = min(OPENSSH_MAX_READ + 7, size)
-            assert await transfer.read(None, path, offset, length) == data[offset : offset + length]
+            assert await transfer.read(sftp(path), offset, length) == data[offset : offset + length]
 
     with_transfer(sshd.sftp_settings(), body)
 
@@ -93,9 +99,9 @@ def test_large_file_random_offsets_and_whole(sshd: OpenSSHServer, remote_dir: st
     lengths = [1, 4 * KiB, 300 * KiB, 5 * MiB, 17 * MiB]
     ranges = [(rng.randrange(len(data)), rng.choice(lengths)) for _ in range(40)]
 
-    async def body(transfer: Transfer) -> tuple[bytes, list[bytes]]:
-        whole = await transfer.read(None, path, 0, len(data))
-        pieces = [await transfer.read(None, path, offset, length) for offset, length in ranges]
+    async def body(transfer: SFTPTransfer) -> tuple[bytes, list[bytes]]:
+        whole = await transfer.read(sftp(path), 0, len(data))
+        pieces = [await transfer.read(sftp(path), offset, length) for offset, length in ranges]
         return whole, pieces
 
     whole, pieces = with_transfer(sshd.sftp_settings(), body)
@@ -108,19 +114,19 @@ def test_reads_past_end_of_file(sshd: OpenSSHServer, remote_dir: str) -> None:
     data = payload(1000)
     path = sshd.put(f"{remote_dir}/short.bin", data)
 
-    async def body(transfer: Transfer) -> None:
-        assert await transfer.read(None, path, 990, 100) == data[990:]
-        assert await transfer.read(None, path, 1000, 10) == b""
-        assert await transfer.read(None, path, 5000, 10 * MiB) == b""
-        assert await transfer.read(None, path, 10, 0) == b""
+    async def body(transfer: SFTPTransfer) -> None:
+        assert await transfer.read(sftp(path), 990, 100) == data[990:]
+        assert await transfer.read(sftp(path), 1000, 10) == b""
+        assert await transfer.read(sftp(path), 5000, 10 * MiB) == b""
+        assert await transfer.read(sftp(path), 10, 0) == b""
 
     with_transfer(sshd.sftp_settings(), body)
 
 
 def test_rejects_negative_ranges(sshd: OpenSSHServer) -> None:
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with pytest.raises(ValueError, match="bad range"):
-            await transfer.read(None, "/x", -1, 10)
+            await transfer.read(sftp("/x"), -1, 10)
 
     with_transfer(sshd.sftp_settings(), body)
 
@@ -136,9 +142,9 @@ def test_concurrent_reads_and_exact_byte_count(sshd: OpenSSHServer, remote_dir: 
     ]
     results: dict[int, bytes] = {}
 
-    async def body(transfer: Transfer) -> dict[str, int]:
+    async def body(transfer: SFTPTransfer) -> dict[str, int]:
         async def one(index: int, path: str, offset: int, length: int) -> None:
-            results[index] = await transfer.read(None, path, offset, length)
+            results[index] = await transfer.read(sftp(path), offset, length)
 
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
@@ -158,8 +164,8 @@ def test_large_read_is_spread_over_connections(sshd: OpenSSHServer, remote_dir: 
     data = payload(32 * MiB + 3)
     path = sshd.put(f"{remote_dir}/wide.bin", data)
 
-    async def body(transfer: Transfer) -> tuple[bytes, dict[str, int]]:
-        return await transfer.read(None, path, 1, len(data)), transfer.stats
+    async def body(transfer: SFTPTransfer) -> tuple[bytes, dict[str, int]]:
+        return await transfer.read(sftp(path), 1, len(data)), transfer.stats
 
     got, stats = with_transfer(sshd.sftp_settings(connections=4), body)
     assert got == data[1:]
@@ -176,11 +182,11 @@ def test_missing_file_is_remote_file_not_found(
 ) -> None:
     missing = f"{remote_dir}/archived.h5"
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with pytest.raises(RemoteFileNotFound, match="may be archived") as read_error:
-            await transfer.read(None, missing, 0, length)
+            await transfer.read(sftp(missing), 0, length)
         with pytest.raises(RemoteFileNotFound):
-            await transfer.size(None, missing)
+            await transfer.size(sftp(missing))
         assert read_error.value.path == missing
         assert read_error.value.host == sshd.host
 
@@ -188,9 +194,9 @@ def test_missing_file_is_remote_file_not_found(
 
 
 def test_no_host_asks_for_sftp_host(sshd: OpenSSHServer) -> None:
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with pytest.raises(TransferError, match="--sftp-host"):
-            await transfer.read(None, "/data/x", 0, 1)
+            await transfer.read(sftp("/data/x"), 0, 1)
 
     with_transfer(sshd.sftp_settings(host=None), body)
 
@@ -200,9 +206,9 @@ def test_unknown_host_key_is_refused(sshd: OpenSSHServer, remote_dir: str, tmp_p
     empty = tmp_path / "known_hosts"
     empty.write_text("")
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with pytest.raises(HostKeyError) as error:
-            await transfer.read(None, path, 0, 6)
+            await transfer.read(sftp(path), 0, 6)
         message = str(error.value)
         assert f"127.0.0.1:{sshd.port}" in message
         assert str(empty) in message
@@ -218,9 +224,9 @@ def test_changed_host_key_is_refused(sshd: OpenSSHServer, remote_dir: str, tmp_p
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd.port} {key_type} {key}\n")
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with pytest.raises(HostKeyError, match="CHANGED"):
-            await transfer.read(None, path, 0, 6)
+            await transfer.read(sftp(path), 0, 6)
 
     with_transfer(sshd.sftp_settings(known_hosts=known), body)
 
@@ -233,8 +239,8 @@ def test_host_key_checking_can_be_disabled_loudly(
     empty = tmp_path / "known_hosts"
     empty.write_text("")
 
-    async def body(transfer: Transfer) -> bytes:
-        return await transfer.read(None, path, 0, 7)
+    async def body(transfer: SFTPTransfer) -> bytes:
+        return await transfer.read(sftp(path), 0, 7)
 
     with caplog.at_level(logging.WARNING, logger="scicatfs.transfer"):
         got = with_transfer(sshd.sftp_settings(known_hosts=empty, check_host_keys=False), body)
@@ -248,9 +254,9 @@ def test_unauthorised_key_is_auth_error(
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with pytest.raises(SSHAuthError, match="authentication failed"):
-            await transfer.size(None, "/anything")
+            await transfer.size(sftp("/anything"))
 
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # never borrow the runner's agent keys
     with_transfer(sshd.sftp_settings(identity_files=(stranger,)), body)
@@ -272,8 +278,8 @@ def test_ssh_config_alias_port_user_and_identity(
         host=None, port=None, username=None, identity_files=(), ssh_config=config
     )
 
-    async def body(transfer: Transfer) -> bytes:
-        return await transfer.read("fileserver", path, 0, 100)
+    async def body(transfer: SFTPTransfer) -> bytes:
+        return await transfer.read(source_url("sftp", "fileserver", path), 0, 100)
 
     assert with_transfer(settings, body) == b"via alias"
 
@@ -296,8 +302,8 @@ def test_ssh_agent_supplies_the_key(
         monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
         monkeypatch.setenv("HOME", str(tmp_path))  # no default key files: only the agent has one
 
-        async def body(transfer: Transfer) -> bytes:
-            return await transfer.read(None, path, 0, 100)
+        async def body(transfer: SFTPTransfer) -> bytes:
+            return await transfer.read(sftp(path), 0, 100)
 
         assert with_transfer(sshd.sftp_settings(identity_files=()), body) == b"via agent"
     finally:
@@ -309,10 +315,10 @@ def test_connection_refused_fails_fast(make_sshd: Callable[[], OpenSSHServer]) -
     server = make_sshd()
     server.stop()
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         started = time.monotonic()
         with pytest.raises(ConnectionLost, match="cannot connect"):
-            await transfer.size(None, "/x")
+            await transfer.size(sftp("/x"))
         assert time.monotonic() - started < 3
 
     with_transfer(server.sftp_settings(), body)
@@ -321,10 +327,10 @@ def test_connection_refused_fails_fast(make_sshd: Callable[[], OpenSSHServer]) -
 def test_warm_up_connects_before_the_first_read(sshd: OpenSSHServer, remote_dir: str) -> None:
     path = sshd.put(f"{remote_dir}/f.bin", b"x" * 10)
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         await transfer.warm_up()  # returns at once
         assert transfer.stats["connects"] == 0
-        assert await transfer.read(None, path, 0, 10) == b"x" * 10  # waits for that connect
+        assert await transfer.read(sftp(path), 0, 10) == b"x" * 10  # waits for that connect
         assert transfer.stats["connects"] == 1  # the read used the warm connection
         await transfer.warm_up(wait=5)  # nothing to do: a slot is connected
         assert transfer.stats["connects"] == 1
@@ -333,7 +339,7 @@ def test_warm_up_connects_before_the_first_read(sshd: OpenSSHServer, remote_dir:
 
 
 def test_warm_up_can_wait_for_the_connection(sshd: OpenSSHServer) -> None:
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with trio.fail_after(5):
             await transfer.warm_up(wait=5)
         assert transfer.stats["connects"] == 1
@@ -347,12 +353,12 @@ def test_warm_up_of_a_dead_server_is_quiet_and_reads_still_fail_clearly(
     server = make_sshd()
     server.stop()
 
-    async def body(transfer: Transfer) -> None:
+    async def body(transfer: SFTPTransfer) -> None:
         with caplog.at_level(logging.INFO, logger="scicatfs.transfer.sftp"), trio.fail_after(5):
             await transfer.warm_up(wait=5)  # a refused connection ends the wait early
         assert "could not connect to 127.0.0.1 ahead of the first read" in caplog.text
         with trio.fail_after(5), pytest.raises(ConnectionLost, match="cannot connect"):
-            await transfer.size(None, "/x")
+            await transfer.size(sftp("/x"))
 
     with_transfer(server.sftp_settings(), body)
 
@@ -368,20 +374,20 @@ def test_reconnects_after_sshd_killed_and_restarted(
     data = payload(12 * MiB)
     path = server.put("/d/f.bin", data)
 
-    async def body(transfer: Transfer) -> dict[str, int]:
-        assert await transfer.read(None, path, 0, 100) == data[:100]
-        assert await transfer.read(None, path, 0, len(data)) == data  # warm up every connection
+    async def body(transfer: SFTPTransfer) -> dict[str, int]:
+        assert await transfer.read(sftp(path), 0, 100) == data[:100]
+        assert await transfer.read(sftp(path), 0, len(data)) == data  # warm up every connection
         server.kill()
         server.start()
         # The pooled connection is dead; the read is retried on a fresh one.
-        assert await transfer.read(None, path, 100, MiB) == data[100 : 100 + MiB]
+        assert await transfer.read(sftp(path), 100, MiB) == data[100 : 100 + MiB]
         server.kill()
         started = time.monotonic()
         with pytest.raises((ConnectionLost, TransferTimeout)):
-            await transfer.read(None, path, 0, 100)
+            await transfer.read(sftp(path), 0, 100)
         assert time.monotonic() - started < 5
         server.start()
-        assert await transfer.read(None, path, 0, len(data)) == data
+        assert await transfer.read(sftp(path), 0, len(data)) == data
         return transfer.stats
 
     stats = with_transfer(server.sftp_settings(connections=connections), body)
@@ -392,13 +398,13 @@ def test_stalled_server_hits_deadline(make_sshd: Callable[[], OpenSSHServer]) ->
     server = make_sshd()
     path = server.put("/d/f.bin", payload(MiB))
 
-    async def body(transfer: Transfer) -> None:
-        await transfer.read(None, path, 0, 10)
+    async def body(transfer: SFTPTransfer) -> None:
+        await transfer.read(sftp(path), 0, 10)
         server.signal_connections(signal.SIGSTOP)
         try:
             started = time.monotonic()
             with pytest.raises(TransferTimeout, match="no answer within 1 s"):
-                await transfer.read(None, path, 10, 10)
+                await transfer.read(sftp(path), 10, 10)
             assert time.monotonic() - started < 3
         finally:
             server.signal_connections(signal.SIGCONT)
@@ -411,20 +417,20 @@ def test_trio_cancellation_cancels_the_transfer(make_sshd: Callable[[], OpenSSHS
     data = payload(MiB)
     path = server.put("/d/f.bin", data)
 
-    async def body(transfer: Transfer) -> None:
-        await transfer.read(None, path, 0, 10)
+    async def body(transfer: SFTPTransfer) -> None:
+        await transfer.read(sftp(path), 0, 10)
         server.signal_connections(signal.SIGSTOP)
         try:
             started = time.monotonic()
             with pytest.raises(trio.TooSlowError):
                 with trio.fail_after(0.3):
-                    await transfer.read(None, path, 10, 10)
+                    await transfer.read(sftp(path), 10, 10)
             # run() returns only after the asyncio side finished: it was cancelled,
             # not left to run into the 30 s deadline.
             assert time.monotonic() - started < 2
         finally:
             server.signal_connections(signal.SIGCONT)
-        assert await transfer.read(None, path, 0, len(data)) == data
+        assert await transfer.read(sftp(path), 0, len(data)) == data
 
     with_transfer(server.sftp_settings(timeout=30, connections=1), body)
 
@@ -486,9 +492,9 @@ def test_chunked_reader_keeps_one_remote_handle(make_sshd: Callable[[], OpenSSHS
     data = payload(8 * MiB)
     path = server.put("/d/f.bin", data)
 
-    async def body(transfer: Transfer) -> list[Path]:
+    async def body(transfer: SFTPTransfer) -> list[Path]:
         for offset in range(0, len(data), MiB):
-            assert await transfer.read(None, path, offset, MiB) == data[offset : offset + MiB]
+            assert await transfer.read(sftp(path), offset, MiB) == data[offset : offset + MiB]
         return server.open_files()
 
     still_open = with_transfer(server.sftp_settings(connections=1), body)
@@ -499,9 +505,9 @@ def test_evicted_handles_are_closed(make_sshd: Callable[[], OpenSSHServer]) -> N
     server = make_sshd()
     paths = [server.put(f"/d/f{i}.bin", payload(100, seed=i)) for i in range(10)]
 
-    async def body(transfer: Transfer) -> list[Path]:
+    async def body(transfer: SFTPTransfer) -> list[Path]:
         for path in paths:
-            await transfer.read(None, path, 0, 100)
+            await transfer.read(sftp(path), 0, 100)
         with trio.fail_after(5):
             while len(server.open_files()) > 3:  # closes of evicted handles are in flight
                 await trio.sleep(0.02)

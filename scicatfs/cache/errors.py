@@ -6,13 +6,15 @@ import logging
 
 from cachetools import TTLCache
 
+from scicatfs.errors import ScicatfsError
+
 log = logging.getLogger("scicatfs.cache")
 
 #: Integrity failures logged in the last seconds, so that one bad file is one line per 10 s.
 _reported: TTLCache[str, bool] = TTLCache(maxsize=1024, ttl=10.0)
 
 
-class CacheError(Exception):
+class CacheError(ScicatfsError):
     """The cache could not serve a read (timeout, unusable cache directory, ...)."""
 
 

@@ -17,9 +17,13 @@ transaction.
 Concurrency bounds:
 - At most ``max_in_flight`` bytes of blocks are held by read-ahead and prefetch
   flights (being fetched or being written); demand reads add what FUSE asks for
-  concurrently. Flights use the network at most (max_in_flight / chunk / 2) at
-  once: a ``trio.CapacityLimiter`` taken only around the transfer, so cache hits
-  never queue behind the network and a slow disk write does not hold a slot.
+  concurrently. Speculative flights (read-ahead, prefetch) use the network at
+  most (max_in_flight / chunk / 2) at once: a ``trio.CapacityLimiter`` taken
+  only around the transfer, so cache hits never queue behind the network and a
+  slow disk write does not hold a slot. A flight that a reader waits for does
+  not take it: parallel readers of small files (a data loader's threads) keep
+  the connection pool busy instead of queueing four at a time; FUSE and
+  ``max_reads`` in fs bound their number.
 - Every transfer attempt has a deadline, and every reader waits at most
   ``read_timeout`` before getting ``FetchTimeout`` (EIO): never a hang.
 
@@ -38,7 +42,7 @@ import logging
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -47,13 +51,15 @@ import trio
 
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
+from scicatfs.cache.local import LocalBlob, LocalFiles
+from scicatfs.cache.readahead import DatasetWalk, ReadAhead, Stream
 from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
 from scicatfs.cache.tiers import TierStats
-from scicatfs.transfer.errors import ConnectionLost, TransferTimeout
+from scicatfs.transfer.base import Transfer
+from scicatfs.transfer.errors import ConnectionLost, SourceChanged, TransferTimeout
 
 if TYPE_CHECKING:
     from scicatfs.cache.shared import SharedCache
-    from scicatfs.transfer.sftp import Transfer
 
 __all__ = ["Fetcher", "Handle"]
 
@@ -70,14 +76,11 @@ T = TypeVar("T")
 
 @dataclass(eq=False)
 class Handle:
-    """One open file: its blob (pinned while the handle lives) and its read-ahead state."""
+    """One open file: its blob (pinned while the handle lives) and its access pattern."""
 
     spec: FileSpec
     blob: Blob
-    next_offset: int = 0
-    last_chunk: int = -1
-    window: int = 0
-    ahead: int = 0  # read-ahead has been started up to this block (exclusive)
+    stream: Stream = field(default_factory=Stream)
 
 
 @dataclass(eq=False)
@@ -93,6 +96,7 @@ class _Flight:
 
     first: int
     count: int
+    demand: bool  # a reader waits for it (else read-ahead or prefetch)
     ready: trio.Event = field(default_factory=trio.Event)
     settled: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
@@ -124,11 +128,15 @@ class Fetcher:
             raise ValueError("timeouts must be positive and attempts at least 1")
         self.store = store
         self.transfer = transfer
+        self._local = LocalFiles(store)
         chunk = store.chunk_size
         self._max_flights = max(2, max_in_flight // chunk)
         self._max_blocks = max(2 * chunk, max_in_flight) // store.block_size
         self._limiter = trio.CapacityLimiter(self._max_flights // 2)
-        self._readahead_chunks = max(1, readahead_max // chunk)
+        self.readahead = ReadAhead(store.block_size, chunk, readahead_max)
+        self.walk = DatasetWalk()
+        #: Per directory being walked: the fetches ahead still running (cancelled when the walk breaks).
+        self._walk_fetches: dict[tuple[str, str], set[trio.CancelScope]] = {}
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
@@ -144,7 +152,6 @@ class Fetcher:
         self._verifications: dict[str, trio.Event] = {}
         self._digests: weakref.WeakKeyDictionary[Blob, RunningDigest] = weakref.WeakKeyDictionary()
         self._evicting = False
-        self._cannot_cache = False  # the last chunk write failed (disk full?)
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = trio.open_nursery()
         # chunks_fetched / chunks_uncached: blocks fetched / not cached (disk
@@ -172,19 +179,29 @@ class Fetcher:
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
         self._nursery = None
-        return await self._nursery_manager.__aexit__(exc_type, exc, traceback)
+        try:
+            return await self._nursery_manager.__aexit__(exc_type, exc, traceback)
+        except BaseExceptionGroup as group:
+            # The caller's own exception, grouped only by our nursery: let it out as it was
+            # raised (a MountError or CommandError must reach its handler unwrapped).
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                raise exc from exc.__cause__
+            raise
 
     # -- the contract used by fs ----------------------------------------------
 
-    async def open(self, spec: FileSpec) -> Handle:
-        """Pin the file's blob for reading; nothing is fetched yet.
+    async def open(self, spec: FileSpec, following: Sequence[FileSpec] = ()) -> Handle:
+        """Pin the file's blob for reading; a small file starts being fetched whole.
 
-        A file version that failed verification raises its IntegrityError, unless
-        its retry time has come (see ``_retry_failed``).
+        ``following``: the files after this one in its directory's listing
+        order, so that a reader walking the directory gets the next files
+        fetched ahead (``DatasetWalk``). A file version that failed
+        verification raises its IntegrityError, unless its retry time has come
+        (see ``_retry_failed``).
         """
         if spec.size < 0:
             raise CacheError(f"{spec.pid} {spec.path}: negative size {spec.size} in the catalog")
-        blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
+        blob = await trio.to_thread.run_sync(self._open_blob, spec)
         if blob.error is not None:
             try:
                 await self._retry_failed(spec, blob)
@@ -193,7 +210,64 @@ class Fetcher:
                 raise
         elif blob.all_present and not blob.complete:  # filled by another process, or unverified
             self._start_verification(spec, blob)
-        return Handle(spec, blob)
+        handle = Handle(spec, blob)
+        if blob.error is None and self._nursery is not None:
+            whole = self.readahead.on_open(blob.size, all_present=blob.all_present)
+            if whole is not None:
+                self._start_flights(handle, whole.start, whole.demand, whole.stop)
+            self._walk_on(spec, following)
+        return handle
+
+    def _walk_on(self, spec: FileSpec, following: Sequence[FileSpec]) -> None:
+        """Fetch the next files of a directory being walked; stop fetching ahead when the walk breaks."""
+        assert self._nursery is not None
+        step = self.walk.opened(spec, following)
+        key = self.walk.key(spec)
+        if step.broken:
+            for scope in self._walk_fetches.pop(key, ()):
+                scope.cancel()
+        if step.fetch:
+            running = self._walk_fetches.setdefault(key, set())
+            for file in step.fetch:
+                self._nursery.start_soon(self._fetch_ahead, file, running)
+
+    async def _fetch_ahead(self, spec: FileSpec, running: set[trio.CancelScope]) -> None:
+        """Fetch one small file ahead of a walking reader (its flights count as demand: it will be read).
+
+        A broken walk cancels the wait, not the flights: they are at most the
+        walk's budget and their blocks stay cached.
+        """
+        try:
+            with trio.CancelScope(shield=True):  # an open that finished must be released
+                blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
+        except (CacheError, OSError) as error:
+            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+            return
+        try:
+            if blob.error is None and not blob.all_present:
+                handle = Handle(spec, blob)
+                self._start_flights(handle, 0, blob.block_count, blob.block_count)
+                flights = {
+                    index: self._flights[blob.key, index]
+                    for index in range(blob.block_count)
+                    if (blob.key, index) in self._flights
+                }
+                with trio.CancelScope() as scope:
+                    running.add(scope)
+                    try:
+                        await self._wait(handle, flights, settled=True)
+                    finally:
+                        running.discard(scope)
+        except (CacheError, OSError) as error:
+            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+        finally:
+            await self._unpin(blob)
+
+    def _open_blob(self, spec: FileSpec) -> Blob:
+        """The blob of ``spec``: a local source file in place, else the store's (worker thread)."""
+        if self.transfer.is_local(spec.source):
+            return self._local.open(spec, self.transfer.open_local(spec.source))
+        return self.store.open_blob(spec)
 
     async def _retry_failed(self, spec: FileSpec, blob: Blob) -> None:
         """Open a failed file version: its error, or, once its retry time has come, a verified re-fetch.
@@ -240,7 +314,8 @@ class Fetcher:
         await self._unpin(handle.blob)
 
     def cached_bytes(self, spec: FileSpec) -> int:
-        return self.store.cached_bytes(spec)
+        """Bytes readable without the network: all of a local source file."""
+        return spec.size if self.transfer.is_local(spec.source) else self.store.cached_bytes(spec)
 
     @property
     def chunks_in_flight(self) -> int:
@@ -261,16 +336,18 @@ class Fetcher:
         first, last = offset // block, (end - 1) // block
         present = blob.present
         cached = all(index in present for index in range(first, last + 1))
-        ahead = self._read_ahead(handle, offset, end)
+        plan = self.readahead.plan(handle.stream, offset, end, blob.size, hit=cached, all_present=blob.all_present)
+        if plan is not None:
+            reached = self._start_flights(handle, plan.start, plan.demand, plan.stop)
+            self.readahead.started(handle.stream, plan, reached)
         if cached:
             self.stats["reads_from_cache"] += 1
             self.tiers.served_locally(end - offset)
-            if ahead > handle.ahead:
-                handle.ahead = self._start_flights(handle, max(last + 1, handle.ahead), last + 1, ahead)
+            if isinstance(blob, LocalBlob):  # a worker thread: a cluster filesystem may stall
+                data = await trio.to_thread.run_sync(blob.local.read, offset, end - offset)
+                return await self._checked(handle, end, data)
             return await self._checked(handle, end, self.store.read(blob, offset, end - offset))
         self.stats["reads_fetched"] += 1
-        reached = self._start_flights(handle, first, last + 1, max(ahead, last + 1))
-        handle.ahead = max(handle.ahead, reached) if ahead else 0
         flights = {
             index: self._flights[blob.key, index]
             for index in range(first, last + 1)
@@ -384,15 +461,15 @@ class Fetcher:
             run_end = index + 1
             while run_end < limit and run_end not in present and (key, run_end) not in flights:
                 run_end += 1
-            self._launch(handle, index, run_end - index)
+            self._launch(handle, index, run_end - index, demand=index < demand)
             index = run_end
         return stop
 
-    def _launch(self, handle: Handle, first: int, count: int) -> None:
+    def _launch(self, handle: Handle, first: int, count: int, *, demand: bool) -> None:
         """Start fetching ``count`` blocks from ``first`` in the background."""
         if self._nursery is None:
             raise CacheError("the fetcher is not running (use it as an async context manager)")
-        flight = _Flight(first, count)
+        flight = _Flight(first, count, demand)
         for index in range(first, first + count):
             self._flights[handle.blob.key, index] = flight
         self.store.retain(handle.blob)
@@ -431,7 +508,11 @@ class Fetcher:
         try:
             if self.store.refresh_blocks(blob, first, count):
                 return
-            data = await self._from_tiers(spec, blob, first, count)
+            try:
+                data = await self._from_tiers(spec, blob, first, count, demand=flight.demand)
+            except SourceChanged:
+                await self._forget_version(blob, flight)
+                raise
             self.stats["chunks_fetched"] += count
             flight.data = data
             flight.ready.set()
@@ -439,18 +520,16 @@ class Fetcher:
                 await trio.to_thread.run_sync(self.store.write_blocks, blob, first, data)
             except OSError as error:
                 self.stats["chunks_uncached"] += count
-                if not self._cannot_cache:
+                if self.readahead.write_failed():
                     log.warning(
                         "cannot cache %s %s (%s): serving reads uncached, read-ahead off",
                         spec.pid, spec.path, error,
                     )  # fmt: skip
-                self._cannot_cache = True
                 if is_disk_full(error):
                     self._start(self._evict, self.store.budget // 2)
                 return
-            if self._cannot_cache:
+            if self.readahead.write_succeeded():
                 log.warning("caching works again")
-                self._cannot_cache = False
         finally:
             self.store.unlock_blocks(blob, first, count)
         self._unevicted += len(data)
@@ -462,12 +541,18 @@ class Fetcher:
         elif blob.checksum is not None:
             self._hash_ahead(blob)
 
-    async def _from_tiers(self, spec: FileSpec, blob: Blob, first: int, count: int) -> bytes:
-        """A flight's bytes from the shared tier if there is one and it has them, else from the source."""
+    async def _from_tiers(self, spec: FileSpec, blob: Blob, first: int, count: int, *, demand: bool) -> bytes:
+        """A flight's bytes from the shared tier if there is one and it has them, else from the source.
+
+        Only a speculative flight's source transfer takes a network slot: a
+        reader's own flight never queues behind read-ahead.
+        """
         started = time.monotonic()
 
         async def download() -> bytes:
-            async with self._limiter:  # only the source transfer takes a network slot
+            if demand:
+                return await self._download(spec, blob, first, count)
+            async with self._limiter:
                 return await self._download(spec, blob, first, count)
 
         if self.shared is None:
@@ -486,21 +571,32 @@ class Fetcher:
         offset = first * blob.block_size
         length = min(count * blob.block_size, blob.size - offset)
         ask = length + 1 if first + count == blob.block_count else length
-        data = await self._with_deadline(
-            lambda: self.transfer.read(spec.host, spec.remote_path, offset, ask), spec
-        )
+        data = await self._with_deadline(lambda: self.transfer.read(spec.source, offset, ask), spec)
         if len(data) != length:
             actual = await self._with_deadline(
-                lambda: self.transfer.size(spec.host, spec.remote_path), spec
+                lambda: self.transfer.size(spec.source), spec
             )
             error = IntegrityError(
                 f"{spec.pid} {spec.path}: catalog says {spec.size} bytes,"
-                f" server has {actual} ({spec.remote_path})"
+                f" server has {actual} ({spec.source})"
             )
             await trio.to_thread.run_sync(self.store.record_failure, blob, spec, error, self.retry_failed_after)
             self._failed(blob, error)
             raise error
         return data
+
+    async def _forget_version(self, blob: Blob, flight: _Flight) -> None:
+        """The file changed at its source: drop every block of the old version, so that the
+        next read fetches the new one from scratch and old and new bytes never mix.
+
+        Waits (at most ``read_timeout``) until the blob's other flights are over,
+        since one may still be writing old bytes that it fetched before the change.
+        """
+        others = {other for (key, _), other in self._flights.items() if key == blob.key and other is not flight}
+        with trio.move_on_after(self.read_timeout):
+            for other in others:
+                await other.settled.wait()
+        await trio.to_thread.run_sync(self.store.discard, blob)
 
     async def _with_deadline(self, call: Callable[[], Awaitable[T]], spec: FileSpec) -> T:
         """Run one transfer call under ``transfer_timeout``, retrying ``attempts`` times.
@@ -526,30 +622,6 @@ class Fetcher:
         if self._nursery is not None:
             self._nursery.start_soon(function, *args)
 
-    def _read_ahead(self, handle: Handle, offset: int, end: int) -> int:
-        """Grow the window on sequential access (x2 per new chunk), drop it on a seek.
-
-        Returns the block up to which to read ahead: the rest of the current
-        chunk and ``window`` chunks after it; 0 when not reading ahead.
-        "Sequential" tolerates a chunk of disorder, because the kernel issues its
-        own read-ahead requests concurrently and they may arrive reordered.
-        """
-        blob = handle.blob
-        chunk = self.store.chunk_size
-        last = (end - 1) // chunk
-        if abs(offset - handle.next_offset) <= chunk:
-            if last > handle.last_chunk:
-                handle.window = min(max(1, handle.window * 2), self._readahead_chunks)
-            handle.next_offset = max(handle.next_offset, end)
-        else:
-            handle.window = 0
-            handle.next_offset = end
-            handle.ahead = 0
-        handle.last_chunk = max(handle.last_chunk, last) if handle.window else last
-        if self._cannot_cache or not handle.window or blob.all_present:
-            return 0  # speculative blocks could not be kept, or there is nothing to fetch
-        return min(blob.block_count, (last + 1 + handle.window) * blob.blocks_per_chunk)
-
     # -- completion and eviction ---------------------------------------------
 
     async def _verify(self, handle: Handle) -> None:
@@ -568,7 +640,12 @@ class Fetcher:
             if running is not None:
                 async with running.lock:
                     digest = await trio.to_thread.run_sync(running.finish, self.store, blob)
-            await trio.to_thread.run_sync(self.store.complete, blob, handle.spec, digest, self.retry_failed_after)
+            if isinstance(blob, LocalBlob):  # hashed in place; nothing to re-fetch after a failure
+                await trio.to_thread.run_sync(self._local.complete, blob, handle.spec)
+            else:
+                await trio.to_thread.run_sync(
+                    self.store.complete, blob, handle.spec, digest, self.retry_failed_after
+                )
         except IntegrityError as error:
             self._failed(blob, error)
         except (CacheError, OSError) as error:  # stays incomplete; the next open retries

@@ -27,15 +27,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from scicatfs.cache.errors import CacheError, IntegrityError
-
-if TYPE_CHECKING:
-    from scicatfs.catalog.models import Checksum, DataFile, Dataset
 
 __all__ = [
     "BLOCK_SIZE",
@@ -44,11 +41,12 @@ __all__ = [
     "Blob",
     "BlobInfo",
     "BlobStore",
+    "Checksum",
     "Eviction",
     "Failure",
+    "FileSpec",
     "Forgotten",
     "VerifyProblem",
-    "FileSpec",
     "blob_key",
     "default_budget",
     "is_disk_full",
@@ -97,6 +95,12 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (pid, path)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS files_by_key ON files(key);
+CREATE TABLE IF NOT EXISTS local_files (
+    path     TEXT PRIMARY KEY,
+    version  TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    atime    REAL NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS failures (
     key       TEXT PRIMARY KEY,
     pid       TEXT NOT NULL,
@@ -109,34 +113,33 @@ CREATE INDEX IF NOT EXISTS failures_by_time ON failures(failed_at);
 """
 
 
+class Checksum(Protocol):
+    """What the cache needs of a checksum: a hashlib name and a hex digest; str() is "algorithm:hex"."""
+
+    @property
+    def algorithm(self) -> str: ...
+
+    @property
+    def hexdigest(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class FileSpec:
-    """What the cache needs to know about one dataset file (see docs/architecture.md)."""
+    """What the cache needs to know about one dataset file (see docs/architecture.md).
+
+    ``source`` is the URL its bytes are read from (``sftp://host/path``,
+    ``file:///path``, ``https://...``); every process sharing a cache must
+    build it the same way (``scicatfs.stack``), because a file without a
+    checksum is keyed on it.
+    """
 
     pid: str
     path: str
-    host: str | None
+    source: str
     remote_path: str
     size: int
     mtime: float
     checksum: Checksum | None
-
-    @classmethod
-    def for_file(cls, dataset: Dataset, datafile: DataFile, host: str | None) -> FileSpec:
-        """The spec of one catalog file, read from ``host`` (None: the default SFTP host).
-
-        Every process sharing a cache must build specs the same way: without a
-        checksum, the host is part of the blob key.
-        """
-        return cls(
-            pid=dataset.pid,
-            path=datafile.path,
-            host=host,
-            remote_path=datafile.remote_path,
-            size=datafile.size,
-            mtime=datafile.mtime,
-            checksum=datafile.checksum,
-        )
 
 
 def default_budget(directory: Path) -> int:
@@ -154,12 +157,14 @@ def default_budget(directory: Path) -> int:
 def blob_key(spec: FileSpec) -> str:
     """The content key of a file: its checksum when the catalog has one, else its identity.
 
-    The size is part of both forms, so a catalog that pairs one checksum with two
+    The identity is the source URL (which names the server and the path), the
+    size and the mtime, so two sources never share a blob of a file without a
+    checksum. The size is part of both forms, so a catalog that pairs one checksum with two
     sizes cannot make two different files share a blob.
     """
     if spec.checksum is not None:
         return f"{spec.checksum.algorithm}:{spec.checksum.hexdigest.lower()}:{spec.size}"
-    identity = f"{spec.host or ''}\0{spec.remote_path}\0{spec.size}\0{spec.mtime!r}"
+    identity = f"{spec.source}\0{spec.size}\0{spec.mtime!r}"
     return f"id:{hashlib.sha256(identity.encode()).hexdigest()}:{spec.size}"
 
 
@@ -214,6 +219,17 @@ class Blob:
         last = self.block_count - 1
         short = self.block_size - self.block_length(last) if last in self.present else 0
         return count * self.block_size - short
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    """Blocks ``first .. first+count-1`` of a blob, written and waiting to be synced and recorded."""
+
+    blob: Blob
+    first: int
+    count: int
+    done: bool = False
+    error: OSError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +299,13 @@ class BlobStore:
         #: Keys that one thread is opening or evicting outside ``_lock``; others wait on the event.
         self._busy: dict[str, threading.Event] = {}
         self._read_lock = threading.Lock()
+        #: Group commit of block writes: runs written but not yet synced and recorded, and
+        #: whether a thread is recording a batch right now (``write_blocks``).
+        self._commit = threading.Condition(threading.Lock())
+        self._pending: list[_Run] = []
+        self._committing = False
+        #: syncs: fdatasync calls of blob files; commits: index transactions recording blocks.
+        self.stats = {"syncs": 0, "commits": 0}
         try:
             _make_private_dir(self.directory)
             _make_private_dir(self._blobs_dir)
@@ -502,6 +525,22 @@ class BlobStore:
         self._apply_failure(blob, self._db)
         return blob
 
+    def adopt(self, key: str, make: Callable[[], Blob]) -> tuple[Blob, bool]:
+        """Pin the open blob ``key``, or ``make()`` one that lives outside the blob directory.
+
+        For blobs the store does not hold on disk (a local source file read in
+        place): they share the table of open blobs, so that pins, ``retain`` and
+        ``release_blob`` work as for any blob. Returns the blob and whether
+        ``make`` was called.
+        """
+        with self._lock:
+            blob = self._open.get(key)
+            made = blob is None
+            if blob is None:
+                blob = self._open[key] = make()
+            blob.pins += 1
+            return blob, made
+
     @staticmethod
     def _apply_failure(blob: Blob, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT message, retry_at FROM failures WHERE key = ?", (blob.key,)).fetchone()
@@ -544,10 +583,14 @@ class BlobStore:
     def write_blocks(self, blob: Blob, first: int, data: bytes) -> None:
         """Durably write consecutive blocks from block ``first``, then record them.
 
-        Data first (one ``fdatasync``), index rows second (one transaction): a
-        crash between the two leaves bytes that no row vouches for, which the
-        next start ignores. ``data`` must end on a block boundary or at the end
-        of the file. Raises OSError (e.g. ENOSPC) with nothing recorded.
+        Data first (``fdatasync``), index rows second (a transaction): a crash
+        between the two leaves bytes that no row vouches for, which the next
+        start ignores. Writers that arrive while another thread is syncing and
+        committing are served together by the next round (group commit): one
+        ``fdatasync`` per blob file touched, then one transaction for all their
+        rows. Returns once this run is recorded. ``data`` must end on a block
+        boundary or at the end of the file. Raises OSError (e.g. ENOSPC) with
+        nothing of this run recorded.
         """
         offset = first * self.block_size
         count = -(-len(data) // self.block_size)
@@ -558,15 +601,68 @@ class BlobStore:
             written = os.pwrite(blob.fd, view, offset)
             view = view[written:]
             offset += written
-        os.fdatasync(blob.fd)
-        rows = [(blob.key, index, blob.block_length(index)) for index in range(first, first + count)]
+        run = _Run(blob, first, count)
+        with self._commit:
+            self._pending.append(run)
+            while not run.done:
+                if self._committing:
+                    self._commit.wait()
+                    continue
+                batch, self._pending, self._committing = self._pending, [], True
+                self._commit.release()
+                try:
+                    self._record(batch)
+                finally:
+                    self._commit.acquire()
+                    self._committing = False
+                    self._commit.notify_all()
+        if run.error is not None:
+            raise run.error
+
+    def _record(self, batch: list[_Run]) -> None:
+        """Make a batch of written runs durable (one sync per blob file), then record them in one transaction.
+
+        Called by one thread at a time (the round's leader) without any lock;
+        every run of the batch is ``done`` afterwards, with ``error`` set if
+        its blob could not be synced or the transaction failed.
+        """
         try:
-            with self._lock, self._transaction() as db:
-                db.executemany("INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)", rows)
-        except sqlite3.Error as error:  # the index shares the disk: it fills up too
-            full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-            raise OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}") from error
-        blob.present.update(range(first, first + count))
+            by_blob: dict[int, list[_Run]] = {}
+            for run in batch:
+                by_blob.setdefault(id(run.blob), []).append(run)
+            synced: list[_Run] = []
+            for runs in by_blob.values():
+                try:
+                    os.fdatasync(runs[0].blob.fd)
+                except OSError as error:
+                    for run in runs:
+                        run.error = error
+                    continue
+                synced.extend(runs)
+            self.stats["syncs"] += len(by_blob)
+            if not synced:
+                return
+            rows = [
+                (run.blob.key, index, run.blob.block_length(index))
+                for run in synced
+                for index in range(run.first, run.first + run.count)
+            ]
+            try:
+                with self._lock, self._transaction() as db:
+                    db.executemany("INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)", rows)
+            except sqlite3.Error as error:  # the index shares the disk: it fills up too
+                full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                failure = OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}")
+                failure.__cause__ = error
+                for run in synced:
+                    run.error = failure
+                return
+            self.stats["commits"] += 1
+            for run in synced:
+                run.blob.present.update(range(run.first, run.first + run.count))
+        finally:
+            for run in batch:
+                run.done = True
 
     def refresh_blocks(self, blob: Blob, first: int, count: int) -> bool:
         """Are these blocks present, also counting what other processes recorded meanwhile?"""
@@ -733,6 +829,25 @@ class BlobStore:
             problems.append(VerifyProblem(key, checksum, f"{algorithm}:{actual}", in_use=pinned))
         return problems
 
+    # -- local files (file:// sources, read in place) -------------------------
+
+    def local_verified(self, path: Path, version: str, checksum: str) -> bool:
+        """Was this version of local file ``path`` found to match ``checksum`` before?"""
+        with self._lock, self._index_errors():
+            row = self._db.execute(
+                "SELECT 1 FROM local_files WHERE path = ? AND version = ? AND checksum = ?",
+                (str(path), version, checksum),
+            ).fetchone()
+        return row is not None
+
+    def remember_local(self, path: Path, version: str, checksum: str) -> None:
+        """Record that this version of ``path`` matched ``checksum`` (a full disk only forgets it)."""
+        with self._lock:
+            self._touch([(
+                "INSERT OR REPLACE INTO local_files (path, version, checksum, atime) VALUES (?, ?, ?, ?)",
+                (str(path), version, checksum, time.time()),
+            )])  # fmt: skip
+
     def _pinned_elsewhere(self, key: str) -> bool:
         """Does another process hold the pin lock of ``key``? Caller has claimed the key."""
         try:
@@ -843,6 +958,11 @@ class BlobStore:
             log.info("cache eviction freed %d bytes (budget %d bytes)", freed, target)
         return Eviction(freed, skipped)
 
+    def _delete_rows(self, key: str) -> None:
+        """Delete a blob's row (its block and file rows cascade); raises sqlite3 errors as they are."""
+        with self._lock, self._transaction() as db:
+            db.execute("DELETE FROM blobs WHERE key = ?", (key,))
+
     def _delete_unpinned(self, key: str) -> bool:
         """Delete one blob unless another process has it open. Caller has claimed ``key``.
 
@@ -859,8 +979,16 @@ class BlobStore:
                     fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, PIN_OFFSET)
                 except (BlockingIOError, PermissionError):
                     return False
-            with self._lock, self._index_errors(), self._transaction() as db:
-                db.execute("DELETE FROM blobs WHERE key = ?", (key,))
+            try:
+                self._delete_rows(key)
+            except sqlite3.OperationalError as error:
+                if fd is None or getattr(error, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                    raise CacheError(f"cache index {self.directory / INDEX_FILE}: {error}") from error
+                # Not a byte left, not even for the index's own deletes: free the blob's
+                # bytes first. No process can trust its rows meanwhile, since trusting
+                # them needs the pin lock that this evictor holds exclusively.
+                os.ftruncate(fd, 0)
+                self._delete_rows(key)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             return True

@@ -7,8 +7,10 @@ token or a password.
 
 from __future__ import annotations
 
+from scicatfs.errors import ScicatfsError
 
-class CatalogError(Exception):
+
+class CatalogError(ScicatfsError):
     """Base class: something went wrong talking to SciCat.
 
     ``pid`` names the dataset concerned, or is None for catalog-wide failures

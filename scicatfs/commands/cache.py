@@ -18,7 +18,7 @@ from typing import Any
 
 from scicatfs.cache.errors import CacheError
 from scicatfs.cache.shared import prune as prune_shared
-from scicatfs.cache.store import INDEX_FILE, BlobInfo, BlobStore, default_budget
+from scicatfs.cache.store import INDEX_FILE, BlobInfo, BlobStore
 from scicatfs.commands.common import (
     CommandError,
     add_cache_options,
@@ -28,6 +28,7 @@ from scicatfs.commands.common import (
 )
 from scicatfs.config import parse_size
 from scicatfs.progress import human_size
+from scicatfs.stack import open_store
 
 __all__ = ["register"]
 
@@ -76,9 +77,8 @@ def _store(args: argparse.Namespace) -> Iterator[BlobStore | None]:
         print(f"no cache in {directory} yet")
         yield None
         return
-    budget = size if size is not None else default_budget(directory)
     try:
-        store = BlobStore(directory, budget)
+        store = open_store(directory, size)
     except CacheError as error:
         raise CommandError(str(error)) from None
     with store:

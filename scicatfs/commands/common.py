@@ -97,6 +97,23 @@ def add_connection_options(parser: argparse.ArgumentParser, when: str = "") -> N
         help="accept any host key (INSECURE: only for throw-away test servers)",
     )  # fmt: skip
     sftp.add_argument("--sftp-connections", metavar="N", help="SSH connections per host (default 4)")
+    sources = parser.add_argument_group(
+        f"sources{when}", "where each file's bytes come from, by the folder its remote path is in: the longest"
+        " matching PREFIX wins; without a match, SFTP as above",
+    )
+    sources.add_argument(
+        "--source", dest="sources", action="append", metavar="PREFIX=URL",
+        help="read remote paths under PREFIX from URL (file:///path, sftp://[user@]host[:port]/path, "
+        "https://host/path); repeatable, e.g. --source /ess/data=file:///ess/data",
+    )  # fmt: skip
+    sources.add_argument(
+        "--http-token-file", type=Path, metavar="FILE",
+        help="bearer token for https:// sources (must not be group/world-readable; not the SciCat token)",
+    )  # fmt: skip
+    sources.add_argument(
+        "--insecure-http", action="store_const", const=True, default=None,
+        help="allow http:// sources on other machines (unencrypted: only on a trusted network)",
+    )  # fmt: skip
 
 
 def add_cache_options(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +144,19 @@ def cache_location(args: argparse.Namespace) -> tuple[Path, int | None]:
 COMMAND_LOG_FORMAT = "scicatfs: %(levelname)s: %(message)s"
 
 
+def _late_reply(record: logging.LogRecord) -> bool | logging.LogRecord:
+    """pyfuse3's ERROR for a reply the kernel no longer waited for, as DEBUG.
+
+    ``fuse_reply_*`` fails with ENOENT when the kernel dropped the request first:
+    a file closed just before the unmount, or a request interrupted by a signal.
+    Nothing is lost, so it is no error a user should be shown.
+    """
+    if record.levelno >= logging.ERROR and "fuse_reply_* failed with No such file or directory" in record.getMessage():
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG) and record
+    return True
+
+
 def setup_logging(level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = False) -> None:
     """Log to stderr at ``level``; ``quiet`` shows only warnings and errors there."""
     handler = logging.StreamHandler(sys.stderr)
@@ -134,6 +164,7 @@ def setup_logging(level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = Fa
     if quiet:
         handler.setLevel(logging.WARNING)
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    logging.getLogger("pyfuse3").addFilter(_late_reply)
     if level != "debug":
         # Both log every request or connection at INFO; scicatfs logs what matters itself.
         for chatty in ("httpx", "asyncssh"):

@@ -40,10 +40,7 @@ from typing import Any
 
 import trio
 
-from scicatfs.cache.errors import CacheError
-from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.store import BlobStore, FileSpec, blob_key
-from scicatfs.catalog.client import CatalogClient
+from scicatfs.cache.store import blob_key
 from scicatfs.catalog.errors import CatalogError
 from scicatfs.commands.common import (
     CommandError,
@@ -55,10 +52,9 @@ from scicatfs.commands.common import (
 )
 from scicatfs.commands.status import read_status
 from scicatfs.config import ConfigError, MountOptions, mount_options
-from scicatfs.mount import cache_budget, catalog_settings, sftp_settings  # exactly as the mount builds them
+from scicatfs.errors import ScicatfsError
 from scicatfs.progress import Progress, human_size
-from scicatfs.transfer.errors import TransferError
-from scicatfs.transfer.sftp import Transfer
+from scicatfs.stack import Stack, open_stack  # specs and sources exactly as the mount builds them
 
 __all__ = ["Item", "register", "select"]
 
@@ -68,7 +64,7 @@ DEFAULT_JOBS = 4
 #: Bytes per read through a mount: the kernel splits it into FUSE requests.
 MOUNT_READ = 4 * 1024 * 1024
 #: What the (pid, path) errors of the layers below look like to a user.
-FETCH_ERRORS = (CacheError, CatalogError, TransferError, OSError)
+FETCH_ERRORS = (ScicatfsError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,50 +217,50 @@ def _options(args: argparse.Namespace) -> MountOptions:
 
 async def _standalone(args: argparse.Namespace) -> int:
     options = _options(args)
-    budget = cache_budget(options)
     try:
-        async with CatalogClient(catalog_settings(options)) as catalog:
-            dataset = await catalog.get_dataset(args.pid)
-    except CatalogError as error:
-        raise CommandError(f"catalog at {options.url}: {error}") from None
-    host = dataset.source_folder_host if options.sftp_host is None else None
-    specs = {datafile.path: FileSpec.for_file(dataset, datafile, host) for datafile in dataset.files}
-    try:
-        store = BlobStore(options.cache_dir, budget)
-    except CacheError as error:
+        async with open_stack(options) as stack:
+            return await _prefetch_with(stack, args)
+    except ScicatfsError as error:
         raise CommandError(str(error)) from None
-    with store:
-        verified = {(e.pid, e.path, e.key) for e in store.entries(dataset.pid) if e.complete}
-        items = select(
-            [
-                Item(path, spec.size, store.cached_bytes(spec),
-                     spec.size == 0 or (spec.pid, path, blob_key(spec)) in verified)
-                for path, spec in specs.items()
-            ],
-            args.globs,
-        )  # fmt: skip
-        wanted = sum(item.size for item in items)
-        if wanted > budget:
-            raise CommandError(
-                f"the selected files need {human_size(wanted)} but the cache budget is {human_size(budget)}:"
-                " pass a larger --cache-size or select fewer files with GLOBs"
-            )
-        async with Transfer(sftp_settings(options)) as transfer, Fetcher(store, transfer) as fetcher:
 
-            async def fetch(item: Item, add: Callable[[int], None]) -> None:
-                counted = item.cached
 
-                def progress(cached: int, size: int) -> None:
-                    nonlocal counted
-                    if cached > counted:
-                        add(cached - counted)
-                        counted = cached
+async def _prefetch_with(stack: Stack, args: argparse.Namespace) -> int:
+    try:
+        dataset = await stack.catalog.get_dataset(args.pid)
+    except CatalogError as error:
+        raise CommandError(f"catalog at {stack.catalog.base_url}: {error}") from None
+    store, fetcher = stack.store, stack.fetcher
+    specs = {datafile.path: stack.file_spec(dataset, datafile) for datafile in dataset.files}
+    verified = {(e.pid, e.path, e.key) for e in store.entries(dataset.pid) if e.complete}
+    items = select(
+        [
+            Item(path, spec.size, fetcher.cached_bytes(spec),
+                 spec.size == 0 or (spec.pid, path, blob_key(spec)) in verified)
+            for path, spec in specs.items()
+        ],
+        args.globs,
+    )  # fmt: skip
+    wanted = sum(item.size for item in items if not stack.transfer.is_local(specs[item.path].source))
+    if wanted > store.budget:
+        raise CommandError(
+            f"the selected files need {human_size(wanted)} but the cache budget is {human_size(store.budget)}:"
+            " pass a larger --cache-size or select fewer files with GLOBs"
+        )
 
-                await fetcher.prefetch(specs[item.path], progress)
-                progress(item.size, item.size)
+    async def fetch(item: Item, add: Callable[[int], None]) -> None:
+        counted = item.cached
 
-            failures = await _fetch_all(items, fetch, args.jobs)
-            return _report(items, failures, f"{_bytes(transfer.stats['bytes_read'])} transferred")
+        def progress(cached: int, size: int) -> None:
+            nonlocal counted
+            if cached > counted:
+                add(cached - counted)
+                counted = cached
+
+        await fetcher.prefetch(specs[item.path], progress)
+        progress(item.size, item.size)
+
+    failures = await _fetch_all(items, fetch, args.jobs)
+    return _report(items, failures, f"{_bytes(stack.transfer.stats['bytes_read'])} transferred")
 
 
 # -- common ----------------------------------------------------------------------------

@@ -85,6 +85,15 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"{section}:")
         width = max((len(name) for name in counters), default=0)
         lines.extend(f"  {name.ljust(width)}  {_value(name, value)}" for name, value in counters.items())
+    sources = status.get("sources")
+    if isinstance(sources, dict) and sources:
+        lines.append("sources (bytes read, requests, errors):")
+        width = max(len(name) for name in sources)
+        lines.extend(
+            f"  {name.ljust(width)}  {_value('bytes', counters.get('bytes_read', 0))},"
+            f" {counters.get('requests', 0)} requests, {counters.get('errors', 0)} errors"
+            for name, counters in sources.items()
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -17,14 +17,9 @@ from contextlib import contextmanager
 import pyfuse3
 from cachetools import TTLCache
 
-from scicatfs.cache.errors import CacheError, IntegrityError, report_integrity
-from scicatfs.catalog.errors import (
-    AuthenticationError,
-    CatalogError,
-    DatasetForbidden,
-    DatasetNotFound,
-)
-from scicatfs.transfer.errors import TransferError
+from scicatfs.cache.errors import IntegrityError, report_integrity
+from scicatfs.catalog.errors import AuthenticationError, DatasetForbidden, DatasetNotFound
+from scicatfs.errors import ScicatfsError
 
 __all__ = ["NoEntry", "WrongKind", "fuse_errors", "to_errno"]
 
@@ -69,7 +64,7 @@ def to_errno(error: BaseException) -> int:
 
 def _describe(error: BaseException) -> str:
     """A one-line reason; lower layers already phrase their messages for users."""
-    if isinstance(error, (CatalogError, TransferError, CacheError)):
+    if isinstance(error, ScicatfsError):
         return str(error) or type(error).__name__
     return f"{type(error).__name__}: {error}"
 
@@ -96,7 +91,7 @@ def fuse_errors(operation: str, pid: str | None, path: str | None) -> Iterator[N
         where = " ".join(part for part in (pid and f"pid={pid!r}", path and f"path={path!r}") if part)
         if isinstance(error, IntegrityError):  # names pid, path, expected and actual itself
             report_integrity(error)
-        elif isinstance(error, (CatalogError, TransferError, CacheError)):
+        elif isinstance(error, ScicatfsError):
             line = f"{operation} {where}: {_describe(error)} ({errno.errorcode[code]})"
             if line not in _recent:  # the kernel retries and reads ahead: one failure, one line
                 _recent[line] = True

@@ -306,6 +306,7 @@ class DataFileNode(Node):
         values = {
             "user.scicat.pid": spec.pid,
             "user.scicat.remote_path": spec.remote_path,
+            "user.scicat.source": spec.source,
             "user.scicat.cached": str(ns.cached_bytes(spec)),
         }
         if spec.checksum is not None:
@@ -411,6 +412,7 @@ class _DatasetView:
             )
             del top[CONTROL_DIR]
         self.metadata_shadowed = METADATA in top
+        self._order: dict[str, tuple[list[DataFile], dict[str, int]]] = {}  # built on first use
         # Counted once: every stat of a directory shows it (as its link count).
         self._subdirectories = {
             path: sum(1 for child in entries.values() if child is None) for path, entries in self.dirs.items()
@@ -426,6 +428,17 @@ class _DatasetView:
 
     def subdirectories(self, path: str) -> int:
         return self._subdirectories[path]
+
+    def files_after(self, path: str, limit: int) -> list[DataFile]:
+        """Up to ``limit`` files after ``path`` in its directory, in listing order (for prefetch)."""
+        parent = path.rpartition("/")[0]
+        order = self._order.get(parent)
+        if order is None:
+            files = [child for child in self.dirs.get(parent, {}).values() if child is not None]
+            order = self._order[parent] = (files, {child.path: at for at, child in enumerate(files)})
+        files, positions = order
+        at = positions.get(path)
+        return [] if at is None else files[at + 1 : at + 1 + limit]
 
     def changes_since(self, old: _DatasetView) -> dict[str, list[str]]:
         """Names, by directory ("" is the dataset, ".scicat" its control dir), that
@@ -447,9 +460,9 @@ class Namespace:
     """Resolves names and attributes for the filesystem, backed by the catalog.
 
     ``cached_bytes`` reports how much of a file the local cache holds (for
-    ``st_blocks``, files.json and xattrs). ``sftp_host`` is None when the user
-    named a file server (every file is then read from that default host);
-    otherwise each dataset's ``sourceFolderHost`` is used.
+    ``st_blocks``, files.json and xattrs). ``file_spec`` turns a catalog file
+    into what the cache needs, its source URL included (``scicatfs.stack``
+    builds it, the same way for the mount and for ``prefetch``).
     ``status()`` renders ``/.scicat/status.json`` (the mount's counters; no
     ``/.scicat`` when None and no ``views``).
     ``views`` are the top-level directories besides the PID tree, by name
@@ -464,8 +477,8 @@ class Namespace:
         self,
         catalog: CatalogClient,
         cached_bytes: Callable[[FileSpec], int],
+        file_spec: Callable[[Dataset, DataFile], FileSpec],
         *,
-        use_source_folder_host: bool = False,
         record_ttl: float = 60.0,
         listing_ttl: float = 30.0,
         status: Callable[[], bytes] | None = None,
@@ -476,7 +489,7 @@ class Namespace:
         self.catalog = catalog
         self.lookup_timeout = lookup_timeout
         self.cached_bytes = cached_bytes
-        self._use_source_folder_host = use_source_folder_host
+        self._spec = file_spec
         self.record_ttl = record_ttl
         self.listing_ttl = listing_ttl
         self._status = status
@@ -559,9 +572,12 @@ class Namespace:
             return DatasetDir(view.dataset.pid, path)
         return DataFileNode(self._spec(view.dataset, child))
 
-    def _spec(self, dataset: Dataset, datafile: DataFile) -> FileSpec:
-        """Built as ``prefetch`` builds it, so both find the same blobs."""
-        return FileSpec.for_file(dataset, datafile, dataset.source_folder_host if self._use_source_folder_host else None)
+    def following(self, spec: FileSpec, limit: int = 64) -> tuple[FileSpec, ...]:
+        """The files listed after ``spec`` in its directory, from the dataset as last seen (no request)."""
+        view = self._views.get(spec.pid)
+        if view is None:
+            return ()
+        return tuple(self._spec(view.dataset, datafile) for datafile in view.files_after(spec.path, limit))
 
     async def ask_new(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call()`` for a name with no last known answer: CatalogUnavailable after ``lookup_timeout``."""
@@ -753,13 +769,15 @@ class Namespace:
         for datafile in dataset.files:
             if datafile.path.partition("/")[0] == CONTROL_DIR:
                 continue
+            spec = self._spec(dataset, datafile)
             files.append(
                 {
                     "path": datafile.path,
                     "remote_path": datafile.remote_path,
+                    "source": spec.source,
                     "size": datafile.size,
                     "checksum": None if datafile.checksum is None else str(datafile.checksum),
-                    "cached": self.cached_bytes(self._spec(dataset, datafile)),
+                    "cached": self.cached_bytes(spec),
                 }
             )
         document = {"pid": dataset.pid, "sourceFolder": dataset.source_folder, "files": files}

@@ -314,7 +314,9 @@ class ScicatOperations(pyfuse3.Operations):
         fh = next(self._handles)
         with fuse_errors("open", *node.where()):
             if isinstance(node, DataFileNode):
-                handle = self._files[fh] = await self.fetcher.open(node.spec)
+                # the files listed after this one: a reader walking the directory gets them fetched ahead
+                following = self.namespace.following(node.spec)
+                handle = self._files[fh] = await self.fetcher.open(node.spec, following)
                 if handle.blob.complete:  # verified: reads need no fetcher while it stays open
                     self._local[fh] = LocalFile(handle.blob)
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)

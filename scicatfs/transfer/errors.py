@@ -7,8 +7,10 @@ whether a retry on another connection can help.
 
 from __future__ import annotations
 
+from scicatfs.errors import ScicatfsError
 
-class TransferError(Exception):
+
+class TransferError(ScicatfsError):
     """A remote file could not be read; ``host`` and ``path`` name what was asked for."""
 
     def __init__(self, message: str, *, host: str | None = None, path: str | None = None) -> None:
@@ -35,3 +37,7 @@ class TransferTimeout(TransferError):
 
 class ConnectionLost(TransferError):
     """The server could not be reached, or the connection dropped and a retry failed too."""
+
+
+class SourceChanged(TransferError):
+    """The file changed at its source since its version was pinned: old and new bytes must not mix."""

@@ -1,8 +1,10 @@
 """Ranged reads of remote files over SFTP, from a pool of asyncssh connections.
 
-``Transfer`` is the trio-facing object; everything asyncssh lives in one asyncio
-thread (``bridge.AsyncioThread``) and is only touched there. Per (host, port,
-user) a ``_Pool`` keeps up to ``connections`` SSH connections, opened lazily:
+``SFTPTransfer`` is the trio-facing object (one implementation of
+:class:`scicatfs.transfer.base.Transfer`, for ``sftp://[user@]host[:port]/path``
+URLs); everything asyncssh lives in one asyncio thread
+(``bridge.AsyncioThread``) and is only touched there. Per ``[user@]host[:port]``
+a ``_Pool`` keeps up to ``connections`` SSH connections, opened lazily:
 a second connection is opened only while the first is busy. A read is issued in
 the server's maximum request size (``limits@openssh.com``; 255 KiB on OpenSSH)
 with many requests in flight, and a large read is split across connections,
@@ -24,6 +26,7 @@ failed connects back off exponentially so a dead server is not hammered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -32,11 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import asyncssh
 import cachetools
 import trio
 
+from scicatfs.transfer.base import LocalFile, split
 from scicatfs.transfer.bridge import AsyncioThread
 from scicatfs.transfer.errors import (
     ConnectionLost,
@@ -47,7 +52,7 @@ from scicatfs.transfer.errors import (
     TransferTimeout,
 )
 
-__all__ = ["SFTPSettings", "Transfer"]
+__all__ = ["SFTPSettings", "SFTPTransfer"]
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +130,12 @@ class SFTPSettings:
         return str(self.known_hosts) if self.known_hosts else "~/.ssh/known_hosts"
 
 
-class Transfer:
-    """Reads byte ranges of remote files; an async context manager used from trio."""
+class SFTPTransfer:
+    """Reads byte ranges of ``sftp://`` URLs; an async context manager used from trio.
+
+    A URL without a host (``sftp:///path``) means the configured default host;
+    a user or port in the URL overrides the settings' for that host.
+    """
 
     def __init__(self, settings: SFTPSettings) -> None:
         self._settings = settings
@@ -140,7 +149,7 @@ class Transfer:
                 "and read your credentials or feed you wrong data"
             )
 
-    async def __aenter__(self) -> Transfer:
+    async def __aenter__(self) -> SFTPTransfer:
         self._thread.start()
         return self
 
@@ -154,19 +163,19 @@ class Transfer:
             await self._thread.run(self._close_pools)
         self._thread.stop()
 
-    async def read(self, host: str | None, path: str, offset: int, length: int) -> bytes:
-        """Return ``length`` bytes of ``path`` from ``offset``, fewer only at end of file."""
+    async def read(self, url: str, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes of the file at ``url`` from ``offset``, fewer only at end of file."""
         if offset < 0 or length < 0:
             raise ValueError(f"bad range: offset {offset}, length {length}")
-        host = self._host(host, path)
+        host, path = self._host(url)
         if length == 0:
             return b""
         data = await self._run(host, path, lambda pool: pool.read(path, offset, length))
         self._stats.bytes_read += len(data)
         return data
 
-    async def warm_up(self, host: str | None = None, *, wait: float = 0.0) -> None:
-        """Start opening the first connection to ``host`` (default: the configured host).
+    async def warm_up(self, url: str | None = None, *, wait: float = 0.0) -> None:
+        """Start opening the first connection to ``url``'s host (default: the configured host).
 
         Waits at most ``wait`` seconds for it; the connect goes on in the
         background after that. Never raises: a server that is down must not
@@ -175,7 +184,8 @@ class Transfer:
         that its first read does not pay for the SSH handshake, as sshfs
         connects before its mount is ready.
         """
-        host = host or self._settings.host
+        host = split(url).netloc if url else ""
+        host = host or self._settings.host or ""
         if host:
             await self._thread.run(lambda: self._warm_up(host, wait))
 
@@ -191,25 +201,35 @@ class Transfer:
         task.add_done_callback(self._background.discard)
         await asyncio.wait([task], timeout=wait)  # a timeout leaves the task running
 
-    async def size(self, host: str | None, path: str) -> int:
+    async def size(self, url: str) -> int:
         """The remote file's size in bytes (one SFTP stat)."""
-        host = self._host(host, path)
+        host, path = self._host(url)
         return await self._run(host, path, lambda pool: pool.size(path))
+
+    def is_local(self, url: str) -> bool:
+        return False
+
+    def open_local(self, url: str) -> LocalFile:
+        raise TransferError(f"{url}: an SFTP file is not local")
 
     @property
     def stats(self) -> dict[str, int]:
         """Counters since start: bytes_read, requests, reconnects, connects, errors."""
         return self._stats.as_dict()
 
-    def _host(self, host: str | None, path: str) -> str:
-        host = host or self._settings.host
+    def _host(self, url: str) -> tuple[str, str]:
+        """``[user@]host[:port]`` (the pool's key) and the remote path of an sftp URL."""
+        scheme, host, path = split(url)
+        if scheme != "sftp":
+            raise TransferError(f"{url}: not an SFTP URL", path=path)
+        host = host or self._settings.host or ""
         if not host:
             raise TransferError(
                 f"no SFTP host known for {path}: the dataset names no sourceFolderHost; "
-                "pass --sftp-host",
+                "pass --sftp-host or a --source rule",
                 path=path,
             )
-        return host
+        return host, path
 
     async def _run(self, host: str, path: str, operation: Callable[[_Pool], Awaitable[T]]) -> T:
         self._stats.requests += 1
@@ -233,11 +253,17 @@ class Transfer:
             error.path = error.path or path
             raise
 
-    def _pool(self, host: str) -> _Pool:
-        """The host's pool, created on first use; call on the asyncio thread only."""
-        pool = self._pools.get(host)
+    def _pool(self, netloc: str) -> _Pool:
+        """The pool of ``[user@]host[:port]``, created on first use; call on the asyncio thread only."""
+        pool = self._pools.get(netloc)
         if pool is None:
-            pool = self._pools[host] = _Pool(host, self._settings, self._stats)
+            user, _, address = netloc.rpartition("@")
+            host, port = _host_port(address)
+            user, host = unquote(user), unquote(host)  # a catalog's host name arrives %-encoded
+            settings = dataclasses.replace(
+                self._settings, username=user or self._settings.username, port=port or self._settings.port
+            )
+            pool = self._pools[netloc] = _Pool(host, settings, self._stats)
         return pool
 
     async def _close_pools(self) -> None:
@@ -396,6 +422,14 @@ class _Pool:
             # asyncssh reports unreadable key files and bad config values this way.
             return TransferError(f"{where}: bad SSH configuration: {error}", host=self.host)
         return TransferError(f"{where}: cannot connect: {error}", host=self.host)
+
+
+def _host_port(address: str) -> tuple[str, int | None]:
+    """``host``, ``host:22`` or ``[::1]:22`` -> (host, port or None)."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit() or (host.startswith("[") != host.endswith("]")):
+        return address.strip("[]"), None
+    return host.strip("[]"), int(port)
 
 
 def _known_hosts_option(settings: SFTPSettings) -> str | tuple[()] | None:

@@ -24,11 +24,13 @@ from pathlib import Path
 
 import trio
 
-from scicatfs.transfer.sftp import DEFAULT_CIPHERS, SFTPSettings, Transfer
+from scicatfs.transfer.base import source_url
+from scicatfs.transfer.sftp import DEFAULT_CIPHERS, SFTPSettings, SFTPTransfer
 from tests.support.sshd import OpenSSHServer
 
 MiB = 1024 * 1024
 REMOTE_PATH = "/bench/data.bin"
+REMOTE_URL = source_url("sftp", "", REMOTE_PATH)  # on the settings' host
 SMALL_READ = 4096
 #: Deadline per transfer operation: generous, a loaded machine must not fail a benchmark run.
 BENCH_TIMEOUT = 30.0
@@ -68,12 +70,12 @@ def transfer_reader(
         async def one(offset: int) -> None:
             nonlocal total
             try:
-                data = await transfer.read(None, REMOTE_PATH, offset, args.chunk)
+                data = await transfer.read(REMOTE_URL, offset, args.chunk)
                 total += len(data)  # not `total += len(await ...)`: that loses updates
             finally:
                 limiter.release()
 
-        async with Transfer(settings) as transfer, trio.open_nursery() as nursery:
+        async with SFTPTransfer(settings) as transfer, trio.open_nursery() as nursery:
             for offset in range(0, size, args.chunk):
                 await limiter.acquire()  # chunks start in order, at most in_flight at once
                 nursery.start_soon(one, offset)
@@ -128,12 +130,12 @@ def transfer_small_reads(server: OpenSSHServer, offsets: list[int]) -> list[floa
     settings = server.sftp_settings(timeout=BENCH_TIMEOUT)
 
     async def measure() -> list[float]:
-        async with Transfer(settings) as transfer:
-            await transfer.read(None, REMOTE_PATH, 0, SMALL_READ)
+        async with SFTPTransfer(settings) as transfer:
+            await transfer.read(REMOTE_URL, 0, SMALL_READ)
             seconds = []
             for offset in offsets:
                 started = time.perf_counter()
-                await transfer.read(None, REMOTE_PATH, offset, SMALL_READ)
+                await transfer.read(REMOTE_URL, offset, SMALL_READ)
                 seconds.append(time.perf_counter() - started)
             return seconds
 

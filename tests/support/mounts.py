@@ -55,7 +55,7 @@ class Mount:
     process: subprocess.Popen[bytes]
     catalog: Catalog
     server: CatalogServer
-    sshd: OpenSSHServer
+    sshd: OpenSSHServer | None  # None: the mount reads no file over SFTP (--source rules only)
     cache_dir: Path
     log: Path
     argv: list[str] = field(default_factory=list)
@@ -179,7 +179,7 @@ def demo_sftp_files(sshd: OpenSSHServer, demo_catalog: Catalog) -> OpenSSHServer
 def start_mount(
     catalog: Catalog,
     server: CatalogServer,
-    sshd: OpenSSHServer,
+    sshd: OpenSSHServer | None,
     work: Path,
     *,
     user: str | None = DEMO_USER,
@@ -189,6 +189,7 @@ def start_mount(
 ) -> Mount:
     """Run ``scicatfs mount --foreground`` in ``work/mnt`` and wait until it answers.
 
+    Without ``sshd`` no SFTP option is passed (give ``--source`` rules in ``args``).
     ``env`` adds to the daemon's environment (e.g. ``SCICAT_TOKEN``). The caller
     must call :meth:`Mount.unmount` (the fixtures below do, always).
     """
@@ -198,11 +199,13 @@ def start_mount(
     log = work / "scicatfs.log"
     argv = [
         sys.executable, "-m", "scicatfs", "mount", str(mountpoint),
-        "--url", server.url,
-        "--sftp-host", sshd.host, "--sftp-port", str(sshd.port), "--sftp-user", sshd.username,
-        "--identity-file", str(sshd.client_key), "--known-hosts", str(sshd.known_hosts),
-        "--cache-dir", str(cache), "--foreground", "--log-level", "info",
+        "--url", server.url, "--cache-dir", str(cache), "--foreground", "--log-level", "info",
     ]
+    if sshd is not None:
+        argv += [
+            "--sftp-host", sshd.host, "--sftp-port", str(sshd.port), "--sftp-user", sshd.username,
+            "--identity-file", str(sshd.client_key), "--known-hosts", str(sshd.known_hosts),
+        ]
     if user is not None:
         password = work / "password"
         password.touch(mode=0o600)

@@ -1,0 +1,195 @@
+"""Read-ahead decisions: which blocks a read should fetch beyond what it asks for.
+
+Pure bookkeeping, no I/O: the fetcher asks ``ReadAhead.plan`` on every read
+and starts flights for the range it gets back, then tells the policy how far
+it got (``started``). Keeping the decisions here, apart from the fetching,
+lets them be tested without a server and changed in one place.
+
+The rules:
+
+- A handle's reads are *sequential* while each starts within one chunk of
+  where the last one ended. The tolerance is needed because the kernel issues
+  its own read-ahead requests concurrently and they may arrive reordered.
+- On sequential access the window doubles with every new chunk reached, up to
+  ``readahead_max`` bytes; the read then fetches the rest of its chunk and
+  ``window`` whole chunks after it. A seek drops the window to nothing.
+- Nothing is read ahead while the cache cannot keep what it fetches (the last
+  write failed, e.g. a full disk), nor for a file that is already all cached.
+- A file of at most ``WHOLE_FILE_MAX`` bytes is fetched whole when opened.
+- Across files (``DatasetWalk``): a reader that opens a directory's files in
+  listing order (tar, cp -r, a loader over a sorted list) gets the next small
+  files fetched ahead, within a byte budget; an open out of order stops it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from scicatfs.cache.store import FileSpec
+
+__all__ = ["DatasetWalk", "Plan", "ReadAhead", "Stream", "WalkStep"]
+
+#: Files up to this size are fetched whole as soon as they are opened.
+WHOLE_FILE_MAX = 1024 * 1024
+
+
+@dataclass(eq=False)
+class Stream:
+    """One handle's access pattern, as the policy has seen it so far."""
+
+    next_offset: int = 0
+    last_chunk: int = -1
+    window: int = 0  # chunks to read ahead of the current one; 0: not sequential
+    ahead: int = 0  # read-ahead has been started up to this block (exclusive)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Start flights for the missing blocks in [start, stop); those before ``demand`` are being read.
+
+    ``speculative``: the range includes read-ahead (else it is the read's own blocks).
+    """
+
+    start: int
+    demand: int
+    stop: int
+    speculative: bool
+
+
+class ReadAhead:
+    """The fetcher-wide read-ahead policy; one ``Stream`` per open handle carries the state."""
+
+    def __init__(self, block_size: int, chunk_size: int, readahead_max: int) -> None:
+        if block_size <= 0 or chunk_size % block_size:
+            raise ValueError(f"chunk size {chunk_size} is not a multiple of the block size {block_size}")
+        self.block_size = block_size
+        self.chunk_size = chunk_size
+        self.max_chunks = max(1, readahead_max // chunk_size)
+        #: False while writes to the cache fail: speculative blocks could not be kept.
+        self.caching = True
+
+    def plan(self, stream: Stream, offset: int, end: int, size: int, *, hit: bool, all_present: bool) -> Plan | None:
+        """Observe a read of [offset, end) of a ``size``-byte file; say which blocks to fetch.
+
+        ``hit``: every block the read touches is cached. A miss always gets a
+        plan (at least its own blocks); a hit gets one only when the read-ahead
+        should move further than it has been started already.
+        """
+        chunk = self.chunk_size
+        last_chunk = (end - 1) // chunk
+        if abs(offset - stream.next_offset) <= chunk:
+            if last_chunk > stream.last_chunk:
+                stream.window = min(max(1, stream.window * 2), self.max_chunks)
+            stream.next_offset = max(stream.next_offset, end)
+        else:
+            stream.window = 0
+            stream.next_offset = end
+            stream.ahead = 0
+        stream.last_chunk = max(stream.last_chunk, last_chunk) if stream.window else last_chunk
+        first, demand = offset // self.block_size, (end - 1) // self.block_size + 1
+        ahead = 0
+        if self.caching and stream.window and not all_present:
+            per_chunk = chunk // self.block_size
+            ahead = min(-(-size // self.block_size), (last_chunk + 1 + stream.window) * per_chunk)
+        if hit:
+            if ahead <= stream.ahead:
+                return None
+            return Plan(max(demand, stream.ahead), demand, ahead, True)
+        return Plan(first, demand, max(ahead, demand), ahead > 0)
+
+    @staticmethod
+    def started(stream: Stream, plan: Plan, reached: int) -> None:
+        """The fetcher started ``plan``'s flights up to block ``reached`` (it may stop early: budget)."""
+        stream.ahead = max(stream.ahead, reached) if plan.speculative else 0
+
+    def on_open(self, size: int, *, all_present: bool) -> Plan | None:
+        """A small file is fetched whole when it is opened, before its first read arrives.
+
+        One request for the whole file instead of one per block the reader
+        touches, and the transfer overlaps the way from ``open`` to ``read``.
+        """
+        if all_present or size > WHOLE_FILE_MAX or not self.caching:
+            return None
+        blocks = -(-size // self.block_size)
+        return Plan(0, blocks, blocks, False)
+
+    def write_failed(self) -> bool:
+        """A write to the cache failed: stop reading ahead. True if this is news (log it once)."""
+        news, self.caching = self.caching, False
+        return news
+
+    def write_succeeded(self) -> bool:
+        """A write to the cache worked: read ahead again. True if it had stopped."""
+        news, self.caching = not self.caching, True
+        return news
+
+
+
+@dataclass(frozen=True, slots=True)
+class WalkStep:
+    """What an open means for its directory: files to fetch ahead, or stop (the walk broke)."""
+
+    fetch: tuple[FileSpec, ...] = ()
+    broken: bool = False
+
+
+@dataclass(eq=False)
+class _Walk:
+    expected: frozenset[str] = frozenset()  # paths an in-order next open may name
+    queued: dict[str, int] = field(default_factory=dict)  # fetched ahead, not opened yet: path -> size
+
+
+class DatasetWalk:
+    """Recognises a walk through a directory's files and says which files to fetch ahead.
+
+    ``opened(spec, following)`` is told every open with the files that follow
+    it in listing order (the catalog knows them all, with sizes). An open is
+    *in order* if it names one of the ``reorder`` files after the previous
+    open, or a file fetched ahead: parallel readers of a sorted list open
+    files slightly out of order. From the second in-order open on, the next
+    files are fetched ahead while at most ``budget`` bytes and ``max_files``
+    files are fetched and not yet opened. Files larger than ``WHOLE_FILE_MAX``
+    end the look-ahead (sequential read-ahead serves them once open).
+    """
+
+    def __init__(self, budget: int = 16 * 1024 * 1024, max_files: int = 32, reorder: int = 16) -> None:
+        self.budget = budget
+        self.max_files = max_files
+        self.reorder = reorder
+        self._walks: OrderedDict[tuple[str, str], _Walk] = OrderedDict()
+
+    @staticmethod
+    def key(spec: FileSpec) -> tuple[str, str]:
+        """The directory a file belongs to: its dataset and parent path."""
+        return spec.pid, spec.path.rpartition("/")[0]
+
+    def opened(self, spec: FileSpec, following: Sequence[FileSpec]) -> WalkStep:
+        key = self.key(spec)
+        walk = self._walks.pop(key, None)
+        expected = frozenset(file.path for file in following[: self.reorder])
+        if walk is None or not (spec.path in walk.expected or spec.path in walk.queued):
+            broken = walk is not None and bool(walk.queued)
+            self._remember(key, _Walk(expected))
+            return WalkStep(broken=broken)
+        self._remember(key, walk)
+        walk.expected = expected
+        ahead = {file.path for file in following}
+        walk.queued = {path: size for path, size in walk.queued.items() if path in ahead}
+        outstanding = sum(walk.queued.values())
+        fetch = []
+        for file in following[: self.max_files]:
+            if file.path in walk.queued:
+                continue
+            if file.size > WHOLE_FILE_MAX or outstanding + file.size > self.budget:
+                break
+            walk.queued[file.path] = file.size
+            outstanding += file.size
+            fetch.append(file)
+        return WalkStep(tuple(fetch))
+
+    def _remember(self, key: tuple[str, str], walk: _Walk) -> None:
+        self._walks[key] = walk
+        while len(self._walks) > 64:  # directories being walked at once, at most
+            self._walks.popitem(last=False)
