@@ -24,10 +24,12 @@ from hypothesis import strategies as st
 
 from scicatfs.catalog.auth import Credentials, Secret
 from scicatfs.catalog.client import CatalogClient, CatalogSettings, ListedDataset
+from scicatfs.config import mount_options
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.fs.namespace import ROOT, Namespace
 from scicatfs.fs.views import _value_of, link_names, top_level_views, value_name
+from scicatfs.stack import FileSpecs
 from tests.support.catalog import V3OnlyServer
 from tests.support.records import dataset_record
 
@@ -172,7 +174,9 @@ def test_view_listings_are_kept_for_the_listing_ttl(make_catalog_server) -> None
         credentials = Credentials(token=Secret(server.issue_token("stibbons")), source="test token")
         settings = CatalogSettings(url=server.url, credentials=credentials, listing_ttl=ttl)
         async with CatalogClient(settings) as client:
-            namespace = Namespace(client, cached_bytes=lambda spec: 0, listing_ttl=ttl, views=top_level_views())
+            specs = FileSpecs(mount_options({"url": server.url, "mountpoint": "/", "sftp_host": "files.test"}))
+            namespace = Namespace(client, cached_bytes=lambda spec: 0, file_spec=specs, listing_ttl=ttl,
+                                  views=top_level_views())
             proposals = await namespace.lookup(ROOT, "by-proposal")
             values = await namespace.listing(proposals)
             value = await namespace.lookup(proposals, PROPOSAL)
