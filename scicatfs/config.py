@@ -21,6 +21,7 @@ argv (see its docstring and docs/running.md for the mapping).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "LOG_LEVELS",
     "MountOptions",
+    "SavedQuery",
     "default_cache_dir",
     "default_config_path",
     "helper_argv_to_cli",
@@ -70,6 +72,21 @@ def _xdg_dir(variable: str, fallback: str) -> Path:
     if value and os.path.isabs(value):
         return Path(value)
     return Path.home() / fallback
+
+
+@dataclass(frozen=True)
+class SavedQuery:
+    """One ``[profiles.NAME.views.VIEWNAME]`` table: a catalog filter shown as ``views/VIEWNAME/``.
+
+    ``where`` is the v4 filter language's clause and ``sort`` v4's
+    ``{field: "asc"|"desc"}``, both kept as compact JSON text (the mount's
+    nodes are hashable values); ``limit`` caps the number of datasets.
+    """
+
+    name: str
+    where: str
+    sort: str = '{"pid":"asc"}'
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,7 @@ class MountOptions:
     fuse_options: tuple[str, ...] = ()
     foreground: bool = False
     log_level: str = "info"
+    views: tuple[SavedQuery, ...] = ()
 
 
 # --------------------------------------------------------------------- sizes
@@ -218,6 +236,11 @@ def _coerce(name: str, value: object, where: str, *, from_text: bool) -> object:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise wrong("a list of FUSE option strings")
+    if name == "views":
+        if from_text:
+            raise ConfigError(f"views {where}: saved queries are tables in a profile, "
+                              "[profiles.NAME.views.VIEWNAME] with where = {{...}}")
+        return _saved_queries(value, where)
     if name in _PATH_FIELDS:
         if isinstance(value, (str, os.PathLike)) and str(value).strip():
             return Path(value).expanduser()
@@ -225,6 +248,48 @@ def _coerce(name: str, value: object, where: str, *, from_text: bool) -> object:
     if isinstance(value, str) and value.strip():
         return value.strip()
     raise wrong("a non-empty string")
+
+
+_SAVED_QUERY_KEYS = frozenset({"where", "sort", "limit"})
+
+
+def _saved_queries(value: object, where: str) -> tuple[SavedQuery, ...]:
+    """The ``views`` table of a profile: one saved query per sub-table, in name order."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"views {where}: expected [profiles.NAME.views.VIEWNAME] tables")
+    queries = []
+    for name, table in sorted(value.items()):
+        here = f"view {name!r} {where}"
+        encoded = name.encode("utf-8", "surrogatepass")
+        if name in ("", ".", "..", ".scicat") or "/" in name or "\0" in name or len(encoded) > 255:
+            raise ConfigError(f"{here}: the name must be usable as a directory name (no '/', not .scicat)")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{here}: expected a table with where = {{...}}")
+        unknown = sorted(set(table) - _SAVED_QUERY_KEYS)
+        if unknown:
+            raise ConfigError(f"{here}: unknown key {unknown[0]!r} (known: limit, sort, where)")
+        clause = table.get("where")
+        if not isinstance(clause, dict) or not clause:
+            raise ConfigError(f"{here}: where must be a non-empty table in the catalog's v4 filter "
+                              'language, e.g. where = { keywords = "calibration" }')
+        sort = table.get("sort", {"pid": "asc"})
+        if (not isinstance(sort, dict) or not sort
+                or not all(isinstance(direction, str) and direction in ("asc", "desc") for direction in sort.values())):
+            raise ConfigError(f'{here}: sort must be a table of field = "asc" or "desc"')
+        limit = table.get("limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise ConfigError(f"{here}: limit must be a whole number larger than zero")
+        queries.append(SavedQuery(name, _json_text(clause, here), _json_text(sort, here), limit))
+    return tuple(queries)
+
+
+def _json_text(value: object, where: str) -> str:
+    """``value`` as compact JSON; TOML dates and times have no JSON form and are refused."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except TypeError:
+        raise ConfigError(f"{where}: dates and times cannot be sent to the catalog as they are; "
+                          'write them as strings ("2024-01-01T00:00:00Z")') from None
 
 
 # ------------------------------------------------------------------ profiles

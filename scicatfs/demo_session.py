@@ -82,6 +82,7 @@ Try, in another terminal:
   cat {dataset}/metadata.json
   cat {dataset}/flux.dat
   cat {dataset}/.scicat/files.json
+  ls -l {mnt}/by-group/uu            datasets by owner group, as links into the PID tree
 
 Press Ctrl-C to unmount and stop.""",
             flush=True,

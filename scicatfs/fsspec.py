@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import threading
 import weakref
 from collections.abc import Iterable
@@ -44,6 +45,7 @@ from scicatfs.config import ConfigError, MountOptions, mount_options
 from scicatfs.errors import ScicatfsError
 from scicatfs.fs.localfile import LocalFile
 from scicatfs.fs.namespace import ROOT, Attributes, DataFileNode, Node, RecordFile
+from scicatfs.fs.node import Kind
 from scicatfs.fs.noentry import NoEntry
 
 __all__ = ["OPTIONS", "ScicatFile", "ScicatFileSystem", "options_from"]
@@ -168,13 +170,19 @@ class ScicatFileSystem(AbstractFileSystem):
 
         found = self._call(path, walk, node)
         self._names.add_many(("/".join(names[: known + 1 + index]), child) for index, child in enumerate(found))
+        for index, child in enumerate(found):  # a view's link inside the path: go on from where it points
+            if index < len(found) - 1 and self._call(path, namespace.attributes, child).kind is Kind.SYMLINK:
+                here = "/".join(names[: known + index])
+                target = posixpath.normpath(posixpath.join(here, self._call(path, namespace.target, child)))
+                rest = "/".join(names[known + index + 1 :])
+                return self._resolve(f"{target}/{rest}")
         return path, found[-1]
 
     def _entry(self, path: str, node: Node, attributes: Attributes) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "name": path,
             "size": attributes.size,
-            "type": "directory" if attributes.is_dir else "file",
+            "type": {Kind.DIRECTORY: "directory", Kind.SYMLINK: "link"}.get(attributes.kind, "file"),
             "mtime": attributes.mtime,
         }
         if isinstance(node, DataFileNode):

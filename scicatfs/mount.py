@@ -35,10 +35,12 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
+from scicatfs.catalog.client import Selection
 from scicatfs.config import MountOptions
 from scicatfs.errors import ScicatfsError
 from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
+from scicatfs.fs.views import top_level_views
 from scicatfs.metrics import MetricsError, MetricsExporter
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
@@ -132,6 +134,9 @@ def _filesystem(options: MountOptions, stack: Stack) -> tuple[ScicatOperations, 
         record_ttl=options.record_ttl,
         listing_ttl=options.listing_ttl,
         status=status,
+        views=top_level_views(
+            (query.name, Selection(query.where, None, query.sort, query.limit)) for query in options.views
+        ),
         lookup_timeout=options.lookup_timeout,
     )
     operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))

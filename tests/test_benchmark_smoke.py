@@ -123,6 +123,27 @@ def test_bad_options_are_clear_errors(args: list[str], message: str, log_checker
     log_checker.check_output(result.stderr, "stderr")
 
 
+@pytest.mark.timeout(120)
+def test_views_benchmark_smoke_run(tmp_path: Path) -> None:
+    """The views benchmark on a small catalog: every measure present, counts as designed."""
+    if os.geteuid() != 0:
+        skip_or_fail("mounting needs root here")
+    out = tmp_path / "views.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_views", "--proposals", "20", "--datasets", "1500",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["ls by-proposal (cold)"]["lines"] == 21  # 20 proposals and BIG
+    assert report["ls by-proposal (cold)"]["routes"] == ["/api/v4/datasets/fullfacet"]
+    assert report["ls -l by-proposal/BIG (cold)"]["lines"] == 1501  # "total" and one link each
+    assert report["ls -l by-proposal/BIG (cold)"]["requests"] == 2  # two pages, no request per dataset
+    assert report["ls by-proposal (warm)"]["requests"] == report["ls -l by-proposal/BIG (warm)"]["requests"] == 0
+    assert not [m for m in mount_table() if "scicatfs-bench-views-" in m.mountpoint]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_fsspec_benchmark_reports_both_ways_and_the_ratios(tmp_path: Path) -> None:

@@ -34,22 +34,13 @@ from scicatfs.catalog.jsdate import parse_js_date
 from scicatfs.catalog.singleflight import SingleFlightCache
 from scicatfs.catalog.transport import normalise_base_url
 from scicatfs.demo.fixtures import Catalog
-from scicatfs.demo.routes import Reply, nest_error
+from scicatfs.demo.routes import Reply
 from scicatfs.demo.server import CatalogServer
+from tests.support.catalog import V3OnlyServer
 
 PASSWORD = "demo-password-0xC0FFEE"
 LOGIN = Credentials(username="stibbons", password=Secret(PASSWORD), source="login as 'stibbons'")
 PIDS = ["plainpid", "20.500.12269/one-slash", "20.500.12269/BRIGHTNESS/V200053", "with space/run 1+2"]
-
-
-class V3OnlyServer(CatalogServer):
-    """An older backend: every /api/v4 route is unknown, answered the way Nest does."""
-
-    def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
-        path = urlsplit(target).path
-        if path.lower().startswith("/api/v4/"):
-            return nest_error(404, f"Cannot {method} {path}")
-        return super().dispatch(method, target, headers, body)
 
 
 class V3WithoutIncludeServer(V3OnlyServer):

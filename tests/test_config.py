@@ -14,6 +14,7 @@ import pytest
 from scicatfs.config import (
     ConfigError,
     MountOptions,
+    SavedQuery,
     default_cache_dir,
     default_config_path,
     helper_argv_to_cli,
@@ -230,11 +231,28 @@ def test_missing_profile_lists_the_available_ones(tmp_path: Path) -> None:
         ("[profiles.p]\nurl = 3\n", "expected a non-empty string"),
         ('[profiles.p]\nfuse_options = "auto_unmount"\n', "list of FUSE option strings"),
         ('[profiles.p]\ncache-size = "1G"\ncache_size = "2G"\n', "given twice"),
+        ('[profiles.p]\nviews = "mine"\n', r"views in profile 'p'.*VIEWNAME"),
+        ('[profiles.p.views.v]\nwhere = "ownerGroup"\n', r"view 'v' in profile 'p'.*where must be a non-empty table"),
+        ("[profiles.p.views.v]\nwhere = {}\n", "where must be a non-empty table"),
+        ('[profiles.p.views.v]\nwhere = { a = 1 }\nsort = { pid = "up" }\n', 'sort must be a table of field = "asc"'),
+        ("[profiles.p.views.v]\nwhere = { a = 1 }\nlimit = 0\n", "limit must be a whole number larger than zero"),
+        ("[profiles.p.views.v]\nwhere = { a = 1 }\norder = 1\n", "unknown key 'order'"),
+        ("[profiles.p.views.v]\nwhere = { t = 2024-01-01 }\n", "dates and times cannot be sent"),
+        ('[profiles.p.views.".scicat"]\nwhere = { a = 1 }\n', "usable as a directory name"),
     ],
 )
 def test_bad_profiles_are_config_errors(tmp_path: Path, body: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_profile("p", write_config(tmp_path, body))
+
+
+def test_saved_queries_from_the_docs_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    [example] = re.findall(r"```toml\n(.*?)```", DOCS.read_text(), re.DOTALL)[:1]
+    options = mount_options({"mountpoint": str(tmp_path / "mnt")}, profile="ess", config_path=write_config(tmp_path, example))
+    assert options.views == (SavedQuery("calibration", '{"keywords":"calibration"}', '{"creationTime":"desc"}', 500),)
+    with pytest.raises(ConfigError, match="saved queries are tables in a profile"):
+        mount_options({"url": "https://a", "mountpoint": str(tmp_path), "views": "x"})
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -576,6 +576,39 @@ def test_origdatablock_files_match_blocks_then_unwind_then_sort(make_catalog_ser
         assert no_files.json() == []
 
 
+def test_fullfacet_counts_as_backend_next_does(make_catalog_server):
+    """As observed on a live backend: a logged-in caller's facets count its groups' datasets only
+    (published ones of other groups need fields={"isPublished": true}); arrays are unwound; a
+    facet on a field outside the schema is absent; anonymous callers get 403 on v4 and
+    published datasets on v3."""
+    catalog = demo_users()
+    catalog.add_dataset(record("f/mine", proposalIds=["p1", "p2"]), [])
+    catalog.add_dataset(record("f/shared", ownerGroup="other", accessGroups=["faculty"], proposalIds=["p1"]), [])
+    catalog.add_dataset(record("f/published", ownerGroup="other", isPublished=True, proposalIds=["p3"]), [])
+    catalog.add_dataset(record("f/hidden", ownerGroup="other", proposalIds=["p4"]), [])
+    catalog.add_dataset(record("f/none"), [])
+    http, auth = serve(make_catalog_server, catalog)
+
+    def facet(version: str, fields: dict, headers: dict | None = None) -> httpx.Response:
+        params = {"facets": json.dumps(["proposalIds", "ownerGroup", "proposalId"]), "fields": json.dumps(fields)}
+        return http.get(f"/api/{version}/datasets/fullfacet", params=params, headers=headers or {})
+
+    with http:
+        [mine] = facet("v4", {}, auth).json()
+        assert mine == {"proposalIds": [{"_id": "p2", "count": 1}, {"_id": "p1", "count": 2}],
+                        "ownerGroup": [{"_id": "uu", "count": 2}, {"_id": "other", "count": 1}],
+                        "all": [{"totalSets": 3}]}
+        [published] = facet("v4", {"isPublished": True}, auth).json()
+        assert published["proposalIds"] == [{"_id": "p3", "count": 1}] and published["all"] == [{"totalSets": 1}]
+        assert facet("v4", {}).status_code == 403
+        [anonymous] = facet("v3", {}).json()
+        assert anonymous == published
+        [filtered] = facet("v4", {"ownerGroup": "uu"}, auth).json()
+        assert filtered["proposalIds"] == [{"_id": "p2", "count": 1}, {"_id": "p1", "count": 1}]
+        assert filtered["ownerGroup"] == [{"_id": "uu", "count": 2}]  # every key of fields is a $match first
+        assert facet("v4", [], auth).status_code == 400  # type: ignore[arg-type]
+
+
 # -- knobs -------------------------------------------------------------------------
 
 

@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from scicatfs.demo.fixtures import Catalog
+from scicatfs.fs.views import top_level_views
 from tests.support.records import dataset_record
+
+#: The root's own directories, listed before the PID tree.
+VIEWS = [".scicat", *top_level_views()]
 
 BIG = "h5test/big-10000"
 HOSTILE = "h5test/hostile"
@@ -62,7 +66,8 @@ def test_root_listing_spans_catalog_pages(make_mount) -> None:  # type: ignore[n
         catalog.add_dataset(dataset_record(f"{MANY_PREFIX}/{name}", f"/h5test/many/{name}"), [])
     mount = make_mount(catalog)
     assert sorted(os.listdir(mount.path / MANY_PREFIX)) == expected
-    assert sorted(os.listdir(mount.path)) == [".scicat", "20.500.12269", MANY_PREFIX, "thaumometer-frames-0042"]
+    assert sorted(os.listdir(mount.path)) == sorted(
+        [*VIEWS, "20.500.12269", MANY_PREFIX, "thaumometer-frames-0042"])
 
 
 def test_changed_file_gets_new_inode_and_new_bytes(make_mount, make_catalog_server) -> None:  # type: ignore[no-untyped-def]

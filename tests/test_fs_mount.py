@@ -26,8 +26,12 @@ import numpy
 import pytest
 
 from scicatfs.cache.store import BlobStore
+from scicatfs.fs.views import top_level_views
 from tests.support.mounts import Mount
 from tests.support.requirements import needs_root, skip_or_fail
+
+#: The root's own directories, listed before the PID tree.
+VIEWS = [".scicat", *top_level_views()]
 
 THAUM = "20.500.12269/72fe3ff6-105b-4c7f-b9d0-073b67c90ec3"
 OCTARINE = "20.500.12269/0b9a6b7e-3c61-4d8e-9f0e-5a1d2c3b4e5f"
@@ -78,7 +82,7 @@ def is_generated(relative: str) -> bool:
 
 
 def test_root_and_prefix_listings(mounted: Mount) -> None:
-    assert sorted(os.listdir(mounted.path)) == [".scicat", "20.500.12269", FRAMES]
+    assert sorted(os.listdir(mounted.path)) == sorted([*VIEWS, "20.500.12269", FRAMES])
     assert sorted(os.listdir(mounted.path / "20.500.12269")) == sorted(
         [
             "0b9a6b7e-3c61-4d8e-9f0e-5a1d2c3b4e5f",
@@ -323,7 +327,7 @@ def test_unknown_top_level_name_costs_at_most_two_small_requests(mounted: Mount)
 
 
 def test_status_json_at_the_root(mounted: Mount) -> None:
-    assert os.listdir(mounted.path / ".scicat") == ["status.json"]
+    assert os.listdir(mounted.path / ".scicat") == ["status.json", "pid"]
     (mounted.dataset(THAUM) / "flux.dat").read_bytes()
     status = json.loads((mounted.path / ".scicat" / "status.json").read_text())
     assert status["mountpoint"] == str(mounted.path) and status["process"] == mounted.process.pid
@@ -346,7 +350,7 @@ def test_mount_table_and_statfs(mounted: Mount) -> None:
 
 def test_anonymous_mount_shows_published_data_only(make_mount) -> None:  # type: ignore[no-untyped-def]
     mount = make_mount(user=None)
-    assert sorted(os.listdir(mount.path)) == [".scicat", "20.500.12269"]
+    assert sorted(os.listdir(mount.path)) == sorted([*VIEWS, "20.500.12269"])
     assert os.listdir(mount.path / "20.500.12269") == [PUBLIC.split("/")[1]]
     assert (mount.dataset(PUBLIC) / "census.csv").read_bytes() == mount.catalog.content(PUBLIC, "census.csv")
     with pytest.raises(FileNotFoundError):  # anonymous callers cannot tell "private" from "missing"

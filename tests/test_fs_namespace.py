@@ -31,12 +31,12 @@ from scicatfs.fs.errors import NoEntry, fuse_errors, to_errno
 from scicatfs.fs.inodes import InodeTable
 from scicatfs.fs.namespace import (
     LISTING_CACHE_ENTRIES,
-    MOUNT,
     ROOT,
     ControlDir,
     DataFileNode,
     DatasetDir,
     Entry,
+    MountDir,
     Namespace,
     PidLevel,
     RecordFile,
@@ -373,7 +373,7 @@ def test_a_repeated_failure_is_logged_once(caplog: pytest.LogCaptureFixture) -> 
         (ControlDir(THAUM), DatasetDir(THAUM)),
         (RecordFile(THAUM, "metadata.json", "v"), DatasetDir(THAUM)),
         (RecordFile(THAUM, ".scicat/files.json"), ControlDir(THAUM)),
-        (ControlDir(MOUNT), ROOT),
+        (MountDir(), ROOT),
         (DataFileNode(FileSpec(THAUM, "logs/a.log", "sftp:///x/logs/a.log", "/x/logs/a.log", 1, 0.0, None)), DatasetDir(THAUM, "logs")),
     ],
 )

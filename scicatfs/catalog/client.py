@@ -79,6 +79,31 @@ class CatalogSettings:
                 raise ValueError(f"catalog setting {name} must not be negative, got {value!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class ListedDataset:
+    """One row of a filtered dataset list: just what a link to the dataset needs."""
+
+    pid: str
+    name: str | None
+    created: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Datasets to list: a ``where`` clause in each API's language, an order, a cap.
+
+    ``v3_where`` is None when the selection cannot be said in v3's filter
+    language (saved queries are written for v4); ``sort`` is v4's
+    ``{"field": "asc"|"desc"}``; ``limit`` caps the number of datasets (None:
+    all of them).
+    """
+
+    v4_where: str
+    v3_where: str | None
+    sort: str = '{"pid":"asc"}'
+    limit: int | None = None
+
+
 class _NoV4(Exception):
     """A v4 route does not exist on this server."""
 
@@ -107,6 +132,9 @@ class CatalogClient:
         self._pager = Pager(self._range_page, self._skip_page, settings.page_size, self.base_url)
         self._prefixes: SingleFlightCache[str, bool] = SingleFlightCache(4096, settings.listing_ttl)
         self._counts: SingleFlightCache[None, int] = SingleFlightCache(1, settings.listing_ttl)
+        self._facets: SingleFlightCache[tuple[str, tuple[str, ...]], dict[str, str]] = SingleFlightCache(
+            64, settings.listing_ttl
+        )
         self._hidden_hinted: set[str] = set()
         # creationTime of each PID on the listing pages fetched lately (see listed_creation_time)
         self._listed_times = RecentTimes(65536, settings.listing_ttl)
@@ -182,6 +210,46 @@ class CatalogClient:
     async def count(self) -> int:
         """Number of datasets visible to the caller (cached for ``listing_ttl``)."""
         return await self._counts.get(None, self._count)
+
+    def cached_facet(self, v4_field: str, v3_fields: tuple[str, ...]) -> dict[str, str] | None:
+        """What ``facet_values`` has cached now for these fields; no request."""
+        return self._facets.peek((v4_field, v3_fields))
+
+    async def facet_values(self, v4_field: str, v3_fields: tuple[str, ...]) -> dict[str, str]:
+        """The distinct values of a field among the datasets the caller can read, each with the
+        field it was found under; cached for ``listing_ttl``.
+
+        From the ``fullfacet`` route, never by listing datasets. A logged-in
+        caller asks twice and merges: the route counts only the caller's
+        groups' datasets, and published ones only when asked for them alone.
+        Anonymous callers get 403 from v4's route but published datasets from
+        v3's, so they always use v3. On v3 every name in ``v3_fields`` is
+        asked (the stored documents of a v4-era backend have the plural
+        fields, an older one the singular): the catalog leaves out a facet on
+        a field its schema lacks.
+        """
+        key = (v4_field, v3_fields)
+        return await self._facets.get(key, lambda: self._facet(v4_field, v3_fields))
+
+    async def iter_selected(self, selection: Selection) -> AsyncIterator[ListedDataset]:
+        """The datasets of ``selection`` visible to the caller, one page of names and times at a time."""
+        size = self._settings.page_size
+        skip = 0
+        remaining = selection.limit
+        while remaining is None or remaining > 0:
+            limit = size if remaining is None else min(size, remaining)
+            rows = await self._selected_page(selection, skip, limit)
+            for row in rows:
+                yield row
+            if len(rows) < limit:
+                return
+            skip += limit
+            if remaining is not None:
+                remaining -= limit
+
+    async def any_selected(self, selection: Selection) -> bool:
+        """Whether ``selection`` holds any visible dataset: one request for one PID."""
+        return bool(await self._selected_page(selection, 0, 1))
 
     # -- routes ---------------------------------------------------------------
 
@@ -299,6 +367,76 @@ class CatalogClient:
             return self._pids(await self._get("/v3/datasets", _filter(query)))
 
         return await self._pages.get(("skip", prefix, skip, limit), lambda: self._either(v4, v3, None))
+
+    async def _facet(self, v4_field: str, v3_fields: tuple[str, ...]) -> dict[str, str]:
+        async def ask(path: str, facets: tuple[str, ...], asks: tuple[dict[str, Any], ...]) -> dict[str, str]:
+            values: dict[str, str] = {}
+            for fields in asks:
+                answer = await self._facet_answer(path, facets, fields)
+                for facet in facets:
+                    for value in _facet_column(answer, facet):
+                        values.setdefault(value, facet)
+            return values
+
+        if self._tokens.anonymous:  # the v3 route adds isPublished itself
+            return await ask("/v3/datasets/fullfacet", v3_fields, ({},))
+        asks: tuple[dict[str, Any], ...] = ({}, {"isPublished": True})
+        return await self._either(
+            lambda _: ask("/v4/datasets/fullfacet", (v4_field,), asks),
+            lambda _: ask("/v3/datasets/fullfacet", v3_fields, asks),
+            None,
+        )
+
+    async def _facet_answer(self, path: str, facets: tuple[str, ...], fields: dict[str, Any]) -> Any:
+        params = {"facets": json.dumps(list(facets), separators=(",", ":")),
+                  "fields": json.dumps(fields, separators=(",", ":"))}
+        answer = self._json(await self._get(path, params), "the facet counts")
+        if not isinstance(answer, list) or (answer and not isinstance(answer[0], dict)):
+            self._transport.stats["bad_responses"] += 1
+            raise BadResponse(f"the catalog sent facet counts that are not a list of objects: {answer!r:.100}")
+        return answer[0] if answer else {}
+
+    async def _selected_page(self, selection: Selection, skip: int, limit: int) -> list[ListedDataset]:
+        fields = ["pid", "datasetName", "creationTime"]
+
+        async def v4(_: None) -> list[ListedDataset]:
+            public = "/public" if self._tokens.anonymous else ""
+            sort = json.loads(selection.sort)
+            query = {"where": json.loads(selection.v4_where), "fields": sorted(set(fields) | set(sort)),
+                     "limits": {"limit": limit, "skip": skip, "sort": sort}}
+            return self._listed(await self._get(f"/v4/datasets{public}", _filter(query)))
+
+        async def v3(_: None) -> list[ListedDataset]:
+            if selection.v3_where is None:
+                raise BadResponse(
+                    f"SciCat at {self.base_url} has no v4 API, and this selection is written in v4's "
+                    "filter language"
+                )
+            sort = json.loads(selection.sort)
+            order = ",".join(f"{key}:{direction}" for key, direction in sort.items())
+            query = {"where": json.loads(selection.v3_where), "fields": sorted(set(fields) | set(sort)),
+                     "limits": {"limit": limit, "skip": skip, "order": order}}
+            return self._listed(await self._get("/v3/datasets", _filter(query)))
+
+        return await self._either(v4, v3, None)
+
+    def _listed(self, reply: Reply) -> list[ListedDataset]:
+        rows = self._json(reply, "the dataset list")
+        if not isinstance(rows, list):
+            self._transport.stats["bad_responses"] += 1
+            raise BadResponse("the catalog sent a dataset list that is not a JSON list")
+        listed = []
+        for row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get("pid"), str):
+                continue
+            name = row.get("datasetName")
+            created = parse_time(row.get("creationTime"))
+            if created is not None:
+                self._listed_times.note(row["pid"], created)
+            listed.append(ListedDataset(row["pid"], name if isinstance(name, str) and name else None, created))
+        if len(listed) != len(rows):
+            log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(listed))
+        return listed
 
     async def _has_prefix(self, prefix: str) -> bool:
         return await self._pager.first(prefix) is not None
@@ -484,18 +622,7 @@ class CatalogClient:
         )
 
     def _pids(self, reply: Reply) -> tuple[str, ...]:
-        rows = self._json(reply, "the dataset list")
-        if not isinstance(rows, list):
-            self._transport.stats["bad_responses"] += 1
-            raise BadResponse("the catalog sent a dataset list that is not a JSON list")
-        pids = tuple(row["pid"] for row in rows if isinstance(row, dict) and isinstance(row.get("pid"), str))
-        for row in rows:
-            created = parse_time(row.get("creationTime")) if isinstance(row, dict) else None
-            if created is not None and isinstance(row.get("pid"), str):
-                self._listed_times.note(row["pid"], created)
-        if len(pids) != len(rows):
-            log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(pids))
-        return pids
+        return tuple(row.pid for row in self._listed(reply))
 
     def _count_of(self, reply: Reply) -> int:
         data = self._json(reply, "the dataset count")
@@ -509,6 +636,14 @@ class CatalogClient:
 def _filter(query: dict[str, Any]) -> dict[str, str]:
     """The ``filter`` query parameter, compact (it travels in every list URL)."""
     return {"filter": json.dumps(query, separators=(",", ":"))}
+
+
+def _facet_column(answer: Any, field: str) -> list[str]:
+    """The string values of one facet of a ``fullfacet`` answer (absent facet: none)."""
+    column = answer.get(field) if isinstance(answer, dict) else None
+    if not isinstance(column, list):
+        return []
+    return [row["_id"] for row in column if isinstance(row, dict) and isinstance(row.get("_id"), str) and row["_id"]]
 
 
 def _route_missing(reply: Reply) -> bool:

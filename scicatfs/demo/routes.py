@@ -11,6 +11,8 @@ record them:
     GET  /api/v3/datasets[/count]                filter: where (LoopBack or Mongo; date-like strings
                                                  become Dates), fields, include,
                                                  limits {limit (100), skip, order "f:asc"}
+    GET  /api/v3/datasets/fullfacet              facets=[...]&fields={...} (see facets.py); anonymous
+                                                 callers get published datasets only
     GET  /api/v3/datasets/{pid}                  404 "dataset: <pid> not found" / 403 "Unauthorized access";
                                                  filter {"include": ["origdatablocks"]} adds every block
     GET  /api/v3/datasets/{pid}/origdatablocks   same checks; at most 100 blocks
@@ -18,6 +20,8 @@ record them:
     GET  /api/v3/origdatablocks                  filter: where, limits {limit (100), skip}; anonymous 403
     GET  /api/v4/datasets[/count]                whitelisted filter, limits {limit (10), skip, sort};
                                                  403 "Forbidden resource" for anonymous callers
+    GET  /api/v4/datasets/fullfacet              the same; a caller's groups unless fields has
+                                                 isPublished; anonymous 403
     GET  /api/v4/datasets/{pid}?include=...      404 "dataset: null not found" / 403; anonymous 403
     GET  /api/v4/datasets/public[/count|/{pid}]  published data only; a missing PID is 200 + empty body
     GET  /api/v4/origdatablocks[/files]          blocks, or one row per file; anonymous 403
@@ -49,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from scicatfs.demo import filters
+from scicatfs.demo.facets import full_facet
 from scicatfs.demo.filters import FilterError
 from scicatfs.demo.fixtures import Catalog, User
 
@@ -334,6 +339,27 @@ class Api:
         spec = filters.parse_filter(request.param("filter"))
         return Reply(200, {"count": self._count(request.user, filters.v3_dates(spec.get("where", {})))})
 
+    def _fullfacet(self, request: Request) -> Reply:
+        """Both versions' ``fullfacet``: the caller's groups are added to ``fields`` unless it
+        asks for published datasets (so published datasets of other groups are not counted),
+        and an anonymous caller gets ``isPublished`` (the v4 route refuses it first)."""
+        try:
+            fields = json.loads(request.param("fields") or "{}")
+            facets = json.loads(request.param("facets") or "[]")
+        except ValueError as exc:
+            raise FilterError(f"Invalid JSON: {exc}") from None
+        if not isinstance(fields, dict):
+            raise FilterError("fields must be a JSON object")
+        if not fields.get("isPublished"):
+            if request.user is None:
+                fields["isPublished"] = True
+            else:
+                fields["userGroups"] = [*(fields.get("userGroups") or []), *request.user.groups]
+        return Reply(200, full_facet(self.catalog.datasets(), fields, facets))
+
+    def v3_fullfacet(self, request: Request) -> Reply:
+        return self._fullfacet(request)
+
     def v3_origdatablocks(self, request: Request) -> Reply:
         if request.user is None:
             return nest_error(403, "Forbidden resource")
@@ -356,6 +382,11 @@ class Api:
         if not _can_read(request.user, record):
             return nest_error(403, "Unauthorized access")
         return Reply(200, self._v4_record(record, includes, request.user))
+
+    def v4_fullfacet(self, request: Request) -> Reply:
+        if request.user is None:
+            return nest_error(403, "Forbidden resource")
+        return self._fullfacet(request)
 
     def v4_public_dataset(self, request: Request) -> Reply:
         includes = self._includes(request)

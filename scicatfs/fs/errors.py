@@ -20,9 +20,9 @@ from cachetools import TTLCache
 from scicatfs.cache.errors import IntegrityError, report_integrity
 from scicatfs.catalog.errors import AuthenticationError, DatasetForbidden, DatasetNotFound
 from scicatfs.errors import ScicatfsError
-from scicatfs.fs.noentry import NoEntry
+from scicatfs.fs.noentry import NoEntry, WrongKind
 
-__all__ = ["NoEntry", "fuse_errors", "to_errno"]
+__all__ = ["NoEntry", "WrongKind", "fuse_errors", "to_errno"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ def to_errno(error: BaseException) -> int:
     """
     if isinstance(error, pyfuse3.FUSEError):
         return error.errno
+    if isinstance(error, WrongKind):
+        return error.code
     if isinstance(error, (NoEntry, DatasetNotFound)):
         return errno.ENOENT
     if isinstance(error, (DatasetForbidden, AuthenticationError)):
@@ -70,6 +72,8 @@ def fuse_errors(operation: str, pid: str | None, path: str | None) -> Iterator[N
         raise
     except NoEntry as error:
         raise pyfuse3.FUSEError(errno.ENOENT) from error
+    except WrongKind as error:
+        raise pyfuse3.FUSEError(error.code) from error
     except Exception as error:
         code = to_errno(error)
         where = " ".join(part for part in (pid and f"pid={pid!r}", path and f"path={path!r}") if part)

@@ -21,10 +21,15 @@ of a dataset keeps its name (data is never hidden); the record is then only at
 is reserved: a data file or directory of that name at the top level is not
 shown (logged once).
 
-Everything here is independent of FUSE: nodes are plain hashable values (their
-identity is their inode key, see :mod:`scicatfs.fs.inodes`), and the methods
-answer "what is under this name", "what are the attributes", "what are the
-children" and "what are the bytes of this generated file".
+The root also holds the mount's top-level directories (``.scicat`` and the
+views the mount was given, see :mod:`scicatfs.fs.views`): their names are
+reserved there, and a PID with no prefix that equals one is not listed at the
+root (logged once).
+
+Everything here is independent of FUSE. Each kind of node is one class (see
+:mod:`scicatfs.fs.node`) answering its own lookup, attributes, listing and
+content; :class:`Namespace` holds what they share (the catalog, the dataset
+trees built from its records, the caches) and is what the FUSE layer calls.
 """
 
 from __future__ import annotations
@@ -33,10 +38,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import trio
 from cachetools import LRUCache, TTLCache
@@ -45,6 +50,8 @@ from scicatfs.cache.store import FileSpec
 from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.errors import BadResponse, CatalogUnavailable, DatasetForbidden, DatasetNotFound
 from scicatfs.catalog.models import DataFile, Dataset, metadata_json
+from scicatfs.catalog.singleflight import SingleFlightCache
+from scicatfs.fs.node import Attributes, Entry, Kind, Listing, Node
 from scicatfs.fs.noentry import NoEntry
 
 __all__ = [
@@ -53,14 +60,18 @@ __all__ = [
     "DataFileNode",
     "DatasetDir",
     "Entry",
+    "Kind",
     "Listing",
-    "MOUNT",
+    "MountDir",
     "Namespace",
     "Node",
+    "PidAlias",
     "PidLevel",
     "ROOT",
     "RecordFile",
+    "StatusFile",
     "parent_of",
+    "reachable_pid",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,8 +80,8 @@ CONTROL_DIR = ".scicat"
 METADATA = "metadata.json"
 FILES = "files.json"
 STATUS = "status.json"
-#: The PID of the mount's own ``/.scicat`` (no dataset has an empty PID).
-MOUNT = ""
+#: ``/.scicat/pid``: the PID tree without the root's reserved names (see PidAlias).
+PID_ALIAS = "pid"
 #: After the catalog gave no usable answer, known datasets and PID prefixes are
 #: served from their last version for this many seconds without asking again:
 #: each attempt costs the client's retries, and `ls -l` would pay them per file.
@@ -99,74 +110,287 @@ _NO_ANSWER = (CatalogUnavailable, BadResponse)
 T = TypeVar("T")
 
 
+# -- the nodes of the PID tree ----------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
-class PidLevel:
+class PidLevel(Node):
     """A directory of PID components: the root (prefix ``""``) or a PID prefix ending in ``/``."""
 
     prefix: str
+    kind: ClassVar[Kind] = Kind.DIRECTORY
+
+    async def lookup(self, ns: Namespace, name: str) -> Node:
+        if not self.prefix and name in ns.top:
+            return ns.top[name]
+        return await ns._lookup_pid(self.prefix + name)
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        return ns.level_attributes()
+
+    async def listing(self, ns: Namespace) -> Listing:
+        """Streamed page by page from the catalog on each (re)start, so no
+        listing of the whole catalog is ever held in memory."""
+        return lambda: ns._pid_entries(self.prefix)
+
+    def parent(self) -> Node:
+        head, slash, _ = self.prefix[:-1].rpartition("/")
+        return PidLevel(head + slash) if slash else ROOT
+
+    def where(self) -> tuple[str | None, str | None]:
+        return None, self.prefix or "/"
+
+    def where_child(self, name: str) -> tuple[str | None, str | None]:
+        return self.prefix + name, None
+
+
+ROOT = PidLevel("")
 
 
 @dataclass(frozen=True, slots=True)
-class DatasetDir:
+class DatasetDir(Node):
     """A dataset (``path == ""``) or a directory inside it."""
 
     pid: str
     path: str = ""
+    kind: ClassVar[Kind] = Kind.DIRECTORY
+
+    async def lookup(self, ns: Namespace, name: str) -> Node:
+        view = await ns.view(self.pid)
+        entries = self._entries(view)
+        if name in entries:
+            return ns.child(view, self.path, name, entries[name])
+        if self.path == "" and name == CONTROL_DIR:
+            return ControlDir(self.pid)
+        if self.path == "" and name == METADATA:
+            return RecordFile(self.pid, METADATA, view.version)
+        raise NoEntry(name)
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        view = await ns.view(self.pid)
+        self._entries(view)
+        extra = 1 if self.path == "" else 0  # .scicat
+        nlink = 2 + extra + view.subdirectories(self.path)
+        return Attributes(Kind.DIRECTORY, 0, view.dataset.creation_time, nlink, ns.record_ttl)
+
+    async def listing(self, ns: Namespace) -> Listing:
+        """Fixed now, at opendir: a tuple, or for a directory too large to keep a
+        source that replays the same version on every restart."""
+        view = await ns.view(self.pid)
+        self._entries(view)
+        entries = ns._built_listing(view, self.path)
+        if entries is None:
+            return lambda: _replay(ns._dataset_entries(view, self.path))
+        return entries
+
+    def _entries(self, view: _DatasetView) -> dict[str, DataFile | None]:
+        entries = view.dirs.get(self.path)
+        if entries is None:
+            raise NoEntry(f"{self.path} is no longer a directory of {self.pid}")
+        return entries
+
+    def parent(self) -> Node:
+        if self.path:
+            return DatasetDir(self.pid, self.path.rpartition("/")[0])
+        head, slash, _ = self.pid.rpartition("/")
+        return PidLevel(head + slash) if slash else ROOT
+
+    def where(self) -> tuple[str | None, str | None]:
+        return self.pid, self.path
+
+    async def xattrs(self, ns: Namespace) -> dict[str, str]:
+        view = await ns.view(self.pid)
+        folder = view.dataset.source_folder.rstrip("/") or "/"
+        remote = f"{folder}/{self.path}" if self.path else folder
+        return {"user.scicat.pid": self.pid, "user.scicat.remote_path": remote}
 
 
 @dataclass(frozen=True, slots=True)
-class ControlDir:
-    """``<dataset>/.scicat``, or the mount's own ``/.scicat`` when ``pid`` is :data:`MOUNT`."""
+class ControlDir(Node):
+    """``<dataset>/.scicat``: the record and the file list of one dataset."""
 
     pid: str
+    kind: ClassVar[Kind] = Kind.DIRECTORY
+
+    async def lookup(self, ns: Namespace, name: str) -> Node:
+        if name == METADATA:
+            view = await ns.view(self.pid)
+            return RecordFile(self.pid, f"{CONTROL_DIR}/{METADATA}", view.version)
+        if name == FILES:
+            return RecordFile(self.pid, f"{CONTROL_DIR}/{FILES}")
+        raise NoEntry(name)
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        view = await ns.view(self.pid)
+        return Attributes(Kind.DIRECTORY, 0, view.dataset.creation_time, 2, ns.record_ttl)
+
+    async def listing(self, ns: Namespace) -> Listing:
+        return tuple(ns._control_entries(await ns.view(self.pid)))
+
+    def parent(self) -> Node:
+        return DatasetDir(self.pid)
+
+    def where(self) -> tuple[str | None, str | None]:
+        return self.pid, CONTROL_DIR
+
+    async def xattrs(self, ns: Namespace) -> dict[str, str]:
+        return {"user.scicat.pid": self.pid}
 
 
 @dataclass(frozen=True, slots=True)
-class RecordFile:
-    """A generated file: ``metadata.json`` (either place), ``.scicat/files.json``,
-    or the mount's ``/.scicat/status.json`` (``pid`` :data:`MOUNT`).
+class RecordFile(Node):
+    """A generated file of a dataset: ``metadata.json`` (either place) or ``.scicat/files.json``.
 
     ``version`` is a digest of metadata.json's bytes, so a changed record is a
     new node (and a new inode, whose page cache cannot hold the old text).
-    files.json and status.json change all the time; they have no version and
-    are read with direct I/O instead.
+    files.json changes all the time; it has no version and is read with
+    direct I/O instead.
     """
 
     pid: str
     path: str
     version: str = ""
+    kind: ClassVar[Kind] = Kind.FILE
 
     @property
     def live(self) -> bool:
-        return self.path.endswith((FILES, STATUS))
+        return self.path.endswith(FILES)
+
+    @property
+    def direct_io(self) -> bool:  # type: ignore[override]
+        return self.live
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        view = await ns.view(self.pid)
+        if self.live:
+            return Attributes(Kind.FILE, ns._files_json_size(view), time.time(), 1, FILES_JSON_TTL)
+        return Attributes(Kind.FILE, len(self._bytes(view)), view.dataset.creation_time, 1, ns.record_ttl)
+
+    async def content(self, ns: Namespace) -> bytes:
+        view = await ns.view(self.pid)
+        return ns._files_json(view) if self.live else self._bytes(view)
+
+    def _bytes(self, view: _DatasetView) -> bytes:
+        if self.version != view.version:
+            raise NoEntry(f"{self.path} of {self.pid} changed in the catalog; look it up again")
+        return view.metadata
+
+    def parent(self) -> Node:
+        return ControlDir(self.pid) if "/" in self.path else DatasetDir(self.pid)
+
+    def where(self) -> tuple[str | None, str | None]:
+        return self.pid, self.path
+
+    async def xattrs(self, ns: Namespace) -> dict[str, str]:
+        return {"user.scicat.pid": self.pid}
 
 
 @dataclass(frozen=True, slots=True)
-class DataFileNode:
+class DataFileNode(Node):
     """A dataset file; the spec holds everything that identifies its version."""
 
     spec: FileSpec
+    kind: ClassVar[Kind] = Kind.FILE
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        return ns.file_attributes(self.spec)
+
+    def parent(self) -> Node:
+        return DatasetDir(self.spec.pid, self.spec.path.rpartition("/")[0])
+
+    def where(self) -> tuple[str | None, str | None]:
+        return self.spec.pid, self.spec.path
+
+    async def xattrs(self, ns: Namespace) -> dict[str, str]:
+        spec = self.spec
+        values = {
+            "user.scicat.pid": spec.pid,
+            "user.scicat.remote_path": spec.remote_path,
+            "user.scicat.source": spec.source,
+            "user.scicat.cached": str(ns.cached_bytes(spec)),
+        }
+        if spec.checksum is not None:
+            values["user.scicat.checksum"] = str(spec.checksum)
+        return values
 
 
-Node = PidLevel | DatasetDir | ControlDir | RecordFile | DataFileNode
-ROOT = PidLevel("")
+# -- the mount's own /.scicat ----------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Attributes:
-    """What ``stat`` shows, plus how long the kernel may trust it (``ttl`` seconds)."""
+class MountDir(Node):
+    """The mount's own ``/.scicat``."""
 
-    is_dir: bool
-    size: int
-    mtime: float
-    nlink: int
-    ttl: float
-    cached: int | None = None
+    kind: ClassVar[Kind] = Kind.DIRECTORY
+
+    async def lookup(self, ns: Namespace, name: str) -> Node:
+        if name == STATUS and ns.has_status:
+            return StatusFile()
+        if name == PID_ALIAS and ns.has_views:
+            return PidAlias()
+        raise NoEntry(name)
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        return Attributes(Kind.DIRECTORY, 0, ns.started, 3 if ns.has_views else 2, ns.listing_ttl)
+
+    async def listing(self, ns: Namespace) -> Listing:
+        entries: list[Entry] = []
+        if ns.has_status:
+            status = StatusFile()
+            entries.append((STATUS, status, await status.attributes(ns)))
+        if ns.has_views:
+            entries.append((PID_ALIAS, PidAlias(), ns.level_attributes()))
+        return tuple(entries)
+
+    def parent(self) -> Node:
+        return ROOT
+
+    def where(self) -> tuple[str | None, str | None]:
+        return None, f"/{CONTROL_DIR}"
 
 
-Entry = tuple[str, Node, Attributes]
-#: A directory's entries: a snapshot, or a source restarted to re-read them (see fs.dirstream).
-Listing = tuple[Entry, ...] | Callable[[], AsyncIterator[Entry]]
+@dataclass(frozen=True, slots=True)
+class StatusFile(Node):
+    """``/.scicat/status.json``: the mount's counters, rendered on every open (direct I/O)."""
+
+    kind: ClassVar[Kind] = Kind.FILE
+    direct_io: ClassVar[bool] = True
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        return Attributes(Kind.FILE, len(await self.content(ns)), time.time(), 1, ttl=1.0)
+
+    async def content(self, ns: Namespace) -> bytes:
+        return ns.status()
+
+    def parent(self) -> Node:
+        return MountDir()
+
+    def where(self) -> tuple[str | None, str | None]:
+        return None, f"/{CONTROL_DIR}/{STATUS}"
+
+
+@dataclass(frozen=True, slots=True)
+class PidAlias(Node):
+    """``/.scicat/pid``: the root's PID tree without its reserved names, so that a PID that
+    equals one (or starts with one and a ``/``) stays reachable. It only answers lookups:
+    listing it shows nothing, the root lists every other PID."""
+
+    kind: ClassVar[Kind] = Kind.DIRECTORY
+
+    async def lookup(self, ns: Namespace, name: str) -> Node:
+        return await ns._lookup_pid(name)
+
+    async def attributes(self, ns: Namespace) -> Attributes:
+        return ns.level_attributes()
+
+    async def listing(self, ns: Namespace) -> Listing:
+        return ()
+
+    def parent(self) -> Node:
+        return MountDir()
+
+    def where(self) -> tuple[str | None, str | None]:
+        return None, f"/{CONTROL_DIR}/{PID_ALIAS}"
 
 
 class _DatasetView:
@@ -240,7 +464,9 @@ class Namespace:
     into what the cache needs, its source URL included (``scicatfs.stack``
     builds it, the same way for the mount and for ``prefetch``).
     ``status()`` renders ``/.scicat/status.json`` (the mount's counters; no
-    ``/.scicat`` when None).
+    ``/.scicat`` when None and no ``views``).
+    ``views`` are the top-level directories besides the PID tree, by name
+    (see :mod:`scicatfs.fs.views`).
     ``on_change(pid, names)`` is called when a dataset's record or file list
     changed since it was last seen, with the names that changed by directory
     (see ``_DatasetView.changes_since``), so the caller can drop them from the
@@ -256,18 +482,28 @@ class Namespace:
         record_ttl: float = 60.0,
         listing_ttl: float = 30.0,
         status: Callable[[], bytes] | None = None,
+        views: Mapping[str, Node] | None = None,
         on_change: Callable[[str, dict[str, list[str]]], None] | None = None,
         lookup_timeout: float = LOOKUP_TIMEOUT,
     ) -> None:
-        self._catalog = catalog
+        self.catalog = catalog
         self.lookup_timeout = lookup_timeout
-        self._cached_bytes = cached_bytes
+        self.cached_bytes = cached_bytes
         self._spec = file_spec
         self.record_ttl = record_ttl
         self.listing_ttl = listing_ttl
         self._status = status
         self.on_change = on_change
-        self._started = time.time()
+        self.started = time.time()
+        #: The root's reserved names: the mount's own directories, then the views.
+        self.top: dict[str, Node] = {}
+        if status is not None or views:
+            self.top[CONTROL_DIR] = MountDir()
+        self.top.update(views or {})
+        self.has_views = bool(views)
+        # What views built from catalog answers (see remembered): a view directory's links
+        # are held whole, 10,000 of them a few MB, so only the latest few are kept.
+        self._remembered: SingleFlightCache[Hashable, Any] = SingleFlightCache(128, listing_ttl)
         self._views: LRUCache[str, _DatasetView] = LRUCache(maxsize=64)
         # Names a listing showed, so a lookup right after `ls` needs no request
         # to tell a PID prefix from a dataset.
@@ -285,36 +521,78 @@ class Namespace:
             maxsize=1024, ttl=FILES_JSON_TTL
         )
 
-    # -- lookup ------------------------------------------------------------------
+    # -- what the FUSE layer asks ----------------------------------------------------
 
     async def lookup(self, parent: Node, name: str) -> Node:
         """The child ``name`` of ``parent``; :class:`NoEntry` if there is none."""
-        if isinstance(parent, PidLevel):
-            if parent == ROOT and name == CONTROL_DIR and self._status is not None:
-                return ControlDir(MOUNT)
-            return await self._lookup_pid(parent.prefix + name)
-        if parent == ControlDir(MOUNT):
-            if name == STATUS:
-                return RecordFile(MOUNT, f"{CONTROL_DIR}/{STATUS}")
-            raise NoEntry(name)
-        if isinstance(parent, DatasetDir):
-            view = await self._view(parent.pid)
-            entries = view.dirs.get(parent.path)
-            if entries is None:
-                raise NoEntry(f"{parent.path} is no longer a directory of {parent.pid}")
-            if name in entries:
-                return self._child(view, parent.path, name, entries[name])
-            if parent.path == "" and name == CONTROL_DIR:
-                return ControlDir(parent.pid)
-            if parent.path == "" and name == METADATA:
-                return RecordFile(parent.pid, METADATA, view.version)
-        if isinstance(parent, ControlDir):
-            if name == METADATA:
-                view = await self._view(parent.pid)
-                return RecordFile(parent.pid, f"{CONTROL_DIR}/{METADATA}", view.version)
-            if name == FILES:
-                return RecordFile(parent.pid, f"{CONTROL_DIR}/{FILES}")
-        raise NoEntry(name)
+        return await parent.lookup(self, name)
+
+    async def attributes(self, node: Node) -> Attributes:
+        """``stat`` of ``node``; dataset-backed nodes may ask the catalog (TTL-cached)."""
+        return await node.attributes(self)
+
+    async def listing(self, node: Node) -> Listing:
+        """The entries of directory ``node``: a snapshot, or a restartable source."""
+        return await node.listing(self)
+
+    async def content(self, node: Node) -> bytes:
+        """The bytes of a generated file."""
+        return await node.content(self)
+
+    async def target(self, node: Node) -> str:
+        """Where symbolic link ``node`` points."""
+        return await node.target(self)
+
+    async def xattrs(self, node: Node) -> dict[str, bytes]:
+        """``user.scicat.*`` attributes of ``node`` (only with ``-o xattrs``)."""
+        values = await node.xattrs(self)
+        return {key: value.encode("utf-8", "surrogateescape") for key, value in values.items()}
+
+    # -- what the nodes share ----------------------------------------------------------
+
+    @property
+    def has_status(self) -> bool:
+        return self._status is not None
+
+    def status(self) -> bytes:
+        if self._status is None:
+            raise NoEntry(STATUS)
+        return self._status()
+
+    def level_attributes(self) -> Attributes:
+        """A directory whose subdirectory count is unknown: nlink 1 says so to find(1) and friends."""
+        return Attributes(Kind.DIRECTORY, 0, self.started, 1, self.listing_ttl)
+
+    def file_attributes(self, spec: FileSpec) -> Attributes:
+        return Attributes(Kind.FILE, spec.size, spec.mtime, 1, self.record_ttl, self.cached_bytes(spec))
+
+    def child(self, view: _DatasetView, directory: str, name: str, child: DataFile | None) -> Node:
+        path = f"{directory}/{name}" if directory else name
+        if child is None:
+            return DatasetDir(view.dataset.pid, path)
+        return DataFileNode(self._spec(view.dataset, child))
+
+    def following(self, spec: FileSpec, limit: int = 64) -> tuple[FileSpec, ...]:
+        """The files listed after ``spec`` in its directory, from the dataset as last seen (no request)."""
+        view = self._views.get(spec.pid)
+        if view is None:
+            return ()
+        return tuple(self._spec(view.dataset, datafile) for datafile in view.files_after(spec.path, limit))
+
+    async def ask_new(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` for a name with no last known answer: CatalogUnavailable after ``lookup_timeout``."""
+        return await _ask(call, self.lookup_timeout)
+
+    async def remembered(self, key: Hashable, build: Callable[[], Awaitable[T]]) -> T:
+        """``build()``, kept for the listing TTL under ``key``; concurrent callers share one build."""
+        return await self._remembered.get(key, build)
+
+    def report_once(self, key: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported[key] = True
+            log.warning("%s", message)
+
+    # -- PIDs ----------------------------------------------------------------------------
 
     async def _lookup_pid(self, candidate: str) -> Node:
         """A dataset if ``candidate`` is a PID, a PID level if it is a prefix of some.
@@ -350,7 +628,7 @@ class Namespace:
 
         async def ask_prefix() -> None:
             try:
-                prefix.append(await self._catalog.is_pid_prefix(candidate))
+                prefix.append(await self.catalog.is_pid_prefix(candidate))
             except Exception as error:  # raised below, if the answer is needed
                 prefix.append(error)
 
@@ -359,7 +637,7 @@ class Namespace:
             if "/" not in candidate:
                 nursery.start_soon(ask_prefix)
             try:
-                await self._view(candidate)
+                await self.view(candidate)
             except Exception as error:  # not raised in here: the nursery would wrap it
                 failure = error
             if not isinstance(failure, (DatasetNotFound, DatasetForbidden)):
@@ -385,77 +663,48 @@ class Namespace:
         self._known_prefixes[name] = True
         return PidLevel(name + "/")
 
-    def _child(self, view: _DatasetView, directory: str, name: str, child: DataFile | None) -> Node:
-        path = f"{directory}/{name}" if directory else name
-        if child is None:
-            return DatasetDir(view.dataset.pid, path)
-        return DataFileNode(self._spec(view.dataset, child))
+    async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
+        """The names of PID level ``prefix``, from the catalog's PID-ordered skip scan.
 
-    def following(self, spec: FileSpec, limit: int = 64) -> tuple[FileSpec, ...]:
-        """The files listed after ``spec`` in its directory, from the dataset as last seen (no request)."""
-        view = self._views.get(spec.pid)
-        if view is None:
-            return ()
-        return tuple(self._spec(view.dataset, datafile) for datafile in view.files_after(spec.path, limit))
-
-    # -- attributes ----------------------------------------------------------------
-
-    async def attributes(self, node: Node) -> Attributes:
-        """``stat`` of ``node``; dataset-backed nodes may ask the catalog (TTL-cached)."""
-        if isinstance(node, PidLevel):
-            return self._level_attributes()
-        if isinstance(node, DataFileNode):
-            return self._file_attributes(node.spec)
-        if node.pid == MOUNT:
-            if isinstance(node, RecordFile):
-                return Attributes(False, len(await self.content(node)), time.time(), 1, ttl=1.0)
-            return Attributes(True, 0, self._started, 2, self.listing_ttl)
-        view = await self._view(node.pid)
-        created = view.dataset.creation_time
-        if isinstance(node, DatasetDir):
-            if node.path not in view.dirs:
-                raise NoEntry(f"{node.path} is no longer a directory of {node.pid}")
-            extra = 1 if node.path == "" else 0  # .scicat
-            return Attributes(True, 0, created, 2 + extra + view.subdirectories(node.path), self.record_ttl)
-        if isinstance(node, ControlDir):
-            return Attributes(True, 0, created, 2, self.record_ttl)
-        if node.live:
-            return Attributes(False, self._files_json_size(view), time.time(), 1, FILES_JSON_TTL)
-        return Attributes(False, len(self._record_bytes(view, node)), created, 1, self.record_ttl)
-
-    def _level_attributes(self) -> Attributes:
-        # nlink 1 means "subdirectory count unknown" to find(1) and friends.
-        return Attributes(True, 0, self._started, 1, self.listing_ttl)
-
-    def _file_attributes(self, spec: FileSpec) -> Attributes:
-        return Attributes(False, spec.size, spec.mtime, 1, self.record_ttl, self._cached_bytes(spec))
-
-    # -- listings --------------------------------------------------------------------
-
-    async def listing(self, node: Node) -> Listing:
-        """The entries of directory ``node``: a snapshot, or a restartable source.
-
-        A dataset directory is fixed now, at opendir: a tuple, or for a
-        directory too large to keep a source that replays the same version on
-        every restart. A PID level is streamed page by page from the catalog
-        on each (re)start, so no listing of the whole catalog is ever held in
-        memory.
+        The catalog gives each name once (see ``CatalogClient.iter_children``);
+        the root starts with the mount's own directories (:attr:`top`).
         """
-        if isinstance(node, PidLevel):
-            return lambda: self._pid_entries(node.prefix)
-        if node == ControlDir(MOUNT):
-            return (self._status_entry(),)
-        if isinstance(node, (DatasetDir, ControlDir)):
-            view = await self._view(node.pid)
-            if isinstance(node, ControlDir):
-                return tuple(self._control_entries(view))
-            if node.path not in view.dirs:
-                raise NoEntry(f"{node.path} is no longer a directory of {node.pid}")
-            entries = self._built_listing(view, node.path)
-            if entries is None:
-                return lambda: _replay(self._dataset_entries(view, node.path))
-            return entries
-        raise NotADirectoryError(str(node))
+        if prefix == "":
+            for name, node in self.top.items():
+                yield name, node, await node.attributes(self)
+        async with aclosing(self.catalog.iter_children(prefix)) as children:
+            async for child in children:
+                name = child.name
+                shown = child.pid if child.pid is not None else f"{prefix}{name}/…"
+                if prefix == "" and name in self.top:
+                    self.report_once(shown, f"PID {shown!r} is hidden by the mount's reserved /{name}/")
+                elif not _valid_component(name):
+                    self.report_once(shown, f"PID {shown!r} cannot be shown: {name!r} is not a usable file name")
+                elif child.pid is None:
+                    self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
+                    yield name, PidLevel(f"{prefix}{name}/"), self.level_attributes()
+                else:
+                    yield name, DatasetDir(child.pid), self.listed_dataset_attributes(child.pid)
+
+    def listed_dataset_attributes(self, pid: str) -> Attributes:
+        """Attributes for a dataset seen as a PID in a listing, without fetching its record.
+
+        The listing page carries the creation time, so ``ls -l`` of many
+        datasets costs no request per dataset; the subdirectory count is then
+        unknown (nlink 1, as for PID levels). Only if the page had no usable
+        time does the entry get provisional attributes with a zero TTL, so
+        that the kernel's next access looks the dataset up.
+        """
+        view = self._views.get(pid)
+        if view is not None:
+            nlink = 3 + view.subdirectories("")
+            return Attributes(Kind.DIRECTORY, 0, view.dataset.creation_time, nlink, self.record_ttl)
+        created = self.catalog.listed_creation_time(pid)
+        if created is None:
+            return Attributes(Kind.DIRECTORY, 0, self.started, 1, ttl=0.0)
+        return Attributes(Kind.DIRECTORY, 0, created, 1, self.listing_ttl)
+
+    # -- dataset listings ----------------------------------------------------------------
 
     def _built_listing(self, view: _DatasetView, path: str) -> tuple[Entry, ...] | None:
         """The entries of a dataset directory, built once per view and record TTL.
@@ -482,82 +731,25 @@ class Namespace:
         if path == "":
             if not view.metadata_shadowed:
                 record = RecordFile(pid, METADATA, view.version)
-                yield METADATA, record, Attributes(False, len(view.metadata), created, 1, self.record_ttl)
-            yield CONTROL_DIR, ControlDir(pid), Attributes(True, 0, created, 2, self.record_ttl)
+                yield METADATA, record, Attributes(Kind.FILE, len(view.metadata), created, 1, self.record_ttl)
+            yield CONTROL_DIR, ControlDir(pid), Attributes(Kind.DIRECTORY, 0, created, 2, self.record_ttl)
         for name, child in view.dirs[path].items():
-            node = self._child(view, path, name, child)
+            node = self.child(view, path, name, child)
             if isinstance(node, DataFileNode):
-                yield name, node, self._file_attributes(node.spec)
+                yield name, node, self.file_attributes(node.spec)
             else:
-                nlink = 2 + view.subdirectories(node.path)
-                yield name, node, Attributes(True, 0, created, nlink, self.record_ttl)
+                nlink = 2 + view.subdirectories(f"{path}/{name}" if path else name)
+                yield name, node, Attributes(Kind.DIRECTORY, 0, created, nlink, self.record_ttl)
 
     def _control_entries(self, view: _DatasetView) -> Iterator[Entry]:
         pid = view.dataset.pid
         created = view.dataset.creation_time
         record = RecordFile(pid, f"{CONTROL_DIR}/{METADATA}", view.version)
-        yield METADATA, record, Attributes(False, len(view.metadata), created, 1, self.record_ttl)
+        yield METADATA, record, Attributes(Kind.FILE, len(view.metadata), created, 1, self.record_ttl)
         files = RecordFile(pid, f"{CONTROL_DIR}/{FILES}")
-        yield FILES, files, Attributes(False, self._files_json_size(view), time.time(), 1, FILES_JSON_TTL)
+        yield FILES, files, Attributes(Kind.FILE, self._files_json_size(view), time.time(), 1, FILES_JSON_TTL)
 
-    def _status_entry(self) -> Entry:
-        status = RecordFile(MOUNT, f"{CONTROL_DIR}/{STATUS}")
-        assert self._status is not None
-        return STATUS, status, Attributes(False, len(self._status()), time.time(), 1, ttl=1.0)
-
-    async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
-        """The names of PID level ``prefix``, from the catalog's PID-ordered skip scan.
-
-        The catalog gives each name once (see ``CatalogClient.iter_children``);
-        the root starts with the mount's own ``.scicat``.
-        """
-        if prefix == "" and self._status is not None:
-            yield CONTROL_DIR, ControlDir(MOUNT), Attributes(True, 0, self._started, 2, self.listing_ttl)
-        async with aclosing(self._catalog.iter_children(prefix)) as children:
-            async for child in children:
-                name = child.name
-                shown = child.pid if child.pid is not None else f"{prefix}{name}/…"
-                if prefix == "" and name == CONTROL_DIR and self._status is not None:
-                    self._report_once(shown, f"PID {shown!r} is hidden by the mount's reserved /{CONTROL_DIR}/")
-                elif not _valid_component(name):
-                    self._report_once(shown, f"PID {shown!r} cannot be shown: {name!r} is not a usable file name")
-                elif child.pid is None:
-                    self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
-                    yield name, PidLevel(f"{prefix}{name}/"), self._level_attributes()
-                else:
-                    yield name, DatasetDir(child.pid), self._listed_dataset_attributes(child.pid)
-
-    def _listed_dataset_attributes(self, pid: str) -> Attributes:
-        """Attributes for a dataset seen as a PID in a listing, without fetching its record.
-
-        The listing page carries the creation time, so ``ls -l`` of many
-        datasets costs no request per dataset; the subdirectory count is then
-        unknown (nlink 1, as for PID levels). Only if the page had no usable
-        time does the entry get provisional attributes with a zero TTL, so
-        that the kernel's next access looks the dataset up.
-        """
-        view = self._views.get(pid)
-        if view is not None:
-            return Attributes(True, 0, view.dataset.creation_time, 3 + view.subdirectories(""), self.record_ttl)
-        created = self._catalog.listed_creation_time(pid)
-        if created is None:
-            return Attributes(True, 0, self._started, 1, ttl=0.0)
-        return Attributes(True, 0, created, 1, self.listing_ttl)
-
-    # -- contents ------------------------------------------------------------------
-
-    async def content(self, node: RecordFile) -> bytes:
-        """The bytes of a generated file."""
-        if node.pid == MOUNT:
-            assert self._status is not None
-            return self._status()
-        view = await self._view(node.pid)
-        return self._files_json(view) if node.live else self._record_bytes(view, node)
-
-    def _record_bytes(self, view: _DatasetView, node: RecordFile) -> bytes:
-        if node.version != view.version:
-            raise NoEntry(f"{node.path} of {node.pid} changed in the catalog; look it up again")
-        return view.metadata
+    # -- generated files -------------------------------------------------------------------
 
     def _files_json_size(self, view: _DatasetView) -> int:
         """The size of files.json, rendered at most once per FILES_JSON_TTL per dataset.
@@ -585,7 +777,7 @@ class Namespace:
                     "source": spec.source,
                     "size": datafile.size,
                     "checksum": None if datafile.checksum is None else str(datafile.checksum),
-                    "cached": self._cached_bytes(spec),
+                    "cached": self.cached_bytes(spec),
                 }
             )
         document = {"pid": dataset.pid, "sourceFolder": dataset.source_folder, "files": files}
@@ -593,32 +785,9 @@ class Namespace:
         self._files_json_sizes[dataset.pid] = (view, len(content))
         return content
 
-    async def xattrs(self, node: Node) -> dict[str, bytes]:
-        """``user.scicat.*`` attributes of ``node`` (only with ``-o xattrs``)."""
-        if isinstance(node, DataFileNode):
-            spec = node.spec
-            values = {
-                "user.scicat.pid": spec.pid,
-                "user.scicat.remote_path": spec.remote_path,
-                "user.scicat.source": spec.source,
-                "user.scicat.cached": str(self._cached_bytes(spec)),
-            }
-            if spec.checksum is not None:
-                values["user.scicat.checksum"] = str(spec.checksum)
-        elif isinstance(node, DatasetDir):
-            view = await self._view(node.pid)
-            folder = view.dataset.source_folder.rstrip("/") or "/"
-            remote = f"{folder}/{node.path}" if node.path else folder
-            values = {"user.scicat.pid": node.pid, "user.scicat.remote_path": remote}
-        elif isinstance(node, (ControlDir, RecordFile)) and node.pid != MOUNT:
-            values = {"user.scicat.pid": node.pid}
-        else:
-            values = {}
-        return {key: value.encode("utf-8", "surrogateescape") for key, value in values.items()}
-
     # -- datasets ------------------------------------------------------------------
 
-    async def _view(self, pid: str) -> _DatasetView:
+    async def view(self, pid: str) -> _DatasetView:
         """The tree of dataset ``pid``, rebuilt only when the catalog returns a new record.
 
         When the catalog cannot be reached, the last version seen keeps being
@@ -629,10 +798,10 @@ class Namespace:
             return previous
         # Most calls (every lookup, stat and opendir inside a dataset) find the
         # record cached: skip the deadline machinery of _ask for them.
-        dataset = self._catalog.cached_dataset(pid)
+        dataset = self.catalog.cached_dataset(pid)
         if dataset is None:
             try:
-                dataset = await _ask(lambda: self._catalog.get_dataset(pid), self._wait(previous is not None))
+                dataset = await _ask(lambda: self.catalog.get_dataset(pid), self._wait(previous is not None))
             except _NO_ANSWER as error:
                 if previous is None:
                     raise
@@ -662,29 +831,12 @@ class Namespace:
     def _go_offline(self, key: str, message: str) -> None:
         """Serve what was seen last, without asking the catalog for OFFLINE_RETRY s; say so once per ``key``."""
         self._offline_until = time.monotonic() + OFFLINE_RETRY
-        self._report_once(key, message)
-
-    def _report_once(self, key: str, message: str) -> None:
-        if key not in self._reported:
-            self._reported[key] = True
-            log.warning("%s", message)
+        self.report_once(key, message)
 
 
 def parent_of(node: Node) -> Node:
     """The directory that holds ``node`` (the root for the root): what ``..`` names."""
-    if isinstance(node, PidLevel):
-        head, slash, _ = node.prefix[:-1].rpartition("/")
-        return PidLevel(head + slash) if slash else ROOT
-    if isinstance(node, DataFileNode):
-        return DatasetDir(node.spec.pid, node.spec.path.rpartition("/")[0])
-    if isinstance(node, RecordFile):
-        return ControlDir(node.pid) if "/" in node.path else DatasetDir(node.pid)
-    if isinstance(node, ControlDir):
-        return ROOT if node.pid == MOUNT else DatasetDir(node.pid)
-    if node.path:
-        return DatasetDir(node.pid, node.path.rpartition("/")[0])
-    head, slash, _ = node.pid.rpartition("/")
-    return PidLevel(head + slash) if slash else ROOT
+    return node.parent()
 
 
 async def _ask(call: Callable[[], Awaitable[T]], wait: float) -> T:
@@ -692,6 +844,12 @@ async def _ask(call: Callable[[], Awaitable[T]], wait: float) -> T:
     with trio.move_on_after(wait):
         return await call()
     raise CatalogUnavailable(f"the catalog did not answer within {wait:g} s")
+
+
+def reachable_pid(pid: str) -> bool:
+    """Whether ``pid`` has a path in the tree: every ``/`` component a usable name. A link to any
+    other PID could resolve somewhere else entirely (``a/../../x``), so views leave them out."""
+    return all(_valid_component(part) for part in pid.split("/"))
 
 
 def _valid_component(name: str) -> bool:

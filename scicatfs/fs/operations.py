@@ -26,6 +26,11 @@ docs/performance.md and docs/filesystem.md):
 * Without ``-o xattrs`` getxattr/listxattr answer ENOSYS, which the kernel
   remembers for the whole mount, so ``ls -l`` costs no xattr round trips.
 * Every write-type request answers EROFS.
+* Node kinds are the nodes' own business (:mod:`scicatfs.fs.node`): the
+  handlers ask a node for its attributes, listing, content or link target
+  and map its :class:`~scicatfs.fs.node.Kind` to ``st_mode``; only the data
+  file handlers below know :class:`DataFileNode`, because only they talk to
+  the fetcher.
 """
 
 from __future__ import annotations
@@ -57,10 +62,9 @@ from scicatfs.fs.namespace import (
     DataFileNode,
     DatasetDir,
     Entry,
+    Kind,
     Namespace,
     Node,
-    PidLevel,
-    RecordFile,
     parent_of,
 )
 
@@ -70,6 +74,11 @@ log = logging.getLogger(__name__)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _BLOCK = 4096
+_MODES = {
+    Kind.DIRECTORY: stat.S_IFDIR | 0o555,
+    Kind.FILE: stat.S_IFREG | 0o444,
+    Kind.SYMLINK: stat.S_IFLNK | 0o777,  # a link's own mode is never checked; 0o777 is what ls shows
+}
 
 #: Request handlers to give ``pyfuse3.main`` (its ``max_tasks``).
 MAX_TASKS = 64
@@ -96,17 +105,6 @@ def _name(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise pyfuse3.FUSEError(errno.ENOENT) from None
-
-
-def _where(node: Node) -> tuple[str | None, str | None]:
-    """(pid, path) of ``node`` for log lines."""
-    if isinstance(node, PidLevel):
-        return None, node.prefix or "/"
-    if isinstance(node, DataFileNode):
-        return node.spec.pid, node.spec.path
-    if isinstance(node, ControlDir):
-        return node.pid, ".scicat"
-    return node.pid, node.path
 
 
 class ScicatOperations(pyfuse3.Operations):
@@ -145,7 +143,7 @@ class ScicatOperations(pyfuse3.Operations):
         entry.generation = 0
         entry.entry_timeout = attributes.ttl
         entry.attr_timeout = attributes.ttl
-        entry.st_mode = (stat.S_IFDIR | 0o555) if attributes.is_dir else (stat.S_IFREG | 0o444)
+        entry.st_mode = _MODES[attributes.kind]
         entry.st_nlink = attributes.nlink
         entry.st_uid = self.options.uid
         entry.st_gid = self.options.gid
@@ -196,13 +194,8 @@ class ScicatOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         text = _name(name)
-        if isinstance(parent, PidLevel):
-            pid, path = parent.prefix + text, None
-        else:
-            pid, path = _where(parent)
-            path = f"{path}/{text}" if path else text
         try:
-            with fuse_errors("lookup", pid, path):
+            with fuse_errors("lookup", *parent.where_child(text)):
                 node = await self.namespace.lookup(parent, text)
                 attributes = await self.namespace.attributes(node)
         except pyfuse3.FUSEError as error:
@@ -220,7 +213,7 @@ class ScicatOperations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        with fuse_errors("stat", *_where(node)):
+        with fuse_errors("stat", *node.where()):
             return self._entry(inode, await self.namespace.attributes(node))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -244,8 +237,8 @@ class ScicatOperations(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        with fuse_errors("opendir", *_where(node)):
-            if isinstance(node, (RecordFile, DataFileNode)):
+        with fuse_errors("opendir", *node.where()):
+            if node.kind is not Kind.DIRECTORY:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             listing = await self.namespace.listing(node)
         fh = next(self._handles)
@@ -282,9 +275,9 @@ class ScicatOperations(pyfuse3.Operations):
         except Exception as error:
             if replied:
                 # Hand over what we have; the kernel's next readdir retries the rest.
-                log.warning("listing %s interrupted after %d entries: %s", _where(directory), replied, error)
+                log.warning("listing %s interrupted after %d entries: %s", directory.where(), replied, error)
                 return
-            with fuse_errors("readdir", *_where(directory)):
+            with fuse_errors("readdir", *directory.where()):
                 raise
 
     def _reply(self, token: pyfuse3.ReaddirToken, entry: Entry, next_id: int) -> bool:
@@ -298,12 +291,19 @@ class ScicatOperations(pyfuse3.Operations):
 
     def _dot_entry(self, ino: int) -> pyfuse3.EntryAttributes:
         """A ``.`` or ``..`` entry: only its inode number and type reach the reader."""
-        return self._entry(ino, Attributes(True, 0, 0.0, 2, ttl=0.0))
+        return self._entry(ino, Attributes(Kind.DIRECTORY, 0, 0.0, 2, ttl=0.0))
 
     async def releasedir(self, fh: int) -> None:
         listing, _ = self._dirs.pop(fh)
         if isinstance(listing, DirectoryStream):
             await listing.aclose()
+
+    # -- symbolic links ----------------------------------------------------------------
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        with fuse_errors("readlink", *node.where()):
+            return os.fsencode(await self.namespace.target(node))
 
     # -- files --------------------------------------------------------------------
 
@@ -312,7 +312,7 @@ class ScicatOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self._node(inode)
         fh = next(self._handles)
-        with fuse_errors("open", *_where(node)):
+        with fuse_errors("open", *node.where()):
             if isinstance(node, DataFileNode):
                 # the files listed after this one: a reader walking the directory gets them fetched ahead
                 following = self.namespace.following(node.spec)
@@ -320,9 +320,9 @@ class ScicatOperations(pyfuse3.Operations):
                 if handle.blob.complete:  # verified: reads need no fetcher while it stays open
                     self._local[fh] = LocalFile(handle.blob)
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-            if isinstance(node, RecordFile):
+            if node.kind is Kind.FILE:
                 self._records[fh] = await self.namespace.content(node)
-                if node.live:
+                if node.direct_io:
                     return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
                 return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         raise pyfuse3.FUSEError(errno.EISDIR)
@@ -373,7 +373,7 @@ class ScicatOperations(pyfuse3.Operations):
         if not self.options.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._node(inode)
-        with fuse_errors("getxattr", *_where(node)):
+        with fuse_errors("getxattr", *node.where()):
             return await self.namespace.xattrs(node)
 
     # -- everything that would write -------------------------------------------------

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from scicatfs.demo.fixtures import Catalog
+from scicatfs.demo.routes import nest_error
 from scicatfs.demo.server import CatalogServer
 
-__all__ = ["demo_catalog", "catalog_server", "make_catalog_server"]
+__all__ = ["V3OnlyServer", "demo_catalog", "catalog_server", "make_catalog_server"]
+
+
+class V3OnlyServer(CatalogServer):
+    """An older backend: every /api/v4 route is unknown, answered the way Nest does.
+
+    A fake for what the demo server cannot be configured into."""
+
+    def dispatch(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Any:
+        path = urlsplit(target).path
+        if path.lower().startswith("/api/v4/"):
+            return nest_error(404, f"Cannot {method} {path}")
+        return super().dispatch(method, target, headers, body)
 
 
 @pytest.fixture(scope="session")
