@@ -98,6 +98,7 @@ def test_a_pid_level_skips_past_its_deeper_prefixes(server_class):
     assert len(list_filters(server)) == 3
 
 
+@pytest.mark.allow_log('WARNING scicatfs\\.catalog\\.paging: the catalog at \\S+ cannot list by PID range: it refused a range filter')
 def test_a_catalog_that_refuses_ranges_is_listed_with_skip_after_one_warning(caplog):
     catalog = with_generated("gen/", 1_234)
     with CatalogServer(catalog) as server:
@@ -119,6 +120,7 @@ def test_a_catalog_that_refuses_ranges_is_listed_with_skip_after_one_warning(cap
     assert max(skips(server)) == 1_000
 
 
+@pytest.mark.allow_log('WARNING scicatfs\\.catalog\\.paging: the catalog at \\S+ cannot list by PID range: it answered a range filter on pid with PIDs outside that range')
 def test_a_catalog_that_ignores_ranges_is_listed_with_skip_not_forever(caplog):
     catalog = with_generated("gen/", 1_234)
     with _RangeBlindServer(catalog) as server:

@@ -243,6 +243,7 @@ def read_only_shared(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         subprocess.run(["umount", "-l", str(view)], check=True, timeout=30)
 
 
+@pytest.mark.allow_log('WARNING scicatfs\\.cache\\.shared: shared cache \\S+ is read-only here')
 def test_a_read_only_shared_directory_is_only_read(make_mount, read_only_shared) -> None:  # type: ignore[no-untyped-def]
     source, view = read_only_shared
     pid = "cluster/readonly"
@@ -264,6 +265,7 @@ def test_a_read_only_shared_directory_is_only_read(make_mount, read_only_shared)
     assert "Traceback" not in reader.log_text()
 
 
+@pytest.mark.allow_log('WARNING scicatfs\\.cache\\.shared: shared cache \\S+ is full \\(No space left on device\\)')
 def test_a_full_shared_filesystem_serves_from_the_source_and_says_so_once(make_mount, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     pid = "cluster/full"
     files = {f"f{index}.bin": 5 * MiB for index in range(4)}
