@@ -33,6 +33,7 @@ from scicatfs.config import MountOptions
 from scicatfs.errors import ScicatfsError
 from scicatfs.fs.namespace import Namespace
 from scicatfs.stack import Stack, open_stack
+from scicatfs.stack import namespace as build_namespace
 
 __all__ = ["BackgroundStack", "Forked", "STARTUP_TIMEOUT"]
 
@@ -159,13 +160,7 @@ class BackgroundStack:
                 return
             await stack.transfer.warm_up()  # connect in the background: the first read skips the handshake
             self._stack = stack
-            self._namespace = Namespace(
-                stack.catalog,
-                stack.fetcher.cached_bytes,
-                stack.file_spec,
-                record_ttl=options.record_ttl,
-                listing_ttl=options.listing_ttl,
-            )
+            self._namespace = build_namespace(stack, options)
             self._stop = trio.Event()
             self._token = trio.lowlevel.current_trio_token()
             async with trio.open_nursery() as self._nursery:  # start_soon's tasks, finished before the layers close

@@ -46,7 +46,7 @@ from scicatfs.errors import ScicatfsError
 from scicatfs.fs.localfile import LocalFile
 from scicatfs.fs.namespace import ROOT, Attributes, DataFileNode, Node, RecordFile
 from scicatfs.fs.node import Kind
-from scicatfs.fs.noentry import NoEntry
+from scicatfs.fs.noentry import NoEntry, WrongKind
 
 __all__ = ["OPTIONS", "ScicatFile", "ScicatFileSystem", "options_from"]
 
@@ -90,6 +90,8 @@ def _os_error(error: BaseException, path: str) -> OSError:
         return FileNotFoundError(errno.ENOENT, f"no such file in the catalog: {error}", path)
     if isinstance(error, (DatasetForbidden, AuthenticationError)):
         return PermissionError(errno.EACCES, f"not readable with these credentials: {error}", path)
+    if isinstance(error, WrongKind):  # ENOTDIR, EISDIR: the node is of another kind than the call needs
+        return OSError(error.code, os.strerror(error.code), path)
     return OSError(errno.EIO, str(error) or type(error).__name__, path)
 
 
@@ -141,7 +143,7 @@ class ScicatFileSystem(AbstractFileSystem):
     def _call(self, path: str, function: Any, *args: object) -> Any:
         try:
             return self.background.call(function, *args)
-        except (ScicatfsError, NoEntry) as error:
+        except (ScicatfsError, NoEntry, WrongKind) as error:
             raise _os_error(error, path) from error
 
     def _resolve(self, path: str) -> tuple[str, Node]:
@@ -161,21 +163,21 @@ class ScicatFileSystem(AbstractFileSystem):
             return path, node
         namespace = self.background.namespace
 
-        async def walk(node: Node) -> list[Node]:
-            found = []
-            for name in names[known:]:
-                node = await namespace.lookup(node, name)
+        async def walk(node: Node) -> tuple[list[Node], str | None]:
+            """The nodes down the path, and where to go on if a view's link stands inside it."""
+            found: list[Node] = []
+            for index in range(known, len(names)):
+                if (await namespace.attributes(node)).kind is Kind.SYMLINK:  # names follow the link
+                    here = posixpath.join("/".join(names[: index - 1]), await namespace.target(node))
+                    return found, posixpath.join(posixpath.normpath(here), *names[index:])
+                node = await namespace.lookup(node, names[index])
                 found.append(node)
-            return found
+            return found, None
 
-        found = self._call(path, walk, node)
+        found, onward = self._call(path, walk, node)
         self._names.add_many(("/".join(names[: known + 1 + index]), child) for index, child in enumerate(found))
-        for index, child in enumerate(found):  # a view's link inside the path: go on from where it points
-            if index < len(found) - 1 and self._call(path, namespace.attributes, child).kind is Kind.SYMLINK:
-                here = "/".join(names[: known + index])
-                target = posixpath.normpath(posixpath.join(here, self._call(path, namespace.target, child)))
-                rest = "/".join(names[known + index + 1 :])
-                return self._resolve(f"{target}/{rest}")
+        if onward is not None:  # as the kernel follows a symlink in the middle of a path
+            return self._resolve(onward)
         return path, found[-1]
 
     def _entry(self, path: str, node: Node, attributes: Attributes) -> dict[str, Any]:

@@ -35,16 +35,14 @@ from urllib.parse import urlsplit
 import pyfuse3
 import trio
 
-from scicatfs.catalog.client import Selection
 from scicatfs.config import MountOptions
 from scicatfs.errors import ScicatfsError
-from scicatfs.fs.namespace import Namespace
 from scicatfs.fs.operations import MAX_TASKS, FsOptions, ScicatOperations
-from scicatfs.fs.views import top_level_views
 from scicatfs.metrics import MetricsError, MetricsExporter
 from scicatfs.mountpoint import MountpointError, check_fuse, check_mountpoint
 from scicatfs.notify import notify_ready, notify_stopping
 from scicatfs.stack import Stack, open_stack
+from scicatfs.stack import namespace as build_namespace
 from scicatfs.status import collect_status
 
 __all__ = ["MountError", "fuse_options", "run", "serve"]
@@ -127,18 +125,7 @@ def _filesystem(options: MountOptions, stack: Stack) -> tuple[ScicatOperations, 
     def status() -> bytes:
         return (json.dumps(document(), indent=2, sort_keys=True) + "\n").encode()
 
-    namespace = Namespace(
-        catalog,
-        fetcher.cached_bytes,
-        stack.file_spec,
-        record_ttl=options.record_ttl,
-        listing_ttl=options.listing_ttl,
-        status=status,
-        views=top_level_views(
-            (query.name, Selection(query.where, None, query.sort, query.limit)) for query in options.views
-        ),
-        lookup_timeout=options.lookup_timeout,
-    )
+    namespace = build_namespace(stack, options, status)
     operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
     namespace.on_change = operations.forget_dataset
     return operations, document

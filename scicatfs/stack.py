@@ -14,7 +14,7 @@ the dataset's ``sourceFolderHost``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,11 @@ from scicatfs.cache.fetcher import Fetcher
 from scicatfs.cache.shared import SharedCache, SharedTier
 from scicatfs.cache.store import BlobStore, FileSpec, default_budget
 from scicatfs.catalog.auth import resolve_credentials
-from scicatfs.catalog.client import CatalogClient, CatalogSettings
+from scicatfs.catalog.client import CatalogClient, CatalogSettings, Selection
 from scicatfs.catalog.models import DataFile, Dataset
 from scicatfs.config import MountOptions
+from scicatfs.fs.namespace import Namespace
+from scicatfs.fs.views import top_level_views
 from scicatfs.sources import SourceRules, default_source
 from scicatfs.transfer.base import Transfer
 from scicatfs.transfer.dispatch import Dispatcher
@@ -156,3 +158,19 @@ async def open_stack(options: MountOptions) -> AsyncIterator[Stack]:
             Fetcher(store, transfer, retry_failed_after=options.retry_failed, shared=shared)
         )
         yield Stack(catalog, store, transfer, fetcher, specs)
+
+
+def namespace(stack: Stack, options: MountOptions, status: Callable[[], bytes] | None = None) -> Namespace:
+    """The tree over the stack's layers, with the views the options ask for: one for the mount and ``scicat://``."""
+    return Namespace(
+        stack.catalog,
+        stack.fetcher.cached_bytes,
+        stack.file_spec,
+        record_ttl=options.record_ttl,
+        listing_ttl=options.listing_ttl,
+        status=status,
+        views=top_level_views(
+            (query.name, Selection(query.where, None, query.sort, query.limit)) for query in options.views
+        ),
+        lookup_timeout=options.lookup_timeout,
+    )

@@ -129,6 +129,17 @@ def test_the_protocol_is_registered_and_the_tree_is_the_mounts(fs: ScicatFileSys
     assert not fs.exists(f"{PID}/raw/nothing") and not fs.exists("20.500.12269/no-such-dataset")
 
 
+def test_the_views_lead_to_the_datasets(fs: ScicatFileSystem, contents):
+    """by-group/uu/ holds links; a path through one reads the dataset's files, as through the mount."""
+    assert {"by-proposal", "by-instrument", "by-sample", "by-group", "views"} <= set(fs.ls("", detail=False))
+    links = [entry for entry in fs.ls("by-group/uu", detail=True) if entry["type"] == "link"]
+    assert links, "the demo user's group shows no dataset"
+    [link] = [entry["name"] for entry in links if "fsspec-analysis" in entry["name"]]
+    assert fs.cat_file(f"{link}/table.csv") == contents["table.csv"]
+    assert fs.cat_file(f"{link}/table.csv", start=3, end=40) == contents["table.csv"][3:40]
+    assert fs.info(f"{link}/table.csv")["type"] == "file"
+
+
 def test_metadata_json_and_files_json(fs: ScicatFileSystem, contents):
     record = json.loads(fs.cat_file(f"{PID}/metadata.json"))
     assert record["pid"] == PID and record["sourceFolder"] == FOLDER

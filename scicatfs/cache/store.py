@@ -27,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +300,7 @@ class BlobStore:
         #: Keys that one thread is opening or evicting outside ``_lock``; others wait on the event.
         self._busy: dict[str, threading.Event] = {}
         self._read_lock = threading.Lock()
+        _STORES.add(self)
         #: Group commit of block writes: runs written but not yet synced and recorded, and
         #: whether a thread is recording a batch right now (``write_blocks``).
         self._commit = threading.Condition(threading.Lock())
@@ -1008,6 +1010,37 @@ class VerifyProblem:
 
     def __str__(self) -> str:
         return f"{self.key}: expected {self.expected}, found {self.found}"
+
+
+#: Every store of this process, so that a fork never lands in the middle of one of their transactions.
+_STORES: weakref.WeakSet[BlobStore] = weakref.WeakSet()
+
+
+def _quiesce_before_fork() -> None:
+    """Hold every store's locks across ``fork``: no index transaction is then half-way through.
+
+    sqlite keeps the state of this process's locks in memory, and a child
+    inherits it: had another thread been inside a transaction at the fork,
+    the child's own new connections could find that phantom writer
+    ("database is locked"). A forked Dask worker or a forking data loader
+    builds its own store in the child, so the parent's must be at rest.
+    """
+    for store in list(_STORES):
+        store._lock.acquire()
+        store._read_lock.acquire()
+
+
+def _release_after_fork() -> None:
+    for store in list(_STORES):
+        if store._read_lock.locked():
+            store._read_lock.release()
+        if store._lock.locked():
+            store._lock.release()
+
+
+os.register_at_fork(
+    before=_quiesce_before_fork, after_in_parent=_release_after_fork, after_in_child=_release_after_fork
+)
 
 
 def _use_wal(db: sqlite3.Connection) -> None:
