@@ -479,6 +479,7 @@ def test_disk_full_shrinks_the_cache_to_half_its_budget(sshd, remote, tmp_path: 
     async def body(fetcher: Fetcher) -> None:
         for other, seed in others:
             assert await read_all(fetcher, other) == payload(2 * SMALL_CHUNK, seed=seed)
+        await settled(fetcher)  # readers are served before their blocks are recorded (group commit)
         assert fetcher.store.usage() == 5 * 2 * SMALL_CHUNK > budget // 2
         handle = await fetcher.open(spec)
         try:
