@@ -746,11 +746,7 @@ class BlobStore:
         blob.complete = False
         try:
             with self._lock, self._transaction() as db:
-                db.execute(
-                    "INSERT OR REPLACE INTO failures (key, pid, path, message, failed_at, retry_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (blob.key, spec.pid, spec.path, str(error), time.time(), blob.retry_at),
-                )
+                _write_failure(db, blob.key, spec.pid, spec.path, str(error), blob.retry_at)
         except sqlite3.Error as problem:
             log.warning("cannot record the failure of %s %s in the cache index: %s", spec.pid, spec.path, problem)
 
@@ -822,10 +818,7 @@ class BlobStore:
                 with self._lock, self._index_errors(), self._transaction() as db:
                     names = db.execute("SELECT pid, path FROM files WHERE key = ? LIMIT 1", (key,)).fetchone()
                     pid, path = names if names else ("", "")
-                    db.execute(
-                        "INSERT OR REPLACE INTO failures (key, pid, path, message, failed_at, retry_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?)", (key, pid, path, message, time.time(), 0.0),
-                    )  # fmt: skip
+                    _write_failure(db, key, pid, path, message, retry_at=0.0)
                     if not pinned:
                         _forget_blocks(db, key)
             problems.append(VerifyProblem(key, checksum, f"{algorithm}:{actual}", in_use=pinned))
@@ -1070,6 +1063,14 @@ _CACHED_BYTES = (
     "CASE WHEN b.complete THEN b.size"
     " ELSE (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key) END"
 )
+
+
+def _write_failure(db: sqlite3.Connection, key: str, pid: str, path: str, message: str, retry_at: float) -> None:
+    """Record (or renew) a blob's failed verification, now; caller holds the transaction."""
+    db.execute(
+        "INSERT OR REPLACE INTO failures (key, pid, path, message, failed_at, retry_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (key, pid, path, message, time.time(), retry_at),
+    )
 
 
 def _forget_blocks(db: sqlite3.Connection, key: str) -> None:
