@@ -711,7 +711,7 @@ class BlobStore:
             return
         if blob.checksum is not None:
             try:
-                actual = digest or self._digest(blob.file, blob.checksum.algorithm)
+                actual = digest or _digest_of_open(blob, blob.checksum.algorithm)
             except ValueError:  # the catalog layer should have dropped such checksums
                 log.warning("cannot verify %s %s: unknown algorithm %r", spec.pid, spec.path,
                             blob.checksum.algorithm)  # fmt: skip
@@ -1063,6 +1063,21 @@ _CACHED_BYTES = (
     "CASE WHEN b.complete THEN b.size"
     " ELSE (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key) END"
 )
+
+
+def _digest_of_open(blob: Blob, algorithm: str) -> str:
+    """Hash an open blob through its own descriptor.
+
+    Opening the blob's path again and closing it would drop every fcntl lock
+    this process holds on the file (POSIX locks die with any descriptor), the
+    pin lock included: another process could then evict a blob still open here.
+    """
+    hasher = hashlib.new(algorithm)
+    offset = 0
+    while piece := os.pread(blob.fd, 1 << 20, offset):
+        hasher.update(piece)
+        offset += len(piece)
+    return hasher.hexdigest()
 
 
 def _write_failure(db: sqlite3.Connection, key: str, pid: str, path: str, message: str, retry_at: float) -> None:
