@@ -73,6 +73,10 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     tuning.add_argument("-f", dest="foreground", action="store_const", const=True, help=argparse.SUPPRESS)
     tuning.add_argument("--log-level", choices=LOG_LEVELS, help="log verbosity (default info)")
     tuning.add_argument(
+        "--log-file", metavar="FILE",
+        help="append the daemon's log to FILE (default: stderr in the foreground, syslog in the background)",
+    )  # fmt: skip
+    tuning.add_argument(
         "-o", dest="o", action="append", default=[], metavar="OPTS",
         help="comma-separated key=value options: scicatfs keys (token_file=..., xattrs, allow_other, ...) "
         "or FUSE mount options",
@@ -93,13 +97,15 @@ def _parser() -> tuple[argparse.ArgumentParser, Collection[str]]:
     return parser, commands.choices
 
 
-def _setup_logging(level: str, quiet: bool = False) -> None:
-    """The daemon's log: times and logger names on stderr.
+def _setup_logging(level: str, quiet: bool = False, log_file: Path | None = None) -> None:
+    """The daemon's log: times and logger names, on stderr or in ``log_file``.
 
     A background mount is quiet on the terminal, like sshfs: the user sees
-    problems, and the daemon's full log goes to syslog once it detaches.
+    problems, and the daemon's full log goes to syslog once it detaches, or
+    to the log file from the start when one is given.
     """
-    setup_logging(level, fmt="%(asctime)s scicatfs %(levelname)s %(name)s: %(message)s", quiet=quiet)
+    setup_logging(level, fmt="%(asctime)s scicatfs %(levelname)s %(name)s: %(message)s", quiet=quiet,
+                  log_file=log_file)
 
 
 def _mount(args: argparse.Namespace) -> int:
@@ -115,7 +121,11 @@ def _mount(args: argparse.Namespace) -> int:
     if fuse:
         values["fuse_options"] = tuple(fuse)
     options = mount_options(values)
-    _setup_logging(options.log_level, quiet=not options.foreground)
+    try:
+        _setup_logging(options.log_level, quiet=not options.foreground, log_file=options.log_file)
+    except OSError as error:
+        print(f"scicatfs: cannot write the log file {options.log_file}: {error.strerror or error}", file=sys.stderr)
+        return 2
     return run(options)
 
 

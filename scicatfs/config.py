@@ -130,6 +130,8 @@ class MountOptions:
     fuse_options: tuple[str, ...] = ()
     foreground: bool = False
     log_level: str = "info"
+    #: Append the daemon's log here (default: stderr in the foreground, syslog once detached).
+    log_file: Path | None = None
     views: tuple[SavedQuery, ...] = ()
 
 
@@ -162,7 +164,7 @@ def parse_size(text: str) -> int:
 
 _PATH_FIELDS = frozenset(
     {"mountpoint", "token_file", "password_file", "identity_file", "known_hosts", "cache_dir", "http_token_file",
-     "shared_cache", "metrics_textfile"}
+     "shared_cache", "metrics_textfile", "log_file"}
 )
 _STR_FIELDS = frozenset({"url", "username", "sftp_host", "sftp_user", "log_level"})
 _INT_FIELDS = frozenset({"sftp_port", "sftp_connections", "metrics_port"})

@@ -253,17 +253,23 @@ def run(options: MountOptions, ready: Callable[[], None] = lambda: None) -> int:
     os._exit(status)
 
 
+def _syslog_handler() -> logging.Handler:
+    """A handler for syslog (the journal), or one that drops records where no syslog listens."""
+    if not os.path.exists("/dev/log"):
+        return logging.NullHandler()
+    handler = logging.handlers.SysLogHandler(address="/dev/log")
+    handler.setFormatter(logging.Formatter("scicatfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 def _detach_from_terminal() -> None:
-    """Send logs to syslog (the journal) and let go of the terminal's stdio."""
+    """Let go of the terminal's stdio; logs go on to the log file, else to syslog (the journal)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
-        root.removeHandler(handler)
-    if os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-        handler.setFormatter(logging.Formatter("scicatfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    else:
-        root.addHandler(logging.NullHandler())
+        if not isinstance(handler, logging.FileHandler):  # the terminal's stream handler
+            root.removeHandler(handler)
+    if not root.handlers:
+        root.addHandler(_syslog_handler())
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         try:

@@ -16,7 +16,7 @@ import pytest
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
 from scicatfs.mountpoint import find_mount
-from tests.support.checklogs import LogChecker
+from tests.support.checklogs import LogChecker, watch_file
 from tests.support.mounts import (
     Mount,
     daemons_of,
@@ -44,8 +44,15 @@ def mount_args(server: CatalogServer, sshd: OpenSSHServer, tmp_path: Path, passw
         "--url", server.url, "--username", "stibbons", "--password-file", str(password_file),
         "--sftp-host", sshd.host, "--sftp-port", str(sshd.port), "--sftp-user", sshd.username,
         "--identity-file", str(sshd.client_key), "--known-hosts", str(sshd.known_hosts),
-        "--cache-dir", str(tmp_path / "cache"),
+        "--cache-dir", str(tmp_path / "cache"), "--log-file", str(daemon_log(tmp_path)),
     ]
+
+
+def daemon_log(tmp_path: Path) -> Path:
+    """Where a mount started by :func:`mount_args` logs; the log checker reads it at teardown."""
+    path = tmp_path / "daemon.log"
+    watch_file(path)
+    return path
 
 
 def wait_gone(path: Path, timeout: float = 15.0) -> bool:
@@ -67,6 +74,36 @@ def test_background_mount_returns_once_it_answers(
     assert result.returncode == 0, result.stderr
     assert find_mount(mountpoint) is None
     assert wait_gone(mountpoint), "the daemon should exit after unmount"
+
+
+def test_background_mount_logs_to_its_log_file_after_it_detaches(
+    catalog_server: CatalogServer, demo_sftp_files: OpenSSHServer, mountpoint: Path, tmp_path: Path,
+) -> None:
+    result = scicatfs("mount", mountpoint, *mount_args(catalog_server, demo_sftp_files, tmp_path))
+    assert result.returncode == 0, result.stderr
+    try:
+        (mountpoint / THAUM / "flux.dat").read_bytes()
+    finally:
+        assert scicatfs("unmount", mountpoint).returncode == 0
+    assert wait_gone(mountpoint)
+    log = daemon_log(tmp_path).read_text()
+    # The whole daemon's life is in the file: before the fork, and after it let go of the terminal.
+    assert f"INFO scicatfs.mount: mounted {catalog_server.url}" in log
+    assert "INFO scicatfs.mount: unmounted" in log
+    assert result.stderr == ""
+
+
+def test_a_log_file_that_cannot_be_written_is_refused_before_mounting(
+    catalog_server: CatalogServer, demo_sftp_files: OpenSSHServer, mountpoint: Path, tmp_path: Path,
+) -> None:
+    args = mount_args(catalog_server, demo_sftp_files, tmp_path)
+    args[args.index("--log-file") + 1] = str(tmp_path / "no-such-dir" / "daemon.log")
+    result = scicatfs("mount", mountpoint, *args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"scicatfs: cannot write the log file {tmp_path / 'no-such-dir' / 'daemon.log'}: No such file or directory"
+    )
+    assert find_mount(mountpoint) is None
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -19,6 +19,7 @@ import pytest
 
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
+from tests.support.checklogs import watch_file
 from tests.support.mounts import daemons_of, wait_until
 from tests.support.requirements import missing_program, skip_or_fail
 from tests.support.sshd import OpenSSHServer
@@ -54,11 +55,14 @@ def served(tmp_path: Path, demo_catalog: Catalog, sshd: OpenSSHServer) -> dict[s
     password = tmp_path / "password"
     password.touch(mode=0o600)
     password.write_text(demo_catalog.users[DEMO_USER].password + "\n")
+    log = tmp_path / "daemon.log"
+    watch_file(log)  # the log checker reads what the mount logged
     return {
         "username": DEMO_USER, "password_file": str(password),
         "sftp_host": sshd.host, "sftp_port": str(sshd.port), "sftp_user": sshd.username,
         "identity_file": str(sshd.client_key), "known_hosts": str(sshd.known_hosts),
         "cache_dir": str(tmp_path / "cache"), "cache_size": "64M", "log_level": "debug",
+        "log_file": str(log),
     }
 
 

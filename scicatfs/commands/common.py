@@ -6,6 +6,7 @@ import argparse
 import errno
 import functools
 import logging
+import logging.handlers
 import sys
 import threading
 from collections.abc import Callable
@@ -157,13 +158,28 @@ def _late_reply(record: logging.LogRecord) -> bool | logging.LogRecord:
     return True
 
 
-def setup_logging(level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = False) -> None:
-    """Log to stderr at ``level``; ``quiet`` shows only warnings and errors there."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    if quiet:
-        handler.setLevel(logging.WARNING)
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+def setup_logging(
+    level: str, *, fmt: str = COMMAND_LOG_FORMAT, quiet: bool = False, log_file: Path | None = None
+) -> None:
+    """Log at ``level`` to stderr, or to ``log_file`` when one is given.
+
+    ``quiet`` shows only warnings and errors on stderr; with a log file, a
+    quiet stderr is kept beside it (a background mount still tells the
+    terminal what goes wrong while it starts). A file is opened with
+    WatchedFileHandler so that logrotate's move-and-recreate is followed.
+    Raises OSError when the file cannot be opened for appending.
+    """
+    formatter = logging.Formatter(fmt)
+    handlers: list[logging.Handler] = []
+    if log_file is not None:
+        handlers.append(logging.handlers.WatchedFileHandler(log_file, encoding="utf-8"))
+    if log_file is None or quiet:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        if quiet:
+            handlers[-1].setLevel(logging.WARNING)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers)
     logging.getLogger("pyfuse3").addFilter(_late_reply)
     if level != "debug":
         # Both log every request or connection at INFO; scicatfs logs what matters itself.
