@@ -137,8 +137,10 @@ class WalkStep:
 
 @dataclass(eq=False)
 class _Walk:
-    expected: frozenset[str] = frozenset()  # paths an in-order next open may name
+    expected: set[str] = field(default_factory=set)  # paths an in-order next open may name
     queued: dict[str, int] = field(default_factory=dict)  # fetched ahead, not opened yet: path -> size
+    handed: set[str] = field(default_factory=set)  # handed out for fetching in this pass: never again
+    opened: set[str] = field(default_factory=set)  # opened in this pass
 
 
 class DatasetWalk:
@@ -146,12 +148,19 @@ class DatasetWalk:
 
     ``opened(spec, following)`` is told every open with the files that follow
     it in listing order (the catalog knows them all, with sizes). An open is
-    *in order* if it names one of the ``reorder`` files after the previous
-    open, or a file fetched ahead: parallel readers of a sorted list open
-    files slightly out of order. From the second in-order open on, the next
-    files are fetched ahead while at most ``budget`` bytes and ``max_files``
-    files are fetched and not yet opened. Files larger than ``WHOLE_FILE_MAX``
-    end the look-ahead (sequential read-ahead serves them once open).
+    *in order* if it names one of the ``reorder`` files after any in-order
+    open not yet opened itself, a file fetched ahead, or a file that such a
+    file follows within ``reorder`` places: parallel readers of a sorted list
+    (16 threads of a data loader) open files out of order by up to their
+    number, each a little behind or ahead of the others. From the second in-order open on, the next files are fetched
+    ahead while at most ``budget`` bytes and ``max_files`` files are fetched
+    and not yet opened. Files larger than ``WHOLE_FILE_MAX`` end the
+    look-ahead (sequential read-ahead serves them once open). A file already
+    opened or handed out in the directory is never handed out again, even
+    after the walk broke and started anew: its fetch is under way or done,
+    and each hand-out costs the fetcher an open of the blob. Only opening a
+    file a second time starts a new pass (a second ``tar``) that hands files
+    out again.
     """
 
     def __init__(self, budget: int = 16 * 1024 * 1024, max_files: int = 32, reorder: int = 16) -> None:
@@ -167,24 +176,40 @@ class DatasetWalk:
 
     def opened(self, spec: FileSpec, following: Sequence[FileSpec]) -> WalkStep:
         key = self.key(spec)
-        walk = self._walks.pop(key, None)
-        expected = frozenset(file.path for file in following[: self.reorder])
-        if walk is None or not (spec.path in walk.expected or spec.path in walk.queued):
-            broken = walk is not None and bool(walk.queued)
-            self._remember(key, _Walk(expected))
-            return WalkStep(broken=broken)
+        walk = self._walks.pop(key, None) or _Walk()
         self._remember(key, walk)
-        walk.expected = expected
+        nearby = {file.path for file in following[: self.reorder]}
+        in_order = (
+            spec.path in walk.expected
+            or spec.path in walk.queued
+            or not nearby.isdisjoint(walk.expected)  # a little behind an open before it
+        )
+        if spec.path in walk.opened:  # opened again: the directory is read anew
+            walk.handed.clear()
+            walk.opened.clear()
+            in_order = False
+        walk.opened.add(spec.path)
+        walk.queued.pop(spec.path, None)
+        if not in_order:
+            broken = bool(walk.queued)
+            walk.queued.clear()
+            walk.expected = nearby
+            return WalkStep(broken=broken)
+        walk.expected |= nearby
+        walk.expected -= walk.opened
+        if len(walk.expected) > 4 * self.reorder:  # readers spread far apart: keep the newest
+            walk.expected = nearby - walk.opened
         ahead = {file.path for file in following}
         walk.queued = {path: size for path, size in walk.queued.items() if path in ahead}
         outstanding = sum(walk.queued.values())
         fetch = []
         for file in following[: self.max_files]:
-            if file.path in walk.queued:
+            if file.path in walk.handed or file.path in walk.opened:
                 continue
             if file.size > WHOLE_FILE_MAX or outstanding + file.size > self.budget:
                 break
             walk.queued[file.path] = file.size
+            walk.handed.add(file.path)
             outstanding += file.size
             fetch.append(file)
         return WalkStep(tuple(fetch))
