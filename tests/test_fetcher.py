@@ -23,7 +23,7 @@ import trio
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
 from scicatfs.cache.fetcher import Fetcher, Handle
-from scicatfs.cache.store import BlobStore, FileSpec
+from scicatfs.cache.store import Blob, BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.base import source_url
@@ -632,6 +632,40 @@ def test_a_reader_walking_a_directory_gets_the_next_files_fetched_ahead(sshd, re
             assert await fetcher.read(handle, 0, 100 * KiB) == datas[number]
             await fetcher.release(handle)
         assert fetcher.transfer.stats["requests"] == requests  # every one was there already
+
+    run(sshd, tmp_path, body, chunk=MiB)
+
+
+def test_a_file_fetched_ahead_is_opened_from_memory_and_its_pins_are_all_dropped(
+    sshd, remote, tmp_path: Path
+) -> None:
+    """The walk keeps a fetched file's blob open until the file is opened: no second open of the
+    blob file and its rows (a worker thread each), and nothing stays pinned once read."""
+    datas = [payload(64 * KiB, seed) for seed in range(8)]
+    specs = [remote(f"frames/{number:02}.bin", data) for number, data in enumerate(datas)]
+
+    async def body(fetcher: Fetcher) -> None:
+        opened: list[str] = []
+        real_open_blob = fetcher.store.open_blob
+
+        def counting_open_blob(spec: FileSpec) -> Blob:
+            opened.append(spec.path)
+            return real_open_blob(spec)
+
+        fetcher.store.open_blob = counting_open_blob  # type: ignore[method-assign]
+        for number in (0, 1):
+            handle = await fetcher.open(specs[number], specs[number + 1 :])
+            await fetcher.release(handle)
+        await _until_cached(fetcher, specs[2:])
+        fetched_ahead = list(opened)
+        for number in range(2, 8):
+            handle = await fetcher.open(specs[number], specs[number + 1 :])
+            assert await fetcher.read(handle, 0, 64 * KiB) == datas[number]
+            await fetcher.release(handle)
+        assert opened == fetched_ahead  # no blob opened again for the opens after the walk's fetches
+        with trio.fail_after(10):
+            while fetcher.store.open_blobs():  # background verifications drop theirs
+                await trio.sleep(0.01)
 
     run(sshd, tmp_path, body, chunk=MiB)
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -66,6 +66,8 @@ __all__ = ["Fetcher", "Handle"]
 log = logging.getLogger(__name__)
 
 LOCK_POLL_INTERVAL = 0.02
+#: Files fetched ahead whose blob stays open until they are opened (the oldest is let go first).
+PARKED_MAX = 64
 #: Seconds between looks at the index for failures that other processes recorded.
 FAILURE_POLL = 2.0
 Progress = Callable[[int, int], None]
@@ -137,6 +139,8 @@ class Fetcher:
         self.walk = DatasetWalk()
         #: Per directory being walked: the fetches ahead still running (cancelled when the walk breaks).
         self._walk_fetches: dict[tuple[str, str], set[trio.CancelScope]] = {}
+        #: Blobs of files fetched ahead, still pinned so that their open needs no worker thread.
+        self._parked: OrderedDict[str, Blob] = OrderedDict()
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
@@ -177,6 +181,8 @@ class Fetcher:
         traceback: TracebackType | None,
     ) -> bool | None:
         assert self._nursery is not None
+        while self._parked:
+            await self._unpin(self._parked.popitem()[1])
         self._nursery.cancel_scope.cancel()
         self._nursery = None
         try:
@@ -201,7 +207,12 @@ class Fetcher:
         """
         if spec.size < 0:
             raise CacheError(f"{spec.pid} {spec.path}: negative size {spec.size} in the catalog")
-        blob = await trio.to_thread.run_sync(self._open_blob, spec)
+        blob = self.store.pin_open(spec) if not self.transfer.is_local(spec.source) else None
+        if blob is None:
+            blob = await trio.to_thread.run_sync(self._open_blob, spec)
+        parked = self._parked.pop(blob.key, None)
+        if parked is not None:  # fetched ahead for this open: the handle's pin replaces the walk's
+            await self._unpin(parked)
         if blob.error is not None:
             try:
                 await self._retry_failed(spec, blob)
@@ -235,7 +246,10 @@ class Fetcher:
         """Fetch one small file ahead of a walking reader (its flights count as demand: it will be read).
 
         A broken walk cancels the wait, not the flights: they are at most the
-        walk's budget and their blocks stay cached.
+        walk's budget and their blocks stay cached. A file fetched whole keeps
+        its blob pinned (``_parked``, at most ``PARKED_MAX``) until it is
+        opened, so the open finds it in memory instead of opening the blob
+        file and its index rows again in a worker thread.
         """
         try:
             with trio.CancelScope(shield=True):  # an open that finished must be released
@@ -243,6 +257,7 @@ class Fetcher:
         except (CacheError, OSError) as error:
             log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
             return
+        parked = False
         try:
             if blob.error is None and not blob.all_present:
                 handle = Handle(spec, blob)
@@ -258,10 +273,16 @@ class Fetcher:
                         await self._wait(handle, flights, settled=True)
                     finally:
                         running.discard(scope)
+            if blob.error is None and blob.all_present and blob.key not in self._parked:
+                self._parked[blob.key] = blob
+                parked = True
+                if len(self._parked) > PARKED_MAX:
+                    await self._unpin(self._parked.popitem(last=False)[1])
         except (CacheError, OSError) as error:
             log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
         finally:
-            await self._unpin(blob)
+            if not parked:
+                await self._unpin(blob)
 
     def _open_blob(self, spec: FileSpec) -> Blob:
         """The blob of ``spec``: a local source file in place, else the store's (worker thread)."""
@@ -728,7 +749,13 @@ class Fetcher:
             await self._unpin(blob)
 
     async def _unpin(self, blob: Blob) -> None:
-        """Drop one pin (even while cancelled: a leaked pin would keep the blob forever)."""
+        """Drop one pin (even while cancelled: a leaked pin would keep the blob forever).
+
+        Only the last pin costs a worker thread (it closes the file and writes
+        the access time); a file fetched ahead and then read has four.
+        """
+        if self.store.unpin_unless_last(blob):
+            return
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.store.release_blob, blob)
         if blob.pins == 0:

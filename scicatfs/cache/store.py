@@ -297,6 +297,8 @@ class BlobStore:
         self._blobs_dir = self.directory / "blobs"
         self._lock = threading.Lock()
         self._open: dict[str, Blob] = {}
+        #: The (pid, path) names each open blob's index rows already record (see ``pin_open``).
+        self._named: dict[str, set[tuple[str, str]]] = {}
         #: Keys that one thread is opening or evicting outside ``_lock``; others wait on the event.
         self._busy: dict[str, threading.Event] = {}
         self._read_lock = threading.Lock()
@@ -346,6 +348,7 @@ class BlobStore:
             for blob in self._open.values():
                 os.close(blob.fd)
             self._open.clear()
+            self._named.clear()
             self._db.close()
         with self._read_lock:
             self._reader.close()
@@ -446,6 +449,7 @@ class BlobStore:
             if blob is not None:
                 with self._lock:
                     self._touch(touch)
+                    self._named.setdefault(key, set()).add((spec.pid, spec.path))
                 return blob
             path = self.blob_file(key)
             fd, created = self._pin_file(path)
@@ -454,6 +458,7 @@ class BlobStore:
                     blob = self._load(key, spec, path, fd, created, touch)
                     blob.pins = 1
                     self._open[key] = blob
+                    self._named[key] = {(spec.pid, spec.path)}
                     return blob
             except BaseException:
                 os.close(fd)
@@ -550,6 +555,30 @@ class BlobStore:
             blob.error, blob.retry_at = IntegrityError(row[0]), row[1]
             blob.complete = False
 
+    def pin_open(self, spec: FileSpec) -> Blob | None:
+        """Pin ``spec``'s blob if this process has it open under this name already; no I/O.
+
+        The fetcher's open of a file that is being fetched ahead, or that another
+        handle holds, then needs no worker thread: the blob's rows and its
+        (pid, path) row were written by the open that pinned it first. Its
+        access time is written when the last pin goes (``release_blob``).
+        """
+        key = blob_key(spec)
+        with self._lock:
+            blob = self._open.get(key)
+            if blob is None or (spec.pid, spec.path) not in self._named.get(key, ()):
+                return None
+            blob.pins += 1
+            return blob
+
+    def unpin_unless_last(self, blob: Blob) -> bool:
+        """Drop a pin that is not the last one (True), in memory; the last needs ``release_blob``."""
+        with self._lock:
+            if blob.pins <= 1:
+                return False
+            blob.pins -= 1
+            return True
+
     def release_blob(self, blob: Blob) -> None:
         """Unpin; the last release closes the file (which drops this process's locks)."""
         with self._lock:
@@ -557,6 +586,7 @@ class BlobStore:
             if blob.pins > 0:
                 return
             del self._open[blob.key]
+            self._named.pop(blob.key, None)
             os.close(blob.fd)
             self._touch([("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), blob.key))])
 
