@@ -319,6 +319,18 @@ def test_unknown_names_are_enoent_and_cached(mounted: Mount) -> None:
     assert mounted.server.requests == []  # the kernel's negative entry answered
 
 
+def test_a_resolved_prefix_and_dataset_are_answered_from_memory_within_their_ttl(mounted: Mount) -> None:
+    """A second path to the same prefix and dataset (here through /.scicat/pid, which the
+    kernel looks up afresh) costs no catalog request: the prefix is known, the record cached."""
+    relative = Path(*THAUM.split("/")) / "flux.dat"
+    os.stat(mounted.path / relative)
+    mounted.server.reset_requests()
+    assert os.stat(mounted.path / ".scicat" / "pid" / relative).st_size == len(
+        mounted.catalog.content(THAUM, "flux.dat")
+    )
+    assert mounted.server.requests == []
+
+
 def test_unknown_top_level_name_costs_at_most_two_small_requests(mounted: Mount) -> None:
     mounted.server.reset_requests()
     with pytest.raises(FileNotFoundError):

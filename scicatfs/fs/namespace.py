@@ -660,7 +660,9 @@ class Namespace:
         raise NoEntry(candidate) from None
 
     def _prefix_level(self, name: str) -> PidLevel:
-        self._known_prefixes[name] = True
+        """A name found to be a PID prefix: answered from memory for the listing TTL, as if
+        listed (asking again would cost the dataset request that the 404 answered)."""
+        self._seen_prefixes[name] = self._known_prefixes[name] = True
         return PidLevel(name + "/")
 
     async def _pid_entries(self, prefix: str) -> AsyncIterator[Entry]:
