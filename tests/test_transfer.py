@@ -28,6 +28,7 @@ from scicatfs.transfer.errors import (
 )
 from scicatfs.transfer.base import source_url
 from scicatfs.transfer.sftp import SFTPSettings, SFTPTransfer
+from tests.benchmarks.delay_proxy import DelayProxy
 from tests.support.sshd import OpenSSHServer
 
 T = TypeVar("T")
@@ -515,3 +516,30 @@ def test_evicted_handles_are_closed(make_sshd: Callable[[], OpenSSHServer]) -> N
 
     still_open = with_transfer(server.sftp_settings(connections=1, open_files=3), body)
     assert sorted(still_open) == [server.local_path(path) for path in paths[-3:]]
+
+
+def test_opens_of_different_files_on_one_connection_are_in_flight_together(
+    sshd: OpenSSHServer, remote_dir: str, tmp_path: Path
+) -> None:
+    """Eight readers of eight files over one connection at 100 ms RTT: their opens do not
+    queue behind each other (one after the other they took eight round trips)."""
+    paths = [sshd.put(f"{remote_dir}/f{number}.bin", payload(100, seed=number)) for number in range(9)]
+    rtt = 0.1
+    with DelayProxy(sshd.host, sshd.port, rtt=rtt) as proxy:
+        known_hosts = tmp_path / "known_hosts"
+        key = sshd.known_hosts.read_text().split(None, 1)[1]
+        known_hosts.write_text(f"[{sshd.host}]:{proxy.port} {key}")
+
+        async def body(transfer: SFTPTransfer) -> float:
+            await transfer.read(sftp(paths[0]), 0, 100)  # connected: the handshake is not timed
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for number, path in enumerate(paths[1:], start=1):
+                    async def read(path: str = path, number: int = number) -> None:
+                        assert await transfer.read(sftp(path), 0, 100) == payload(100, seed=number)
+                    nursery.start_soon(read)
+            return trio.current_time() - started
+
+        settings = sshd.sftp_settings(port=proxy.port, known_hosts=known_hosts, connections=1)
+        elapsed = with_transfer(settings, body)
+    assert elapsed < 5 * rtt, f"eight opens and reads took {elapsed:.2f} s at {rtt:g} s RTT"

@@ -506,7 +506,8 @@ class _Connection:
         # The server's limits@openssh.com answer, else asyncssh's safe 16 KiB.
         self._request_size = sftp.limits.max_read_len
         self._files = _OpenFiles(settings.open_files, self._evicted)
-        self._open_lock = asyncio.Lock()
+        #: Opens under way, by path, with how many readers wait on each (see ``_acquire``).
+        self._opening: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
@@ -539,16 +540,29 @@ class _Connection:
             await self._ssh.wait_closed()
 
     async def _acquire(self, path: str) -> _OpenFile:
-        # Opens are serialised per connection (one round trip each) so that two
-        # readers of one path share a handle instead of racing to open two.
-        async with self._open_lock:
-            entry = self._files.get(path)
-            if entry is None:
-                # block_size 0: each file.read() is one SFTP request; _Pipeline splits.
-                file = await self._sftp.open(path, "rb", block_size=0)
-                entry = self._files[path] = _OpenFile(file)
-            entry.users += 1
-            return entry
+        """The open handle of ``path``, opening it if needed.
+
+        Opens of different paths are in flight together (16 readers of 16
+        small files need 16 opens, one round trip each, not one after the
+        other); readers of one path wait for its one open and share the handle.
+        """
+        entry = self._files.get(path)
+        if entry is None:
+            lock, waiting = self._opening.setdefault(path, (asyncio.Lock(), [0]))
+            waiting[0] += 1
+            try:
+                async with lock:
+                    entry = self._files.get(path)
+                    if entry is None:
+                        # block_size 0: each file.read() is one SFTP request; _Pipeline splits.
+                        file = await self._sftp.open(path, "rb", block_size=0)
+                        entry = self._files[path] = _OpenFile(file)
+            finally:
+                waiting[0] -= 1
+                if not waiting[0]:
+                    del self._opening[path]
+        entry.users += 1
+        return entry
 
     def _evicted(self, entry: _OpenFile) -> None:
         entry.evicted = True
