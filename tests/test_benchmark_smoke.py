@@ -176,3 +176,23 @@ def test_sources_benchmark_reports_each_comparison() -> None:
         "file:// mount / read()", "http:// mount / curl @0ms", "http:// mount / curl @20ms"]  # fmt: skip
     for row in rows:
         assert row[-1].endswith("x") and float(row[-1][:-1]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_workloads_benchmark_judges_every_workload_at_every_rtt(tmp_path: Path) -> None:
+    """Small files, 16 threads, the HDF5 scan cold and warm, the first 4 KiB: each measured for
+    both tools, each with its goals, at 0 and 20 ms, plus the daemon's peak RSS."""
+    result, report = _tiny_run("workloads", tmp_path, "--rtt", "0,20", "--runs", "1", "--files", "20",
+                               "--groups", "20", timeout=230)  # fmt: skip
+    workloads = {"tar", "16 threads", "hdf5 cold", "hdf5 warm", "first 4 KiB"}
+    assert set(report["results"]) == {"0ms", "20ms"}
+    for by_workload in report["results"].values():
+        assert set(by_workload) == workloads
+        for by_tool in by_workload.values():
+            assert set(by_tool) == {"scicatfs", "sshfs"}
+            assert all(len(samples) == 1 and samples[0]["seconds"] > 0 for samples in by_tool.values())
+    judged = {(goal["rtt"], goal["name"].rpartition(" ")[0]) for goal in report["goals"]}
+    assert {(rtt, name) for rtt in (0, 20) for name in workloads} <= judged
+    assert 0 < report["peak_rss_mib"] < 4096
+    assert result.stdout.count("MISSED") + result.stdout.count("met ") == len(report["goals"])
