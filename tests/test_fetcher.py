@@ -23,7 +23,7 @@ import trio
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError
 from scicatfs.cache.fetcher import Fetcher, Handle
-from scicatfs.cache.store import Blob, BlobStore, FileSpec
+from scicatfs.cache.store import Blob, BlobStore, Eviction, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.transfer.errors import TransferError
 from scicatfs.transfer.base import source_url
@@ -389,6 +389,31 @@ def test_a_frozen_server_gives_an_error_not_a_hang(make_sshd, tmp_path: Path) ->
             await fetcher.release(handle)
 
     assert run(server, tmp_path, body, read_timeout=2, transfer_timeout=1, attempts=1) < 4
+
+
+def test_closing_files_well_under_the_budget_starts_no_eviction_pass(sshd, remote, tmp_path: Path) -> None:
+    """An eviction pass sums the index in a worker thread; closing a file only asks for one
+    when the last pass was held up by open blobs (or bytes were written since)."""
+    datas = [payload(16 * KiB, seed=i) for i in range(12)]
+    files = [remote(f"n{i}.bin", data) for i, data in enumerate(datas)]
+
+    async def body(fetcher: Fetcher) -> int:
+        passes: list[int | None] = []
+        real_evict = fetcher.store.evict
+
+        def counting_evict(target: int | None = None) -> Eviction:
+            passes.append(target)
+            return real_evict(target)
+
+        fetcher.store.evict = counting_evict  # type: ignore[method-assign]
+        for spec, data in zip(files, datas):
+            handle = await fetcher.open(spec)
+            assert await fetcher.read(handle, 0, spec.size) == data
+            await fetcher.release(handle)
+        await trio.sleep(0.2)  # background passes, if any were started
+        return len(passes)
+
+    assert run(sshd, tmp_path, body, chunk=MiB) <= 1  # 192 KiB written: at most the per-chunk pass
 
 
 def test_eviction_under_small_budget_keeps_open_files_intact(sshd, remote, tmp_path: Path) -> None:

@@ -156,6 +156,9 @@ class Fetcher:
         self._verifications: dict[str, trio.Event] = {}
         self._digests: weakref.WeakKeyDictionary[Blob, RunningDigest] = weakref.WeakKeyDictionary()
         self._evicting = False
+        #: The last eviction pass left blobs it could not evict because they were open:
+        #: only then may an unpin let the next pass free more (see ``_unpin``).
+        self._blocked_by_pins = True
         self._nursery: trio.Nursery | None = None
         self._nursery_manager = trio.open_nursery()
         # chunks_fetched / chunks_uncached: blocks fetched / not cached (disk
@@ -758,7 +761,7 @@ class Fetcher:
             return
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.store.release_blob, blob)
-        if blob.pins == 0:
+        if blob.pins == 0 and self._blocked_by_pins:
             self._start(self._evict)  # the blob may now be evictable
 
     async def _evict(self, target: int | None = None) -> None:
@@ -767,7 +770,8 @@ class Fetcher:
             return
         self._evicting = True
         try:
-            await trio.to_thread.run_sync(self.store.evict, target)
+            eviction = await trio.to_thread.run_sync(self.store.evict, target)
+            self._blocked_by_pins = eviction.skipped_in_use > 0
         except (CacheError, OSError) as error:  # never let housekeeping take the mount down
             log.warning("cache eviction failed: %s", error)
         finally:
