@@ -132,7 +132,7 @@ def test_a_catalog_that_ignores_ranges_is_listed_with_skip_not_forever(caplog):
 
 
 def test_v3_bounds_that_javascript_reads_as_dates_or_numbers_still_page():
-    """v3 would turn "ds-0099" into a Date and "10099" into a number: both match no PID."""
+    """v3 would turn "ds-0099" and "10099" into Dates (2001 and the year 10099): they match no PID."""
     catalog = small_catalog()
     for index in range(250):
         catalog.add_dataset(record(f"ds-{index:04d}"), [])

@@ -680,26 +680,17 @@ def _bounds(keys: PidRange, sigil: str) -> dict[str, str]:
 def _v3_bounds(keys: PidRange) -> dict[str, Any]:
     """A v3 ``where`` for ``keys`` whose strings reach MongoDB as strings.
 
-    v3 turns a filter value that ``new Date()`` parses into a Date (and one
-    that is JSON, such as ``"12345"``, into a number): either matches no PID,
-    and would end the listing early without a word. Strings inside arrays
-    are left alone, so such bounds go as an ``$expr`` comparison instead.
+    v3 turns a filter string that ``new Date()`` parses into a Date: V8 reads
+    ``"ds-0099"`` as 2001, ``"10099"`` as the year 10099. A Date matches no PID,
+    and would end the listing early without a word. Strings inside arrays are
+    left alone, so such bounds go as an ``$expr`` comparison instead.
     """
     bounds = _bounds(keys, "")
     if not bounds:
         return {}
-    if not any(_v3_mangles(value) for value in bounds.values()):
+    if not any(parse_js_date(value) is not None for value in bounds.values()):
         return {"pid": bounds}
     return {"$expr": {"$and": [{"$" + op: ["$pid", value]} for op, value in bounds.items()]}}
-
-
-def _v3_mangles(value: str) -> bool:
-    """True if v3's filter pipe would not hand ``value`` to MongoDB as this string."""
-    try:
-        json.loads(value)
-    except ValueError:
-        return parse_js_date(value) is not None
-    return True
 
 
 def _prefix_pattern(prefix: str) -> str:
