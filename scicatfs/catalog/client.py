@@ -146,8 +146,10 @@ class CatalogClient:
     async def __aenter__(self) -> CatalogClient:
         """Check credentials now, so a wrong password or an expired token stops the mount early.
 
-        An unreachable catalog does not: the mount can still serve its cache,
-        and the login is retried on first use.
+        An unreachable catalog does not: the login is retried on first use,
+        and that use reports the failure to whoever asked (the mount's start-up
+        probe, a read, an fsspec call), so it is only noted here at INFO: a
+        warning now would say the same thing twice.
         """
         try:
             self._tokens.check_startup()
@@ -155,7 +157,7 @@ class CatalogClient:
                 try:
                     await self._tokens.headers()
                 except CatalogUnavailable as error:
-                    log.warning("cannot log in yet, will retry on first use: %s", error)
+                    log.info("cannot log in yet, will retry on first use: %s", error)
         except BaseException:
             await self._transport.aclose()
             raise
