@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from scicatfs.cache.readahead import WHOLE_FILE_MAX, DatasetWalk, Plan, ReadAhead, Stream, WalkStep
@@ -162,8 +164,6 @@ def test_a_large_file_ends_the_look_ahead_and_directories_are_walked_apart() -> 
 
 def test_parallel_readers_out_of_order_keep_the_walk_and_get_each_file_handed_out_once() -> None:
     """16 threads over a sorted list: each open is up to 16 places off, some behind earlier ones."""
-    import random
-
     walk, listing = DatasetWalk(), files(400)
     order = list(range(400))
     rng = random.Random(7)
