@@ -295,11 +295,13 @@ class Fetcher:
 
     async def _refetch(self, spec: FileSpec, blob: Blob, done: trio.Event) -> None:
         """Fetch a failed file again from scratch and verify it; success clears the failure."""
-        log.info("fetching %s %s again to verify it (it failed verification before)", spec.pid, spec.path)
+        again = "hashing" if isinstance(blob, LocalBlob) else "fetching"
+        log.info("%s %s %s again to verify it (it failed verification before)", again, spec.pid, spec.path)
         handle = Handle(spec, blob)
         try:
-            await trio.to_thread.run_sync(self.store.discard, blob)
-            await self._fetch_all(handle)
+            if not isinstance(blob, LocalBlob):  # a local file is the source itself: only hashed again
+                await trio.to_thread.run_sync(self.store.discard, blob)
+                await self._fetch_all(handle)
             await self._verify(handle)
         except IntegrityError:  # recorded and reported again; stays failed until the next retry time
             pass
@@ -641,7 +643,7 @@ class Fetcher:
                 async with running.lock:
                     digest = await trio.to_thread.run_sync(running.finish, self.store, blob)
             if isinstance(blob, LocalBlob):  # hashed in place; nothing to re-fetch after a failure
-                await trio.to_thread.run_sync(self._local.complete, blob, handle.spec)
+                await trio.to_thread.run_sync(self._local.complete, blob, handle.spec, self.retry_failed_after)
             else:
                 await trio.to_thread.run_sync(
                     self.store.complete, blob, handle.spec, digest, self.retry_failed_after
