@@ -261,6 +261,15 @@ def test_mount_without_sshd_reads_every_file_exactly(local_mount: Callable[..., 
     assert "sftp" not in json.dumps(status["sources"])
 
 
+def test_the_mount_raises_its_read_ahead_to_one_mebibyte(local_mount: Callable[..., Mount]) -> None:
+    """1 MiB requests instead of the kernel's 128 KiB; in place once the mount is ready (the fixture waits)."""
+    for _ in range(3):
+        mount = local_mount()
+        device = os.stat(mount.path).st_dev
+        assert Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb").read_text().strip() == "1024"
+        mount.unmount()
+
+
 def test_a_gibibyte_local_file_leaves_the_cache_small(local_mount: Callable[..., Mount]) -> None:
     mount = local_mount()
     path = mount.dataset(BIG) / "zeros.raw"

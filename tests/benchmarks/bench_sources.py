@@ -47,7 +47,6 @@ PID = "bench/sources"
 FOLDER = "/bench/sources"
 NAME = "random.bin"
 GOAL = 0.8
-READY_WAIT = 5.0
 
 
 def _drop_pages(path: Path) -> None:
@@ -58,19 +57,6 @@ def _drop_pages(path: Path) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def _wait_for_read_ahead(mountpoint: Path) -> None:
-    """Wait until the mount has raised its read-ahead (it does so once it answers, as root).
-
-    A file keeps the read-ahead that its open found, so a read started in that
-    moment would run with 128 KiB requests: about one run in four did.
-    """
-    device = os.stat(mountpoint).st_dev
-    setting = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
-    deadline = time.monotonic() + READY_WAIT
-    while os.geteuid() == 0 and int(setting.read_text()) < 1024 and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def _timed_read(path: Path) -> float:
@@ -121,7 +107,6 @@ class Bench:
         _drop_pages(self.file)
         mount = start_mount(self.catalog, self.server, None, work, user=None, args=["--source", f"/={source}"])
         try:
-            _wait_for_read_ahead(mount.path)
             seconds = _timed_read(mount.path / PID / NAME)
             if rereads is not None:
                 rereads.append(_timed_read(mount.path / PID / NAME))
