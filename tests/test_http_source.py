@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import httpcore._backends.trio
 import pytest
 import trio
 
@@ -68,6 +69,36 @@ def test_ranged_reads_are_exact(make_nginx: Callable[..., NginxServer]) -> None:
 
     stats = with_http(body)
     assert stats["unranged"] == 0 and stats["errors"] == 0 and stats["version_changes"] == 0
+
+
+def test_a_large_range_takes_few_socket_reads(
+    make_nginx: Callable[..., NginxServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-piece cost of httpcore bounds a range's speed: pieces are up to 1 MiB, not 64 KiB."""
+    nginx = make_nginx()
+    data = payload(8 * MiB, seed=9)
+    url = nginx.url + nginx.put("/big.bin", data)
+    reads: list[int] = []
+    receive = httpcore._backends.trio.TrioStream.read
+
+    async def counted(stream: httpcore._backends.trio.TrioStream, max_bytes: int, timeout: float | None = None) -> bytes:
+        piece = await receive(stream, max_bytes, timeout)
+        reads.append(len(piece))
+        return piece
+
+    monkeypatch.setattr(httpcore._backends.trio.TrioStream, "read", counted)
+
+    async def body(transfer: HTTPTransfer) -> None:
+        await transfer.read(url, 0, 1)  # connected, the first answer's headers are behind us
+        reads.clear()
+        for _ in range(20):  # best of several: the sender may hand over small pieces when busy
+            assert await transfer.read(url, 0, len(data)) == data
+            if len(reads) <= len(data) // (128 * KiB):
+                return
+            reads.clear()
+        pytest.fail(f"{len(reads)} socket reads for an 8 MiB range (at most {len(data) // (128 * KiB)} expected)")
+
+    with_http(body)
 
 
 @pytest.mark.allow_log(r"127\.0\.0\.1:\d+ ignores Range requests")

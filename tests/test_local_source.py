@@ -23,7 +23,7 @@ import trio
 
 from scicatfs.cache.errors import IntegrityError
 from scicatfs.cache.fetcher import Fetcher
-from scicatfs.cache.local import version_of
+from scicatfs.cache.local import LocalBlob, version_of
 from scicatfs.cache.store import BlobStore, FileSpec
 from scicatfs.catalog.models import Checksum
 from scicatfs.demo.fixtures import Catalog
@@ -114,6 +114,43 @@ def test_wrong_checksum_is_eio_at_the_end_of_the_file(tmp_path: Path) -> None:
 
     run(tmp_path / "cache", body)
     assert (tmp_path / "src" / "bad.bin").read_bytes() == data  # nothing of the source is touched
+
+
+@pytest.mark.allow_log(r"checksum mismatch for 10\.1/local bad\.bin")
+def test_a_failed_local_version_is_recorded_and_not_hashed_again(tmp_path: Path) -> None:
+    data = random.Random(5).randbytes(MiB)
+    spec = local_file(tmp_path / "src", "bad.bin", data, checksum="wrong")
+    cache = tmp_path / "cache"
+
+    async def fail(fetcher: Fetcher) -> None:
+        with pytest.raises(IntegrityError, match="checksum mismatch"):
+            await read_through(fetcher, spec)
+
+    async def open_again(fetcher: Fetcher) -> list[str]:
+        with pytest.raises(IntegrityError, match="checksum mismatch"):  # at open: no byte, no hash
+            await fetcher.open(spec)
+        return [failure.path for failure in fetcher.store.failures_since(0)]
+
+    run(cache, fail)
+    assert run(cache, open_again) == ["bad.bin"]  # a new process: the failure is in the index
+
+
+def test_a_failed_local_version_is_hashed_again_after_its_retry_time(tmp_path: Path) -> None:
+    data = random.Random(6).randbytes(MiB)
+    spec = local_file(tmp_path / "src", "flaky.bin", data)
+    cache = tmp_path / "cache"
+    with BlobStore(cache, 1 << 30) as store:  # as if a flaky cluster filesystem had once returned bad bytes
+        local = LocalTransfer().open_local(spec.source)
+        blob = LocalBlob(spec, local, version_of(local.stat), store)
+        store.record_failure(blob, spec, IntegrityError("checksum mismatch for 10.1/local flaky.bin"), 0.0)
+        local.close()
+
+    async def body(fetcher: Fetcher) -> bool:
+        fetcher.retry_wait = 10.0
+        assert await read_through(fetcher, spec) == data  # the open waited for the hash again
+        return fetcher.store.failures_since(0) == []
+
+    assert run(cache, body) is True
 
 
 def test_size_other_than_the_catalogs_fails_the_open(tmp_path: Path) -> None:
@@ -222,6 +259,15 @@ def test_mount_without_sshd_reads_every_file_exactly(local_mount: Callable[..., 
     assert status["sources"]["file://"]["bytes_read"] >= 0.99 * sum(len(data) for data in expected.values())
     assert status["sources"]["file://"]["errors"] == 0
     assert "sftp" not in json.dumps(status["sources"])
+
+
+def test_the_mount_raises_its_read_ahead_to_one_mebibyte(local_mount: Callable[..., Mount]) -> None:
+    """1 MiB requests instead of the kernel's 128 KiB; in place once the mount is ready (the fixture waits)."""
+    for _ in range(3):
+        mount = local_mount()
+        device = os.stat(mount.path).st_dev
+        assert Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb").read_text().strip() == "1024"
+        mount.unmount()
 
 
 def test_a_gibibyte_local_file_leaves_the_cache_small(local_mount: Callable[..., Mount]) -> None:

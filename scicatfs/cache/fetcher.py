@@ -319,11 +319,13 @@ class Fetcher:
 
     async def _refetch(self, spec: FileSpec, blob: Blob, done: trio.Event) -> None:
         """Fetch a failed file again from scratch and verify it; success clears the failure."""
-        log.info("fetching %s %s again to verify it (it failed verification before)", spec.pid, spec.path)
+        again = "hashing" if isinstance(blob, LocalBlob) else "fetching"
+        log.info("%s %s %s again to verify it (it failed verification before)", again, spec.pid, spec.path)
         handle = Handle(spec, blob)
         try:
-            await trio.to_thread.run_sync(self.store.discard, blob)
-            await self._fetch_all(handle)
+            if not isinstance(blob, LocalBlob):  # a local file is the source itself: only hashed again
+                await trio.to_thread.run_sync(self.store.discard, blob)
+                await self._fetch_all(handle)
             await self._verify(handle)
         except IntegrityError:  # recorded and reported again; stays failed until the next retry time
             pass
@@ -378,17 +380,37 @@ class Fetcher:
             if index not in present and (blob.key, index) in self._flights
         }
         await self._wait(handle, flights)
-        parts = []
-        for index in range(first, last + 1):
-            start = max(offset, index * block)
-            stop = min(end, (index + 1) * block)
+        return await self._checked(handle, end, self._assemble(blob, flights, offset, end))
+
+    def _assemble(self, blob: Blob, flights: dict[int, _Flight], offset: int, end: int) -> bytes:
+        """The bytes [offset, end) from the flights' data and, for the other blocks, the blob.
+
+        Consecutive blocks with the same source are taken in one piece, so a
+        read inside one flight costs one copy of its bytes (a join of one
+        piece is that piece), not a copy per block and another to join them.
+        """
+
+        def source_of(index: int) -> _Flight | None:  # None: the block is read from the blob
             flight = flights.get(index)
-            if flight is not None and flight.data is not None:
-                base = flight.first * block
-                parts.append(flight.data[start - base : stop - base])
+            return flight if flight is not None and flight.data is not None else None
+
+        block = blob.block_size
+        parts = []
+        index, last = offset // block, (end - 1) // block
+        while index <= last:
+            source = source_of(index)
+            run_end = index + 1
+            while run_end <= last and source_of(run_end) is source:
+                run_end += 1
+            start, stop = max(offset, index * block), min(end, run_end * block)
+            if source is not None:
+                assert source.data is not None
+                base = source.first * block
+                parts.append(source.data[start - base : stop - base])
             else:
                 parts.append(self.store.read(blob, start, stop - start))
-        return await self._checked(handle, end, b"".join(parts))
+            index = run_end
+        return b"".join(parts)
 
     async def _checked(self, handle: Handle, end: int, data: bytes) -> bytes:
         """``data``, unless the blob failed verification; the read that ends the file waits for it.
@@ -665,7 +687,7 @@ class Fetcher:
                 async with running.lock:
                     digest = await trio.to_thread.run_sync(running.finish, self.store, blob)
             if isinstance(blob, LocalBlob):  # hashed in place; nothing to re-fetch after a failure
-                await trio.to_thread.run_sync(self._local.complete, blob, handle.spec)
+                await trio.to_thread.run_sync(self._local.complete, blob, handle.spec, self.retry_failed_after)
             else:
                 await trio.to_thread.run_sync(
                     self.store.complete, blob, handle.spec, digest, self.retry_failed_after

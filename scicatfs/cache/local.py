@@ -13,7 +13,11 @@ file).
 
 A verified *version* (device, inode, size, mtime and ctime in nanoseconds)
 is remembered in the cache index, so the file is hashed once, not at every
-mount. A file that changes while it is hashed is reported, not trusted.
+mount. A version that fails is recorded in the index's failures, keyed like
+its blob, exactly as a remote file's failure is: every open of it, in any
+process, answers EIO without hashing it again, until its retry time, when one
+open hashes it again (the fetcher's re-fetch, without the fetch). A file that
+changes while it is hashed is reported, not trusted.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 from pathlib import Path
 
 from scicatfs.cache.errors import IntegrityError
-from scicatfs.cache.store import Blob, BlobStore, FileSpec
+from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec
 from scicatfs.transfer.base import LocalFile
 
 __all__ = ["LocalBlob", "LocalFiles", "version_of"]
@@ -67,6 +71,7 @@ class LocalFiles:
         """Pin a blob over ``local`` (closed again if this version is already open).
 
         Raises IntegrityError (EIO) when the file's size is not the catalog's.
+        A version whose failure is recorded comes back with ``blob.error`` set.
         """
         if local.stat.st_size != spec.size:
             local.close()
@@ -82,20 +87,26 @@ class LocalFiles:
         assert isinstance(blob, LocalBlob)
         if not made or blob.complete:
             return blob
+        self.store.load_failure(blob)
+        if blob.error is not None:
+            return blob
         blob.complete = spec.checksum is None or self.store.local_verified(
             blob.file, version, str(spec.checksum)
         )
         return blob
 
-    def complete(self, blob: Blob, spec: FileSpec) -> None:
+    def complete(self, blob: Blob, spec: FileSpec, retry_after: float = RETRY_FAILED_AFTER) -> None:
         """Hash the file and compare with the catalog (the fetcher's ``store.complete`` for local blobs).
 
-        On a mismatch ``blob.error`` is set and IntegrityError raised; nothing
-        is discarded, because nothing was copied.
+        On a mismatch the failure is recorded (``store.record_failure``, retried
+        after ``retry_after`` seconds) and IntegrityError raised; nothing is
+        discarded, because nothing was copied. A match clears an earlier failure.
         """
         assert isinstance(blob, LocalBlob)
-        if blob.complete or blob.checksum is None:
+        if blob.checksum is None:
             blob.complete = True
+            return
+        if blob.complete:
             return
         expected = blob.checksum.hexdigest.lower()
         try:
@@ -113,10 +124,13 @@ class LocalFiles:
             raise blob.error
         actual = hasher.hexdigest()
         if actual != expected:
-            blob.error = IntegrityError(
+            error = IntegrityError(
                 f"checksum mismatch for {spec.pid} {spec.path}: catalog says"
                 f" {blob.checksum.algorithm}:{expected}, {blob.file} has {blob.checksum.algorithm}:{actual}"
             )
-            raise blob.error
+            self.store.record_failure(blob, spec, error, retry_after)
+            raise error
         self.store.remember_local(Path(blob.file), blob.version, str(spec.checksum))
+        if blob.error is not None:  # this was the hash again after a recorded failure
+            self.store.clear_failure(blob)
         blob.complete = True

@@ -548,6 +548,17 @@ class BlobStore:
             blob.pins += 1
             return blob, made
 
+    def load_failure(self, blob: Blob) -> None:
+        """Give a blob that ``adopt`` made its recorded failure, if it has one (as ``open_blob`` does)."""
+        with self._lock, self._index_errors():
+            self._apply_failure(blob, self._db)
+
+    def clear_failure(self, blob: Blob) -> None:
+        """Forget a blob's recorded failure: its bytes verified after all (a local file hashed again)."""
+        with self._lock, self._index_errors(), self._transaction() as db:
+            db.execute("DELETE FROM failures WHERE key = ?", (blob.key,))
+        blob.error = blob.retry_at = None
+
     @staticmethod
     def _apply_failure(blob: Blob, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT message, retry_at FROM failures WHERE key = ?", (blob.key,)).fetchone()

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+import httpcore
 import httpx
 import trio
 
@@ -55,6 +56,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+#: Bytes asked of the socket per receive. httpcore's 64 KiB makes a 4 MiB range
+#: 64 trips through h11, httpcore and trio, and that per-piece cost, not the
+#: bytes, bounded a ranged GET on loopback (docs/performance.md: 1 MiB halves
+#: the CPU per byte). It is an upper bound, so small answers (the catalog's,
+#: which shares httpcore in this process) are read as before.
+SOCKET_READ = 1024 * 1024
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = max(httpcore.AsyncHTTP11Connection.READ_NUM_BYTES, SOCKET_READ)
 
 
 @dataclass(frozen=True, slots=True)
