@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
 
 import trio
@@ -56,11 +56,16 @@ class RecentTimes:
         self._ttl = ttl
         self._times: OrderedDict[str, tuple[float, float]] = OrderedDict()  # pid -> (created, when listed)
 
-    def note(self, pid: str, created: float) -> None:
-        self._times[pid] = (created, time.monotonic())
-        self._times.move_to_end(pid)
-        if len(self._times) > self._size:
-            self._times.popitem(last=False)
+    def note_all(self, times: Iterable[tuple[str, float]]) -> None:
+        """Note ``(pid, created)`` pairs listed now (a page's worth: one clock reading for all)."""
+        now = time.monotonic()
+        kept = self._times
+        for pid, created in times:
+            if pid in kept:
+                kept.move_to_end(pid)
+            kept[pid] = (created, now)
+        while len(kept) > self._size:
+            kept.popitem(last=False)
 
     def get(self, pid: str) -> float | None:
         found = self._times.get(pid)
