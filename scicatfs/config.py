@@ -274,6 +274,7 @@ def _saved_queries(value: object, where: str) -> tuple[SavedQuery, ...]:
         if not isinstance(clause, dict) or not clause:
             raise ConfigError(f"{here}: where must be a non-empty table in the catalog's v4 filter "
                               'language, e.g. where = { keywords = "calibration" }')
+        _check_saved_where(clause, here)
         sort = table.get("sort", {"pid": "asc"})
         if (not isinstance(sort, dict) or not sort
                 or not all(isinstance(direction, str) and direction in ("asc", "desc") for direction in sort.values())):
@@ -283,6 +284,41 @@ def _saved_queries(value: object, where: str) -> tuple[SavedQuery, ...]:
             raise ConfigError(f"{here}: limit must be a whole number larger than zero")
         queries.append(SavedQuery(name, _json_text(clause, here), _json_text(sort, here), limit))
     return tuple(queries)
+
+
+#: Dataset fields the catalog stores as dates (backend-next's dataset schema and its timestamps).
+_DATE_FIELDS = frozenset({"creationTime", "startTime", "endTime", "createdAt", "updatedAt"})
+#: LoopBack's operators, which v4 refuses ("Property where.x.gt should not exist in the filter object").
+_LOOPBACK_OPERATORS = frozenset({"gt", "gte", "lt", "lte", "inq", "nin", "neq", "like", "ilike", "between"})
+
+
+def _check_saved_where(clause: Mapping[str, object], where: str) -> None:
+    """Refuse the two mistakes a saved query's ``where`` makes silently or far from here.
+
+    The v4 API hands ``where`` to MongoDB as written: a date field compared
+    with a string matches nothing (the view would just stay empty), and a
+    LoopBack operator is a 400 at the first listing (the view would be EIO).
+    Both were seen on a live backend (docs/scicat-facts.md).
+    """
+    for name, condition in clause.items():
+        if name in ("$and", "$or", "$nor") and isinstance(condition, list):
+            for part in condition:
+                if isinstance(part, dict):
+                    _check_saved_where(part, where)
+            continue
+        if not isinstance(condition, dict):
+            operands: list[object] = [condition]
+        else:
+            loopback = sorted(set(condition) & _LOOPBACK_OPERATORS)
+            if loopback:
+                raise ConfigError(f"{where}: {name}.{loopback[0]} is LoopBack's filter language, which the "
+                                  f"catalog's v4 API refuses; write ${loopback[0]} (MongoDB's) instead")
+            operands = [item for value in condition.values()
+                        for item in (value if isinstance(value, list) else [value])]
+        if name in _DATE_FIELDS and any(isinstance(operand, str) for operand in operands):
+            raise ConfigError(f"{where}: {name} is a date in the catalog and its v4 API sends strings "
+                              "unconverted, so a date given as a string matches nothing; select by "
+                              "another field (docs/running.md)")
 
 
 def _json_text(value: object, where: str) -> str:

@@ -18,6 +18,7 @@ from scicatfs.catalog.client import CatalogClient
 from scicatfs.catalog.paging import Child, PidRange, prefix_end
 from scicatfs.demo.fixtures import Catalog
 from scicatfs.demo.server import CatalogServer
+from scicatfs.fs.views import FACETS
 from tests.test_catalog_client import LOGIN, V3OnlyServer, record, run, small_catalog
 
 SERVERS = [CatalogServer, V3OnlyServer]
@@ -131,8 +132,46 @@ def test_a_catalog_that_ignores_ranges_is_listed_with_skip_not_forever(caplog):
     assert len(list_filters(server)) == 1 + 3
 
 
+def _with_group(prefix: str, count: int) -> Catalog:
+    """The small catalog, and ``count`` datasets of owner group "loaders" that the test user may read."""
+    catalog = small_catalog()
+    catalog.add_generated(prefix, count, owner_group="loaders", access_groups=["uu"])
+    return catalog
+
+
+def _group_listing(server: CatalogServer, group: str, **options: Any) -> list[str]:
+    """The PIDs the by-group view's selection for ``group`` lists, in the order given."""
+    selection = next(facet for facet in FACETS if facet.directory == "by-group").selection(group)
+    return run(server, lambda client: _collect(p.pid async for p in client.iter_selected(selection)), **options)
+
+
+@pytest.mark.parametrize("server_class", SERVERS)
+def test_a_view_in_pid_order_pages_by_range_beside_its_condition(server_class):
+    catalog = _with_group("gen/", 2_345)
+    catalog.add_generated("else/", 700, owner_group="uu")
+    with server_class(catalog) as server:
+        listed = _group_listing(server, "loaders", page_size=500)
+    assert listed == [f"gen/{i:04d}" for i in range(2_345)]
+    assert set(skips(server)) == {0}
+    pages = list_filters(server)
+    assert len(pages) == 5
+    assert "gen/1999" in json.dumps(pages[-1]["where"]) and "loaders" in json.dumps(pages[-1]["where"])
+
+
+@pytest.mark.allow_log('WARNING scicatfs\\.catalog\\.paging: the catalog at \\S+ cannot list by PID range: it refused a range filter')
+def test_a_view_on_a_catalog_that_refuses_ranges_goes_on_by_skip(caplog):
+    catalog = _with_group("gen/", 1_234)
+    with CatalogServer(catalog) as server:
+        server.range_filters = False
+        with caplog.at_level(logging.WARNING, logger="scicatfs.catalog.paging"):
+            listed = _group_listing(server, "loaders", page_size=500)
+    assert listed == [f"gen/{i:04d}" for i in range(1_234)]
+    assert len([r for r in caplog.records if "cannot list by PID range" in r.getMessage()]) == 1
+    assert skips(server) == [0, 0, 500, 1_000]  # page 1; page 2 by range, refused; then by skip
+
+
 def test_v3_bounds_that_javascript_reads_as_dates_or_numbers_still_page():
-    """v3 would turn "ds-0099" into a Date and "10099" into a number: both match no PID."""
+    """v3 would turn "ds-0099" and "10099" into Dates (2001 and the year 10099): they match no PID."""
     catalog = small_catalog()
     for index in range(250):
         catalog.add_dataset(record(f"ds-{index:04d}"), [])

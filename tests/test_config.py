@@ -238,6 +238,10 @@ def test_missing_profile_lists_the_available_ones(tmp_path: Path) -> None:
         ("[profiles.p.views.v]\nwhere = { a = 1 }\nlimit = 0\n", "limit must be a whole number larger than zero"),
         ("[profiles.p.views.v]\nwhere = { a = 1 }\norder = 1\n", "unknown key 'order'"),
         ("[profiles.p.views.v]\nwhere = { t = 2024-01-01 }\n", "dates and times cannot be sent"),
+        ('[profiles.p.views.v]\nwhere = { creationTime = { "$gte" = "2024-01-01" } }\n',
+         r"view 'v' in profile 'p'.*creationTime is a date in the catalog.*matches nothing"),
+        ('[profiles.p.views.v]\nwhere = { "$or" = [ { endTime = "2024" }, { a = 1 } ] }\n', "endTime is a date"),
+        ('[profiles.p.views.v]\nwhere = { pid = { gt = "x" } }\n', r"pid\.gt is LoopBack's .* write \$gt"),
         ('[profiles.p.views.".scicat"]\nwhere = { a = 1 }\n', "usable as a directory name"),
     ],
 )

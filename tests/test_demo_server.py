@@ -374,7 +374,7 @@ def test_v4_count(many):
                      params=flt(where={"pid": {"$regex": "^list/0"}}))
     assert count.json() == {"count": 10}
     nest(http.get("/api/v4/datasets/count", headers=auth, params=flt(limits={"limit": 1})), 400,
-         "Property limits should not exist in the filter object")
+         "Property limits.limit should not exist in the filter object")  # as a live backend says
 
 
 def test_v4_lists_forbid_anonymous_public_lists_do_not(many):
@@ -444,6 +444,65 @@ def test_lists_project_before_they_sort(many):
     v3 = http.get("/api/v3/datasets", headers=auth,
                   params=flt(fields=["datasetName"], limits={"order": "pid:desc", "limit": 2}))
     assert [row["_id"] for row in v3.json()] == ["list/00", "list/01"]
+
+
+@pytest.fixture
+def mixed(make_catalog_server):
+    """Datasets whose PIDs v3 turns into Dates ("12345", "noprefix-1") beside ordinary ones."""
+    catalog = demo_users()
+    catalog.add_dataset(record("10.5072/run 1", creationTime="2024-03-01T10:00:00.000Z"), [])
+    catalog.add_dataset(record("12345", creationTime="2024-04-01T00:00:00.000Z"), [])
+    catalog.add_dataset(record("20.500.12269/a", creationTime="2024-05-01T00:00:00.000Z"), [])
+    catalog.add_dataset(record("noprefix-1", creationTime="2024-06-01T00:00:00.000Z"), [])
+    http, auth = serve(make_catalog_server, catalog)
+    with http:
+        yield http, auth
+
+
+@pytest.mark.parametrize("spec, expected", [
+    # observed on a live scicat-backend-next (docs/scicat-facts.md "Filters on a live backend")
+    ({"where": {"pid": {"$gt": "10", "$lt": "2"}}}, ["10.5072/run 1", "12345"]),
+    ({"where": {"$or": [{"pid": {"gt": "10"}}]}}, []),              # arrays escape the whitelist: a literal
+    ({"where": {"creationTime": {"$gte": "2024-04-01T00:00:00.000Z"}}}, []),  # strings stay strings
+    ({"where": {"pid": {"$regex": "^1", "$options": "i"}}}, ["10.5072/run 1", "12345"]),
+    ({"where": {"pid": {"$in": ["12345"]}}, "limits": {"pid": 1}}, ["12345"]),  # any allowed name, anywhere
+    ({"foo": {}, "bar": None}, ["10.5072/run 1", "12345", "20.500.12269/a", "noprefix-1"]),  # no leaf
+    ({"limits": {"sort": {"pid": 1}}}, ["noprefix-1", "20.500.12269/a", "12345", "10.5072/run 1"]),
+    ({"limits": {"sort": {"pid": "ascending"}}}, ["noprefix-1", "20.500.12269/a", "12345", "10.5072/run 1"]),
+])
+def test_v4_where_goes_to_mongodb_as_sent(mixed, spec, expected):
+    """Mongo operators only, no conversion; every sort direction but "asc" sorts descending."""
+    http, auth = mixed
+    spec = {"fields": ["pid"], "limits": {"sort": {"pid": "asc"}}} | spec
+    assert pids(http.get("/api/v4/datasets", headers=auth, params=flt(**spec))) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"where": {"pid": {"gt": "1"}}}, "Property where.pid.gt should not exist in the filter object"),
+    ({"where": {"$expr": {"$gt": ["$pid", "1"]}}}, "Property where.$expr.$gt should not exist in the filter object"),
+    ({"where": {"scientificMetadata": {"a": {"gt": 1}}, "x": {"y": 1}}},
+     "Property where.x.y should not exist in the filter object"),
+])
+def test_v4_whitelist_refuses_loopback_and_expr(mixed, spec, message):
+    http, auth = mixed
+    for route in ("/api/v4/datasets", "/api/v4/datasets/public"):
+        nest(http.get(route, headers=auth, params=flt(**spec)), 400, message)
+    nest(http.get("/api/v4/datasets/count", headers=auth, params=flt(fields=["pid"])), 400,
+         "Property fields should not exist in the filter object")
+
+
+@pytest.mark.parametrize("where, expected", [
+    ({"pid": {"gt": "10", "lt": "2"}}, []),                         # "10" is a Date (2001-10-01)
+    ({"pid": {"inq": ["12345", "noprefix-1"]}}, ["12345", "noprefix-1"]),
+    ({"$expr": {"$and": [{"$gt": ["$pid", "10"]}, {"$lt": ["$pid", "2"]}]}}, ["10.5072/run 1", "12345"]),
+    ({"pid": {"neq": "12345"}}, []),                                # not renamed: a literal sub-document
+    ({"pid": {"ilike": "^NOPREFIX"}}, ["noprefix-1"]),
+    ({"or": [{"pid": {"inq": ["12345"]}}, {"and": [{"pid": {"like": "^20"}}]}]}, ["12345", "20.500.12269/a"]),
+])
+def test_v3_where_renames_loopback_operators_and_nothing_else(mixed, where, expected):
+    http, auth = mixed
+    spec = {"where": where, "fields": ["pid"], "limits": {"order": "pid:asc"}}
+    assert pids(http.get("/api/v3/datasets", headers=auth, params=flt(**spec))) == expected
 
 
 @pytest.mark.parametrize("where, expected", [

@@ -141,6 +141,11 @@ class Pager:
         self._where = where
         self._ranges = True  # until the catalog refuses or ignores a range filter
 
+    @property
+    def ranges(self) -> bool:
+        """Whether the catalog is still listed by PID range (not after it refused or ignored one)."""
+        return self._ranges
+
     async def pids(self, prefix: str = "") -> AsyncIterator[str]:
         """Every visible PID that starts with ``prefix``, in PID order."""
         async for page in self._pages(prefix, self._size, deeper=True):
@@ -194,10 +199,10 @@ class Pager:
             try:
                 page = await (coming.result() if coming else self._range_page(keys, size))
             except RangeRefused as error:
-                self._give_up_ranges(f"it refused a range filter on pid ({error})")
+                self.give_up_ranges(f"it refused a range filter on pid ({error})")
                 break
             if page and not (page[0] in keys and page[-1] in keys and all(map(str.__lt__, page, page[1:]))):
-                self._give_up_ranges("it answered a range filter on pid with PIDs outside that range")
+                self.give_up_ranges("it answered a range filter on pid with PIDs outside that range")
                 break
             if len(page) < size:
                 if page:
@@ -223,7 +228,8 @@ class Pager:
                 return
             skip += size
 
-    def _give_up_ranges(self, why: str) -> None:
+    def give_up_ranges(self, why: str) -> None:
+        """List with ``skip`` from now on, saying once at WARNING ``why`` the catalog cannot list by range."""
         if self._ranges:
             self._ranges = False
             log.warning("the catalog at %s cannot list by PID range: %s; listing with skip, which "

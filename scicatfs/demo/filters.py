@@ -1,16 +1,16 @@
 """The `filter` query parameter of SciCat list routes: parse, validate, match, sort, page.
 
-scicat-backend-next takes Mongo-style `where` clauses on v4 (whitelisted keys,
-`$regex`/`$options` allowed) and LoopBack-style ones on v3 (`inq`, `and`, `or`,
-`like`, ... mapped to Mongo). Both spellings are accepted here by one matcher,
-which evaluates a clause against a plain dict in Python. `key_range` reads
-the bounds a clause puts on one key (``pid``), so that the server can walk a
-sorted index from the lower bound to the upper one, as MongoDB does, and match
-the rest of the clause against the documents it meets there.
-
-The v3 pipe also turns every string that JavaScript's `new Date()` accepts
-into a Date (`v3_dates`); a Date equals no string, so `{"pid": "noprefix-1"}`
-matches nothing on v3, and a `like` pattern that became a Date is a 400.
+scicat-backend-next takes Mongo-style `where` clauses on v4, after a key
+whitelist (`check_v4_filter`), and hands them to MongoDB as they are. On v3 a
+pipe rewrites the clause first (`v3_where`): LoopBack operators (`inq`, `and`,
+`or`, `like`, `gt`, ...) become Mongo's, and every string that JavaScript's
+`new Date()` accepts becomes a Date; a Date equals no string, so
+`{"pid": "noprefix-1"}` matches nothing on v3, and a `like` pattern that became
+a Date is a 400. The matcher then knows Mongo's operators only and evaluates a
+clause against a plain dict in Python. `key_range` reads the bounds a clause
+puts on one key (``pid``), so that the server can walk a sorted index from the
+lower bound to the upper one, as MongoDB does, and match the rest of the clause
+against the documents it meets there.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Any
 
 from scicatfs.catalog.jsdate import parse_js_date
 
-__all__ = ["FilterError", "JsDate", "KeyRange", "RANGE_OPERATORS", "key_range", "limits", "matches",
-           "operators_in", "parse_filter", "project", "reject_unknown_keys", "sort_v3", "sort_v4", "v3_dates"]
+__all__ = ["FilterError", "JsDate", "KeyRange", "RANGE_OPERATORS", "check_v4_filter", "key_range", "limits",
+           "matches", "operators_in", "parse_filter", "project", "reject_unknown_keys", "sort_v3", "sort_v4",
+           "v3_where"]
 
 
 class FilterError(ValueError):
@@ -50,14 +51,40 @@ _COMPARISONS: dict[str, Callable[[Any, Any], bool]] = {
     "$lte": lambda a, b: a <= b,
 }
 
-#: LoopBack operator -> Mongo operator, as the v3 filter pipe maps them.
-_LOOPBACK = {"inq": "$in", "nin": "$nin", "neq": "$ne", "gt": "$gt", "gte": "$gte",
-             "lt": "$lt", "lte": "$lte", "like": "$regex", "ilike": "$regex",
-             "and": "$and", "or": "$or", "exists": "$exists", "regexp": "$regex"}
+#: LoopBack operator -> Mongo operator: the v3 pipe renames these keys, at any depth, and no
+#: others (a `neq` or `exists` stays a field of a literal sub-document that nothing equals).
+_LOOPBACK = {"inq": "$in", "nin": "$nin", "and": "$and", "or": "$or", "like": "$regex",
+             "ilike": "$regex", "gte": "$gte", "lte": "$lte", "gt": "$gt", "lt": "$lt"}
 
+#: The comparison operators (what a server without range support refuses).
+RANGE_OPERATORS = frozenset({"$gt", "$gte", "$lt", "$lte"})
 
-#: Comparison operators in both spellings (what a server without range support refuses).
-RANGE_OPERATORS = frozenset({"$gt", "$gte", "$lt", "$lte", "gt", "gte", "lt", "lte"})
+#: The key names a v4 dataset filter may use, outside arrays: the fields of the output DTO,
+#: of the lifecycle, relationships and techniques (backend-next ``ALLOWED_DATASET_KEYS``).
+_V4_DATASET_KEYS = frozenset({
+    "ownerGroup", "accessGroups", "instrumentGroup", "owner", "ownerEmail", "orcidOfOwner", "contactEmail",
+    "sourceFolder", "sourceFolderHost", "size", "packedSize", "numberOfFiles", "numberOfFilesArchived",
+    "creationTime", "validationStatus", "keywords", "description", "datasetName", "classification", "license",
+    "isPublished", "techniques", "sharedWith", "relationships", "datasetlifecycle", "scientificMetadata",
+    "scientificMetadataSchema", "scientificMetadataValid", "comment", "dataQualityMetrics",
+    "principalInvestigators", "startTime", "endTime", "creationLocation", "dataFormat", "proposalIds",
+    "sampleIds", "instrumentIds", "inputDatasets", "usedSoftware", "jobParameters", "jobLogData", "runNumber",
+    "pid", "type", "createdBy", "updatedBy", "createdAt", "updatedAt", "version", "_id", "id",
+    "archivable", "retrievable", "publishable", "dateOfDiskPurging", "archiveRetentionTime",
+    "dateOfPublishing", "publishedOn", "isOnCentralDisk", "archiveStatusMessage", "retrieveStatusMessage",
+    "archiveReturnMessage", "retrieveReturnMessage", "exportedTo", "retrieveIntegrityCheck",
+    "storageLocation", "relationship", "name",
+})
+#: What each section of a v4 filter adds to them (``ALLOWED_DATASET_FILTER_KEYS``).
+_V4_SECTION_KEYS = {
+    "where": ("where", "$in", "$or", "$and", "$nor", "$match", "$eq", "$gt", "$gte", "$lt", "$lte", "$ne",
+              "$nin", "$not", "$exists", "$regex", "$options"),
+    "include": ("include",),
+    "limits": ("limits", "limit", "skip", "sort"),
+    "fields": ("fields",),
+}
+#: Below these keys any name passes.
+_V4_FREE_FORM = frozenset({"scientificMetadata", "jobParameters", "jobParams", "jobResultObject"})
 _EXPRESSION_OPERATORS = ("$and", "$or", "$eq", "$ne", *_COMPARISONS)
 
 
@@ -74,18 +101,25 @@ def parse_filter(raw: str | None) -> dict[str, Any]:
     return value
 
 
-def v3_dates(value: Any) -> Any:
+def v3_where(value: Any) -> Any:
     """A v3 `where` clause as the backend's pipe hands it to MongoDB.
 
-    Every string held by an object key that `new Date()` parses becomes a
-    `JsDate`, at any depth (operands of `like`, `gt`, clauses inside `or`);
-    strings that are items of an array (`inq` lists) stay strings.
+    At any depth, inside arrays too: LoopBack operators get their Mongo names
+    (`ilike` also sets ``$options: "i"`` beside it), and every string held by an
+    object key that `new Date()` parses becomes a `JsDate` (operands of `like`,
+    `gt`, clauses inside `or`). Strings that are items of an array (`inq` lists)
+    stay strings. Nothing else is parsed: `"12345"` becomes a Date, not a number.
     """
     if isinstance(value, list):
-        return [v3_dates(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _as_date(v3_dates(item)) for key, item in value.items()}
-    return value
+        return [v3_where(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "ilike":
+            out["$options"] = "i"
+        out[_LOOPBACK.get(key, key)] = _as_date(v3_where(item))
+    return out
 
 
 def _as_date(value: Any) -> Any:
@@ -103,6 +137,42 @@ def _stored_as_date(value: Any) -> Any:
         if epoch_ms is not None:
             return JsDate(epoch_ms)
     return value
+
+
+def check_v4_filter(spec: Mapping[str, Any], sections: Iterable[str]) -> None:
+    """Raise the v4 dataset routes' 400 for the first key path the whitelist refuses.
+
+    Like the backend, this flattens nested objects (never arrays: whatever an
+    `$or` list holds passes) and checks every part of each leaf's path against
+    one set, the dataset's field names plus the `sections`' keys, so a
+    LoopBack `gt` or an `$expr` is refused while `limits.pid` is not. Below a
+    free-form field (`scientificMetadata`) any name passes; an empty object or
+    a null holds no leaf and is not checked.
+    """
+    allowed = _V4_DATASET_KEYS.union(*(_V4_SECTION_KEYS[section] for section in sections))
+
+    def walk(value: Mapping[str, Any], path: str, free: bool) -> None:
+        for key, item in value.items():
+            leaf = next(_leaf_paths(item), None)
+            if leaf is None:
+                continue
+            if not free and key not in allowed:
+                raise FilterError(f"Property {path}{key}{leaf} should not exist in the filter object")
+            if isinstance(item, Mapping):
+                walk(item, f"{path}{key}.", free or key in _V4_FREE_FORM)
+
+    walk(spec, "", False)
+
+
+def _leaf_paths(value: Any) -> Iterable[str]:
+    """The ``.a.b`` suffixes that lead from `value` to its leaves (one empty suffix for a leaf)."""
+    if not isinstance(value, Mapping):
+        if value is not None:
+            yield ""
+        return
+    for key, item in value.items():
+        for rest in _leaf_paths(item):
+            yield f".{key}{rest}"
 
 
 def reject_unknown_keys(value: Mapping[str, Any], allowed: Iterable[str], *, prefix: str = "") -> None:
@@ -129,17 +199,17 @@ def _lookup(doc: Any, dotted: str) -> Any:
     return current
 
 
-def _candidates(value: Any, operand: Any) -> list[Any]:
+def _candidates(value: Any) -> list[Any]:
     """Mongo semantics: a condition on an array field holds if it holds for any element.
 
-    Against a Date operand, stored timestamps compare as Dates and other strings never match.
+    Stored timestamps are Dates to MongoDB: they compare with Dates (what v3's pipe makes of
+    date-like strings) and never equal, order against or match a string (v4 hands strings on
+    unconverted, so a v4 ``{"creationTime": {"$gte": "2024-…"}}`` matches nothing).
     """
     if value is _UNSET:
         return []
     found = [value, *value] if isinstance(value, list) else [value]
-    if isinstance(operand, JsDate):
-        return [_stored_as_date(candidate) for candidate in found]
-    return found
+    return [_stored_as_date(candidate) for candidate in found]
 
 
 def _regex(pattern: Any, options: str = "") -> re.Pattern[str]:
@@ -153,10 +223,6 @@ def _regex(pattern: Any, options: str = "") -> re.Pattern[str]:
         raise FilterError(f"Invalid regular expression: {exc}") from None
 
 
-def _like(pattern: str, ignore_case: bool) -> re.Pattern[str]:
-    return _regex(pattern, "i" if ignore_case else "")
-
-
 def _compare(op: Callable[[Any, Any], bool], a: Any, b: Any) -> bool:
     try:
         return op(a, b)
@@ -165,24 +231,21 @@ def _compare(op: Callable[[Any, Any], bool], a: Any, b: Any) -> bool:
 
 
 def _field_matches(value: Any, condition: Any) -> bool:
-    if not isinstance(condition, dict) or not condition or not all(
-            isinstance(k, str) and (k.startswith("$") or k in _LOOPBACK) for k in condition):
-        return any(candidate == condition for candidate in _candidates(value, condition))
-    for raw_op, operand in condition.items():
-        op = _LOOPBACK.get(raw_op, raw_op)
-        found = _candidates(value, operand)
+    if not isinstance(condition, dict) or not condition or not all(k.startswith("$") for k in condition):
+        return any(candidate == condition for candidate in _candidates(value))
+    for op, operand in condition.items():
+        found = _candidates(value)
         if op == "$eq":
             ok = operand in found
         elif op == "$ne":
             ok = operand not in found
         elif op in ("$in", "$nin"):
             if not isinstance(operand, list):
-                raise FilterError(f"{raw_op} needs an array")
+                raise FilterError(f"{op} needs an array")
             hit = any(candidate in operand for candidate in found)
             ok = hit if op == "$in" else not hit
         elif op == "$regex":
-            pattern = (_like(operand, raw_op == "ilike") if raw_op in ("like", "ilike")
-                       else _regex(operand, condition.get("$options", "")))
+            pattern = _regex(operand, condition.get("$options", ""))
             ok = any(isinstance(c, str) and pattern.search(c) for c in found)
         elif op == "$options":
             continue
@@ -191,7 +254,7 @@ def _field_matches(value: Any, condition: Any) -> bool:
         elif op in _COMPARISONS:
             ok = any(_compare(_COMPARISONS[op], c, operand) for c in found)
         else:
-            raise FilterError(f"Unsupported operator {raw_op}")
+            raise FilterError(f"unknown operator: {op}")
         if not ok:
             return False
     return True
@@ -224,18 +287,17 @@ def matches(doc: Mapping[str, Any], where: Any) -> bool:
     if not isinstance(where, dict):
         raise FilterError("where must be an object")
     for key, condition in where.items():
-        op = _LOOPBACK.get(key, key)
-        if op == "$expr":
+        if key == "$expr":
             if not _evaluate(doc, condition):
                 return False
-        elif op in ("$and", "$or"):
+        elif key in ("$and", "$or"):
             if not isinstance(condition, list):
                 raise FilterError(f"{key} needs an array")
             results = (matches(doc, clause) for clause in condition)
-            if not (all(results) if op == "$and" else any(results)):
+            if not (all(results) if key == "$and" else any(results)):
                 return False
         elif key.startswith("$"):
-            raise FilterError(f"Unsupported operator {key}")
+            raise FilterError(f"unknown top level operator: {key}")
         elif not _field_matches(_lookup(doc, key), condition):
             return False
     return True
@@ -314,14 +376,13 @@ def key_range(where: Any, key: str) -> KeyRange:
     if not isinstance(where, dict):
         return found
     for name, condition in where.items():
-        if _LOOPBACK.get(name, name) == "$and" and isinstance(condition, list):
+        if name == "$and" and isinstance(condition, list):
             for clause in condition:
                 found = found.tighter(key_range(clause, key))
         if name != key or not isinstance(condition, dict):
             continue
-        for raw_op, operand in condition.items():
-            op = _LOOPBACK.get(raw_op, raw_op)
-            if op == "$regex" and raw_op != "ilike" and "i" not in str(condition.get("$options", "")):
+        for op, operand in condition.items():
+            if op == "$regex" and "i" not in str(condition.get("$options", "")):
                 found = found.tighter(KeyRange(prefix=_literal_prefix(operand)))
             elif isinstance(operand, str) and op in ("$gt", "$gte"):
                 found = found.tighter(KeyRange(low=operand, low_inclusive=op == "$gte"))
@@ -370,15 +431,14 @@ def _sorted(docs: list[dict[str, Any]], order: list[tuple[str, bool]],
 
 
 def sort_v4(docs: list[dict[str, Any]], sort: Any, fields: Any = None) -> list[dict[str, Any]]:
-    """Sort by a v4 `limits.sort` object: {"field": "asc" | "desc" | 1 | -1, ...} (see `_sorted`)."""
+    """Sort by a v4 `limits.sort` object (see `_sorted`).
+
+    The backend maps the direction ``"asc"`` to 1 and every other value (``"desc"``, but also
+    ``1`` or ``"ascending"``) to -1, without an error.
+    """
     if not isinstance(sort, dict):
         raise FilterError("limits.sort must be an object")
-    order = []
-    for field, direction in sort.items():
-        if direction not in ("asc", "desc", 1, -1, "1", "-1"):
-            raise FilterError(f"Invalid sort direction {direction!r} for {field}")
-        order.append((field, direction in ("desc", -1, "-1")))
-    return _sorted(docs, order, fields)
+    return _sorted(docs, [(field, direction != "asc") for field, direction in sort.items()], fields)
 
 
 def sort_v3(docs: list[dict[str, Any]], order: Any, fields: Any = None) -> list[dict[str, Any]]:

@@ -18,8 +18,9 @@ record them:
     GET  /api/v3/datasets/{pid}/origdatablocks   same checks; at most 100 blocks
     GET  /api/v3/datasets/{pid}/origdatablocks/count
     GET  /api/v3/origdatablocks                  filter: where, limits {limit (100), skip}; anonymous 403
-    GET  /api/v4/datasets[/count]                whitelisted filter, limits {limit (10), skip, sort};
-                                                 403 "Forbidden resource" for anonymous callers
+    GET  /api/v4/datasets[/count]                whitelisted filter (Mongo operators only, strings
+                                                 unconverted), limits {limit (10), skip, sort
+                                                 "asc" or else descending}; anonymous 403
     GET  /api/v4/datasets/fullfacet              the same; a caller's groups unless fields has
                                                  isPublished; anonymous 403
     GET  /api/v4/datasets/{pid}?include=...      404 "dataset: null not found" / 403; anonymous 403
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Api", "Reply", "Request", "nest_error"]
 
-_V4_LIST_KEYS = ("where", "fields", "include", "limits")
 _V4_LIMIT_KEYS = ("limit", "skip", "sort")
 _V4_BLOCK_KEYS = ("where", "fields", "limits")
 #: What the v4 block routes use when the filter has no `limits` at all.
@@ -323,7 +323,7 @@ class Api:
 
     def v3_datasets(self, request: Request) -> Reply:
         spec = filters.parse_filter(request.param("filter"))
-        where = filters.v3_dates(spec.get("where", {}))
+        where = filters.v3_where(spec.get("where", {}))
         includes = _filter_includes(spec.get("include", []))
         fields = spec.get("fields")
         limits = spec.get("limits")
@@ -337,7 +337,7 @@ class Api:
 
     def v3_count(self, request: Request) -> Reply:
         spec = filters.parse_filter(request.param("filter"))
-        return Reply(200, {"count": self._count(request.user, filters.v3_dates(spec.get("where", {})))})
+        return Reply(200, {"count": self._count(request.user, filters.v3_where(spec.get("where", {})))})
 
     def _fullfacet(self, request: Request) -> Reply:
         """Both versions' ``fullfacet``: the caller's groups are added to ``fields`` unless it
@@ -397,17 +397,15 @@ class Api:
 
     def _v4_list(self, request: Request, user: User | None) -> Reply:
         spec = filters.parse_filter(request.param("filter"))
-        filters.reject_unknown_keys(spec, _V4_LIST_KEYS)
+        filters.check_v4_filter(spec, ("where", "include", "fields", "limits"))
         limits = spec.get("limits")
-        if isinstance(limits, dict):
-            filters.reject_unknown_keys(limits, _V4_LIMIT_KEYS, prefix="limits.")
         skip, limit = filters.limits(limits, default_limit=10)
         sort = {"createdAt": "desc"}
         if isinstance(limits, dict):
             sort = limits.get("sort", sort)
         where = spec.get("where", {})
         fields = spec.get("fields")
-        by_pid = sort in ({"pid": "asc"}, {"pid": 1}, {"pid": "1"}) and _keeps_pid(fields)
+        by_pid = sort == {"pid": "asc"} and _keeps_pid(fields)
         records = self._listed(user, where, by_pid, lambda found: filters.sort_v4(found, sort, fields), skip, limit)
         includes = _filter_includes(spec.get("include") or [])
         page = [self._v4_record(r, includes, user) for r in records]
@@ -415,7 +413,7 @@ class Api:
 
     def _v4_count(self, request: Request, user: User | None) -> Reply:
         spec = filters.parse_filter(request.param("filter"))
-        filters.reject_unknown_keys(spec, ("where",))
+        filters.check_v4_filter(spec, ("where",))
         return Reply(200, {"count": self._count(user, spec.get("where", {}))})
 
     def v4_datasets(self, request: Request) -> Reply:
