@@ -17,8 +17,7 @@ number can stay 0 for the lifetime of the mount.
 A listing of a million datasets leaves a million counted inodes (the kernel
 keeps its entries until it evicts them), nearly all with a count of one. So
 only counts above one are stored: a known inode without a stored count has
-one reference, which saves a dict entry per listed name (~40 bytes of the
-~270 each costs here, see docs/performance.md).
+one reference, which saves a dict entry per listed name.
 """
 
 from __future__ import annotations
