@@ -71,6 +71,20 @@ def test_inode_counts_and_forget() -> None:
     assert table.acquire("a") not in (first, second)  # numbers are never reused
 
 
+def test_counts_above_one_go_down_by_what_the_kernel_forgets() -> None:
+    table: InodeTable[str] = InodeTable("root")
+    ino = table.acquire("a")
+    assert table.lookup_count(ino) == 1
+    for _ in range(3):
+        table.acquire("a")
+    assert table.lookup_count(ino) == 4
+    table.forget(ino, 3)
+    assert table.lookup_count(ino) == 1 and table.node(ino) == "a"
+    table.acquire("a")
+    table.forget(ino, 2)
+    assert table.lookup_count(ino) == 0 and table.ino_of("a") is None and len(table) == 1
+
+
 def test_root_is_pinned() -> None:
     table: InodeTable[str] = InodeTable("root")
     assert table.acquire("root") == 1

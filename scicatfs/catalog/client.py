@@ -450,22 +450,24 @@ class CatalogClient:
         return await self._either(v4, v3, None)
 
     def _listed(self, reply: Reply) -> list[ListedDataset]:
+        listed = []
+        for row, created in self._rows(reply):
+            name = row.get("datasetName")
+            listed.append(ListedDataset(row["pid"], name if isinstance(name, str) and name else None, created))
+        return listed
+
+    def _rows(self, reply: Reply) -> list[tuple[dict[str, Any], float | None]]:
+        """The rows of a dataset list that have a PID, each with its creation time (kept a while for the listed datasets' attributes)."""
         rows = self._json(reply, "the dataset list")
         if not isinstance(rows, list):
             self._transport.stats["bad_responses"] += 1
             raise BadResponse("the catalog sent a dataset list that is not a JSON list")
-        listed = []
-        for row in rows:
-            if not isinstance(row, dict) or not isinstance(row.get("pid"), str):
-                continue
-            name = row.get("datasetName")
-            created = parse_time(row.get("creationTime"))
-            if created is not None:
-                self._listed_times.note(row["pid"], created)
-            listed.append(ListedDataset(row["pid"], name if isinstance(name, str) and name else None, created))
-        if len(listed) != len(rows):
-            log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(listed))
-        return listed
+        usable = [(row, parse_time(row.get("creationTime")))
+                  for row in rows if isinstance(row, dict) and isinstance(row.get("pid"), str)]
+        if len(usable) != len(rows):
+            log.warning("the catalog listed %d entries without a usable pid; skipped", len(rows) - len(usable))
+        self._listed_times.note_all((row["pid"], created) for row, created in usable if created is not None)
+        return usable
 
     async def _has_prefix(self, prefix: str) -> bool:
         return await self._pager.first(prefix) is not None
@@ -651,7 +653,7 @@ class CatalogClient:
         )
 
     def _pids(self, reply: Reply) -> tuple[str, ...]:
-        return tuple(row.pid for row in self._listed(reply))
+        return tuple(row["pid"] for row, _ in self._rows(reply))
 
     def _count_of(self, reply: Reply) -> int:
         data = self._json(reply, "the dataset count")

@@ -13,6 +13,11 @@ kept across opens, can therefore never mix the bytes of two versions.
 
 Numbers come from a counter and are never reused, so the FUSE generation
 number can stay 0 for the lifetime of the mount.
+
+A listing of a million datasets leaves a million counted inodes (the kernel
+keeps its entries until it evicts them), nearly all with a count of one. So
+only counts above one are stored: a known inode without a stored count has
+one reference, which saves a dict entry per listed name.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class InodeTable(Generic[N]):
     def __init__(self, root: N) -> None:
         self._by_ino: dict[int, N] = {pyfuse3.ROOT_INODE: root}
         self._by_node: dict[N, int] = {root: pyfuse3.ROOT_INODE}
-        self._counts: dict[int, int] = {}
+        self._counts: dict[int, int] = {}  # the counts above one
         self._next = pyfuse3.ROOT_INODE + 1
 
     def __len__(self) -> int:
@@ -66,17 +71,20 @@ class InodeTable(Generic[N]):
             self._next += 1
             self._by_node[node] = ino
             self._by_ino[ino] = node
-        if ino != pyfuse3.ROOT_INODE:
-            self._counts[ino] = self._counts.get(ino, 0) + 1
+        elif ino != pyfuse3.ROOT_INODE:
+            self._counts[ino] = self._counts.get(ino, 1) + 1
         return ino
 
     def forget(self, ino: int, count: int) -> None:
         """Drop ``count`` references; the node is removed when none remain."""
         if ino == pyfuse3.ROOT_INODE:
             return
-        remaining = self._counts.get(ino, 0) - count
-        if remaining > 0:
+        remaining = self.lookup_count(ino) - count
+        if remaining > 1:
             self._counts[ino] = remaining
+            return
+        if remaining == 1:
+            self._counts.pop(ino, None)
             return
         if remaining < 0:
             # The kernel never forgets more than it was given; if it seems to,
@@ -88,5 +96,7 @@ class InodeTable(Generic[N]):
             del self._by_node[node]
 
     def lookup_count(self, ino: int) -> int:
-        """References the kernel holds on ``ino`` (for tests and status)."""
-        return self._counts.get(ino, 0)
+        """References the kernel holds on ``ino`` (0 for the root and for unknown inodes)."""
+        if ino == pyfuse3.ROOT_INODE or ino not in self._by_ino:
+            return 0
+        return self._counts.get(ino, 1)
