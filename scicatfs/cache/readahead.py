@@ -154,8 +154,9 @@ class DatasetWalk:
     (16 threads of a data loader) open files out of order by up to their
     number, each a little behind or ahead of the others. From the second
     in-order open on, the next files are fetched ahead while at most
-    ``budget`` bytes and ``max_files`` files are fetched and not yet opened. Files larger than ``WHOLE_FILE_MAX`` end the
-    look-ahead (sequential read-ahead serves them once open). A file already
+    ``budget`` bytes and ``max_files`` files are fetched and not yet opened.
+    Files larger than ``WHOLE_FILE_MAX`` end the look-ahead (sequential
+    read-ahead serves them once open). A file already
     opened or handed out in the directory is never handed out again, even
     after the walk broke and started anew: its fetch is under way or done,
     and each hand-out costs the fetcher an open of the blob. Only opening a

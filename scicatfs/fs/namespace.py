@@ -660,8 +660,8 @@ class Namespace:
         raise NoEntry(candidate) from None
 
     def _prefix_level(self, name: str) -> PidLevel:
-        """A name found to be a PID prefix: answered from memory for the listing TTL, as if
-        listed (asking again would cost the dataset request that the 404 answered)."""
+        """A name found to be a PID prefix, by a listing or a lookup: answered from memory for
+        the listing TTL (asking again would cost a dataset request that answers 404)."""
         self._seen_prefixes[name] = self._known_prefixes[name] = True
         return PidLevel(name + "/")
 
@@ -683,8 +683,7 @@ class Namespace:
                 elif not _valid_component(name):
                     self.report_once(shown, f"PID {shown!r} cannot be shown: {name!r} is not a usable file name")
                 elif child.pid is None:
-                    self._seen_prefixes[prefix + name] = self._known_prefixes[prefix + name] = True
-                    yield name, PidLevel(f"{prefix}{name}/"), self.level_attributes()
+                    yield name, self._prefix_level(prefix + name), self.level_attributes()
                 else:
                     yield name, DatasetDir(child.pid), self.listed_dataset_attributes(child.pid)
 

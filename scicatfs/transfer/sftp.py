@@ -506,8 +506,8 @@ class _Connection:
         # The server's limits@openssh.com answer, else asyncssh's safe 16 KiB.
         self._request_size = sftp.limits.max_read_len
         self._files = _OpenFiles(settings.open_files, self._evicted)
-        #: Opens under way, by path, with how many readers wait on each (see ``_acquire``).
-        self._opening: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        #: Opens under way, by path, set when each ends (see ``_acquire``).
+        self._opening: dict[str, asyncio.Event] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
@@ -547,20 +547,20 @@ class _Connection:
         other); readers of one path wait for its one open and share the handle.
         """
         entry = self._files.get(path)
-        if entry is None:
-            lock, waiting = self._opening.setdefault(path, (asyncio.Lock(), [0]))
-            waiting[0] += 1
-            try:
-                async with lock:
-                    entry = self._files.get(path)
-                    if entry is None:
-                        # block_size 0: each file.read() is one SFTP request; _Pipeline splits.
-                        file = await self._sftp.open(path, "rb", block_size=0)
-                        entry = self._files[path] = _OpenFile(file)
-            finally:
-                waiting[0] -= 1
-                if not waiting[0]:
+        while entry is None:
+            opening = self._opening.get(path)
+            if opening is not None:  # another reader's open of this path: share its handle
+                await opening.wait()
+            else:
+                self._opening[path] = opening = asyncio.Event()
+                try:
+                    # block_size 0: each file.read() is one SFTP request; _Pipeline splits.
+                    file = await self._sftp.open(path, "rb", block_size=0)
+                    self._files[path] = _OpenFile(file)
+                finally:
                     del self._opening[path]
+                    opening.set()
+            entry = self._files.get(path)  # None if that open failed: this reader tries its own
         entry.users += 1
         return entry
 
