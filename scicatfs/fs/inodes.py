@@ -124,7 +124,7 @@ class InodeTable(Generic[N]):
     def ino_of(self, node: N) -> int | None:
         """The inode number ``node`` has now, or None if it has none."""
         ino = self._by_node.get(node)
-        if ino is None and self._spilled is not None:
+        if ino is None and self._spilled is not None and self._spilled.may_hold(hash(node)):
             ino = self._spilled.find(self._codec.encode(node))
         return ino
 
@@ -137,7 +137,10 @@ class InodeTable(Generic[N]):
                 del self._by_ino[ino]  # the youngest now: spilled last
                 self._by_ino[ino] = node
             return ino
-        taken = None if self._spilled is None else self._spilled.take(self._codec.encode(node))
+        spilled = self._spilled
+        taken = None
+        if spilled is not None and spilled.may_hold(hash(node)):
+            taken = spilled.take(self._codec.encode(node))
         if taken is None:
             ino = self._next
             self._next += 1
@@ -151,14 +154,15 @@ class InodeTable(Generic[N]):
         return ino
 
     def _spill(self) -> None:
-        """Move the oldest resident inodes beyond the bound to disk, in one transaction."""
-        by_ino, by_node, counts, encode = self._by_ino, self._by_node, self._counts, self._codec.encode
-        oldest = list(islice(by_ino.items(), len(by_ino) - self._resident + 1))
-        rows = []
+        """Move the oldest resident inodes beyond the bound to disk, in one transaction.
+
+        The root is the first entry of ``_by_ino`` for good (it is never removed), so the
+        oldest others follow it.
+        """
+        by_ino, by_node, pop, encode = self._by_ino, self._by_node, self._counts.pop, self._codec.encode
+        oldest = list(islice(by_ino.items(), 1, len(by_ino) - self._resident + 1))
+        rows = [(ino, encode(node), pop(ino, 1), hash(node)) for ino, node in oldest]
         for ino, node in oldest:
-            if ino == pyfuse3.ROOT_INODE:
-                continue
-            rows.append((ino, encode(node), counts.pop(ino, 1)))
             del by_ino[ino], by_node[node]
         if self._spilled is None:
             self._spilled = SpilledInodes(self._directory)

@@ -74,9 +74,14 @@ class NodeCodec:
             self.tag(kind)
             known = self._tags[kind]
         if known is not None:
-            key = _strings(*known, value)
-            if key is not None:
-                return key
+            tag, fields, count = known
+            try:
+                text = "\0".join(fields(value))
+            except TypeError:  # not all strings
+                pass
+            else:
+                if text.count("\0") == count - 1:
+                    return tag + _STRINGS + text.encode("utf-8", "surrogatepass")
         out: list[bytes] = []
         self._write(value, out)
         return b"".join(out)
@@ -147,17 +152,6 @@ class NodeCodec:
             value, at = self._read(key, at)
             values.append(value)
         return cls(*values), at
-
-
-def _strings(tag: bytes, fields: Callable[[Any], tuple[Any, ...]], count: int, value: Any) -> bytes | None:
-    """The key of a node whose fields are all strings without NUL; None for any other."""
-    try:
-        text = "\0".join(fields(value))
-    except TypeError:  # not all strings
-        return None
-    if text.count("\0") != count - 1:
-        return None
-    return tag + _STRINGS + text.encode("utf-8", "surrogatepass")
 
 
 def _read_length(key: bytes, at: int) -> tuple[int, int]:
