@@ -150,3 +150,11 @@ def test_a_million_style_listing_stays_bounded_and_consistent(tmp_path: Path) ->
     assert table.acquire("dataset-000000") == inos[0]  # a second reference: back in memory
     table.forget_all((ino, 1) for ino in inos)
     assert table.lookup_count(inos[0]) == 1 and len(table) == 2
+
+
+@pytest.mark.allow_log(r"WARNING scicatfs\.fs\.inodes: cannot move inodes to disk, \d+ stay in memory: .*")
+def test_inodes_stay_in_memory_when_their_file_cannot_be_made(tmp_path: Path) -> None:
+    table = InodeTable("root", resident=4, directory=tmp_path / "missing")
+    inos = [table.acquire(f"n{i}") for i in range(20)]
+    assert table.spilled == 0 and table.resident == 21
+    assert [table.node(ino) for ino in inos] == [f"n{i}" for i in range(20)]

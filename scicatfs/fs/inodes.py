@@ -36,6 +36,7 @@ youngest. Inode numbers never change between the tiers.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Hashable, Iterable
 from itertools import islice
 from pathlib import Path
@@ -73,6 +74,7 @@ class InodeTable(Generic[N]):
         self._next = pyfuse3.ROOT_INODE + 1
         self._resident = resident
         self._batch = max(1, resident // 16)  # spilled at once: one transaction per batch
+        self._spill_above = resident + self._batch
         self._directory = directory
         self._codec = NodeCodec()
         self._spilled: SpilledInodes | None = None
@@ -149,7 +151,7 @@ class InodeTable(Generic[N]):
             self._counts[ino] = count + 1
         self._by_node[node] = ino
         self._by_ino[ino] = node
-        if len(self._by_ino) > self._resident + self._batch:
+        if len(self._by_ino) > self._spill_above:
             self._spill()
         return ino
 
@@ -157,16 +159,24 @@ class InodeTable(Generic[N]):
         """Move the oldest resident inodes beyond the bound to disk, in one transaction.
 
         The root is the first entry of ``_by_ino`` for good (it is never removed), so the
-        oldest others follow it.
+        oldest others follow it. They leave memory only once their rows are written: a
+        disk that is full (or gone) keeps them resident, and the next try waits a batch.
         """
-        by_ino, by_node, pop, encode = self._by_ino, self._by_node, self._counts.pop, self._codec.encode
+        by_ino, by_node, counts, encode = self._by_ino, self._by_node, self._counts, self._codec.encode
         oldest = list(islice(by_ino.items(), 1, len(by_ino) - self._resident + 1))
-        rows = [(ino, encode(node), pop(ino, 1), hash(node)) for ino, node in oldest]
+        rows = [(ino, encode(node), counts.get(ino, 1), hash(node)) for ino, node in oldest]
+        try:
+            if self._spilled is None:
+                self._spilled = SpilledInodes(self._directory)
+            self._spilled.add(rows)
+        except (OSError, sqlite3.Error) as error:
+            self._spill_above = len(by_ino) + self._batch
+            log.warning("cannot move inodes to disk, %d stay in memory: %s", len(by_ino), error)
+            return
+        self._spill_above = self._resident + self._batch
         for ino, node in oldest:
+            counts.pop(ino, None)
             del by_ino[ino], by_node[node]
-        if self._spilled is None:
-            self._spilled = SpilledInodes(self._directory)
-        self._spilled.add(rows)
 
     def forget(self, ino: int, count: int) -> None:
         """Drop ``count`` references; the node is removed when none remain."""

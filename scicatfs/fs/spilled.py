@@ -31,8 +31,8 @@ __all__ = ["SpilledInodes"]
 CACHE_KIB = 2048
 #: Host parameters per ``IN (...)`` of a forget batch.
 _CHUNK = 500
-#: The filter's bits per key it is sized for (two probes: about 3 % false positives when full).
-_BITS_PER_KEY = 16
+#: The filter's bits per key it is sized for (two probes: about 5 % false positives when full).
+_BITS_PER_KEY = 8
 _MIN_BITS = 1 << 20
 #: Rows per INSERT statement of a spilled batch.
 _ROWS = 50
