@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Hashable, Iterable
-from itertools import islice
+from itertools import islice, repeat
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -162,9 +162,10 @@ class InodeTable(Generic[N]):
         oldest others follow it. They leave memory only once their rows are written: a
         disk that is full (or gone) keeps them resident, and the next try waits a batch.
         """
-        by_ino, by_node, counts, encode = self._by_ino, self._by_node, self._counts, self._codec.encode
-        oldest = list(islice(by_ino.items(), 1, len(by_ino) - self._resident + 1))
-        rows = [(ino, encode(node), counts.get(ino, 1), hash(node)) for ino, node in oldest]
+        by_ino, by_node, counts = self._by_ino, self._by_node, self._counts
+        inos = list(islice(by_ino, 1, len(by_ino) - self._resident + 1))
+        nodes = [by_ino[ino] for ino in inos]
+        rows = list(zip(inos, map(self._codec.encode, nodes), map(counts.get, inos, repeat(1)), map(hash, nodes)))
         try:
             if self._spilled is None:
                 self._spilled = SpilledInodes(self._directory)
@@ -174,9 +175,11 @@ class InodeTable(Generic[N]):
             log.warning("cannot move inodes to disk, %d stay in memory: %s", len(by_ino), error)
             return
         self._spill_above = self._resident + self._batch
-        for ino, node in oldest:
-            counts.pop(ino, None)
+        for ino, node in zip(inos, nodes):
             del by_ino[ino], by_node[node]
+        if counts:
+            for ino in inos:
+                counts.pop(ino, None)
 
     def forget(self, ino: int, count: int) -> None:
         """Drop ``count`` references; the node is removed when none remain."""

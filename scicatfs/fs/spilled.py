@@ -55,16 +55,18 @@ class _HashFilter:
         self.mask = bits - 1
         self.bits = bytearray(bits >> 3)
         self.room = bits // _BITS_PER_KEY
-        for h in hashes:
-            self.add(h)
+        self.add_all(hashes)
 
-    def add(self, h: int) -> None:
-        """Set the two bits of ``h``: its low and its high 32 bits, each masked to the size."""
+    def add_all(self, hashes: Iterable[int]) -> None:
+        """Set the two bits of each hash: its low and its high 32 bits, each masked to the size."""
         bits, mask = self.bits, self.mask
-        a, b = h & mask, (h >> 32) & mask
-        bits[a >> 3] |= 1 << (a & 7)
-        bits[b >> 3] |= 1 << (b & 7)
-        self.room -= 1
+        added = 0
+        for h in hashes:
+            a, b = h & mask, (h >> 32) & mask
+            bits[a >> 3] |= 1 << (a & 7)
+            bits[b >> 3] |= 1 << (b & 7)
+            added += 1
+        self.room -= added
 
 
 class SpilledInodes:
@@ -103,9 +105,7 @@ class SpilledInodes:
         if self._filter.room < len(rows):
             self._filter = _HashFilter((h for (h,) in self._db.execute("SELECT hash FROM inodes")), self._count)
         else:
-            add = self._filter.add
-            for row in rows:
-                add(row[3])
+            self._filter.add_all(row[3] for row in rows)
 
     def may_hold(self, h: int) -> bool:
         """False if no node with hash ``h`` is here (True: maybe; ask with its key).
