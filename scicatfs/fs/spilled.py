@@ -17,6 +17,7 @@ file does), kept in the table only to rebuild the filter.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import tempfile
@@ -29,8 +30,6 @@ __all__ = ["SpilledInodes"]
 
 #: The database's page cache (KiB): the key index is appended to at its end by a listing.
 CACHE_KIB = 2048
-#: Host parameters per ``IN (...)`` of a forget batch.
-_CHUNK = 500
 #: The filter's bits per key it is sized for (two probes: about 5 % false positives when full).
 _BITS_PER_KEY = 8
 _MIN_BITS = 1 << 20
@@ -76,7 +75,7 @@ class SpilledInodes:
         fd, path = tempfile.mkstemp(prefix="inodes-", suffix=".sqlite", dir=directory)
         os.close(fd)
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+            self._db = sqlite3.connect(path, isolation_level=None, cached_statements=16)
             for pragma in ("journal_mode = OFF", "synchronous = OFF", "locking_mode = EXCLUSIVE",
                            f"cache_size = -{CACHE_KIB}", "temp_store = MEMORY"):
                 self._db.execute(f"PRAGMA {pragma}")
@@ -140,12 +139,10 @@ class SpilledInodes:
     def forget(self, counts: dict[int, int]) -> dict[int, int]:
         """Drop ``counts[ino]`` references of each ino; returns by how many each ino was overdrawn
         (the kernel forgot more than it held, or an inode that is not here)."""
-        found: dict[int, int] = {}
-        inos = list(counts)
-        for start in range(0, len(inos), _CHUNK):
-            chunk = inos[start:start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            found.update(self._db.execute(f"SELECT ino, refs FROM inodes WHERE ino IN ({marks})", chunk))
+        # One statement whatever the batch's size (a statement per size would fill the statement cache).
+        found: dict[int, int] = dict(self._db.execute(
+            "SELECT ino, refs FROM inodes WHERE ino IN (SELECT value FROM json_each(?))", (json.dumps(list(counts)),)
+        ))
         overdrawn: dict[int, int] = {}
         gone: list[tuple[int]] = []
         left: list[tuple[int, int]] = []
