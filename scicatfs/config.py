@@ -122,6 +122,8 @@ class MountOptions:
     metrics_textfile: Path | None = None
     record_ttl: float = 60.0
     listing_ttl: float = 30.0
+    #: Inodes the kernel holds that stay in memory; the oldest beyond it wait on disk (fs.inodes).
+    resident_inodes: int = 50_000
     lookup_timeout: float = 8.0
     #: Seconds a file version that failed verification answers EIO before one verified re-fetch.
     retry_failed: float = 600.0
@@ -167,7 +169,7 @@ _PATH_FIELDS = frozenset(
      "shared_cache", "metrics_textfile", "log_file"}
 )
 _STR_FIELDS = frozenset({"url", "username", "sftp_host", "sftp_user", "log_level"})
-_INT_FIELDS = frozenset({"sftp_port", "sftp_connections", "metrics_port"})
+_INT_FIELDS = frozenset({"sftp_port", "sftp_connections", "metrics_port", "resident_inodes"})
 _FLOAT_FIELDS = frozenset({"record_ttl", "listing_ttl", "lookup_timeout", "retry_failed"})
 _BOOL_FIELDS = frozenset({"insecure_no_host_key_check", "insecure_http", "xattrs", "allow_other", "foreground"})
 _FIELDS = frozenset(f.name for f in dataclasses.fields(MountOptions))
@@ -611,6 +613,9 @@ def _validate(values: dict[str, object]) -> None:
     connections = values.get("sftp_connections", 1)
     if not 1 <= connections <= 64:  # type: ignore[operator]
         raise ConfigError(f"sftp_connections {connections} must be between 1 and 64")
+    resident = values.get("resident_inodes", 1)
+    if resident < 1:  # type: ignore[operator]
+        raise ConfigError(f"resident_inodes {resident} must be at least 1")
     size = values.get("cache_size")
     if size is not None and size <= 0:  # type: ignore[operator]
         raise ConfigError(f"cache_size {size} must be larger than zero")

@@ -119,14 +119,17 @@ def _filesystem(options: MountOptions, stack: Stack) -> tuple[ScicatOperations, 
 
     def document() -> dict[str, Any]:
         return collect_status(
-            catalog=catalog, transfer=stack.transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started
+            catalog=catalog, transfer=stack.transfer, fetcher=fetcher, mountpoint=options.mountpoint, started=started,
+            inodes=operations.inodes.stats,
         )
 
     def status() -> bytes:
         return (json.dumps(document(), indent=2, sort_keys=True) + "\n").encode()
 
     namespace = build_namespace(stack, options, status)
-    operations = ScicatOperations(namespace, fetcher, FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl))
+    fs_options = FsOptions(xattrs=options.xattrs, negative_ttl=options.listing_ttl,
+                           resident_inodes=options.resident_inodes, inode_dir=options.cache_dir)
+    operations = ScicatOperations(namespace, fetcher, fs_options)
     namespace.on_change = operations.forget_dataset
     return operations, document
 
@@ -154,6 +157,7 @@ async def _mount_and_serve(
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
+        operations.close()
         log.info("unmounted %s", mountpoint)
     if failures:
         raise MountError(failures[0])

@@ -49,6 +49,7 @@ def collect_status(
     fetcher: Fetcher,
     mountpoint: Path,
     started: float,
+    inodes: dict[str, int] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
     """Everything ``scicatfs status`` shows, from the running layers' counters.
@@ -72,6 +73,8 @@ def collect_status(
         },
         "tiers": fetcher.tiers.as_status(),
     }
+    if inodes is not None:  # the inodes the kernel holds: in memory, and waiting on disk
+        sections["inodes"] = dict(inodes)
     if fetcher.shared is not None:
         tier = fetcher.shared.tier
         sections["tiers"]["shared_directory"] = str(tier.directory)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import subprocess
 import time
 from urllib.parse import urlsplit
@@ -106,3 +108,26 @@ def test_find_to_depth_two_fetches_no_dataset_record(make_mount, make_catalog_se
                               capture_output=True, timeout=60, check=True)
     assert detailed.stdout.count(b"\ndr-x") == 3  # dataset directories, attributes from the listing
     assert not record_requests(server)
+
+
+def test_a_listing_beyond_the_resident_bound_is_answered_from_disk(make_mount, make_catalog_server) -> None:  # type: ignore[no-untyped-def]
+    """With room for 1,000 inodes in memory, 200,000 listed datasets wait on disk, keep their numbers,
+    and a stat of one listed early (a lookup: the listing TTL is 0) finds its inode there."""
+    catalog = huge_catalog(demo_datasets=False)
+    server = make_catalog_server(catalog)
+    mount = make_mount(catalog, server=server, args=["-o", "resident_inodes=1000", "--listing-ttl", "0"])
+
+    def listing() -> dict[str, int]:
+        with os.scandir(mount.path / HUGE) as entries:
+            return {entry.name: entry.inode() for entry in entries}
+
+    listed = bounded(300, listing)
+    assert len(listed) == COUNT and len(set(listed.values())) == COUNT
+    inodes = json.loads((mount.path / ".scicat" / "status.json").read_bytes())["inodes"]
+    assert inodes["resident"] <= 1000 + 1000 // 16
+    assert inodes["spilled"] >= COUNT // 2  # unless the kernel evicted most of the entries meanwhile
+    assert not [name for name in os.listdir(mount.cache_dir) if name.startswith("inodes-")]  # unlinked while open
+    for name in ("000000", "000001", "099999", f"{COUNT - 1:06d}"):
+        status = os.stat(mount.path / HUGE / name)
+        assert stat.S_ISDIR(status.st_mode) and status.st_ino == listed[name], name
+    assert json.loads((mount.path / ".scicat" / "status.json").read_bytes())["inodes"]["resident"] <= 1000 + 1000 // 16

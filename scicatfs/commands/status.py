@@ -78,7 +78,7 @@ def render(status: dict[str, Any]) -> str:
         if count
     ]
     lines.append(f"errors: {', '.join(failing) if failing else 'none'}")
-    for section in ("catalog", "transfer", "cache", "tiers"):
+    for section in ("catalog", "transfer", "cache", "tiers", "inodes"):
         counters = status.get(section)
         if not isinstance(counters, dict):
             continue

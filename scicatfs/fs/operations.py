@@ -44,6 +44,7 @@ import stat
 from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -53,7 +54,7 @@ from scicatfs.cache.fetcher import Fetcher, Handle
 from scicatfs.cache.store import blob_key
 from scicatfs.fs.dirstream import DirectoryStream
 from scicatfs.fs.errors import fuse_errors
-from scicatfs.fs.inodes import InodeTable
+from scicatfs.fs.inodes import RESIDENT, InodeTable
 from scicatfs.fs.localfile import LocalFile
 from scicatfs.fs.namespace import (
     ROOT,
@@ -89,7 +90,9 @@ class FsOptions:
     """Knobs of the filesystem itself (the mount's other options live elsewhere).
 
     ``max_reads`` must stay below :data:`MAX_TASKS` so that metadata requests
-    always find a free handler.
+    always find a free handler. ``resident_inodes`` and ``inode_dir`` are the
+    inode table's bound in memory and where its spilled tier's file goes
+    (see :mod:`scicatfs.fs.inodes`).
     """
 
     xattrs: bool = False
@@ -97,6 +100,8 @@ class FsOptions:
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     negative_ttl: float = 30.0
+    resident_inodes: int = RESIDENT
+    inode_dir: Path | None = None
 
 
 def _name(raw: bytes) -> str:
@@ -117,7 +122,7 @@ class ScicatOperations(pyfuse3.Operations):
         self.namespace = namespace
         self.fetcher = fetcher
         self.options = options
-        self.inodes: InodeTable[Node] = InodeTable(ROOT)
+        self.inodes: InodeTable[Node] = InodeTable(ROOT, resident=options.resident_inodes, directory=options.inode_dir)
         self._handles = itertools.count(1)
         self._files: dict[int, Handle] = {}
         self._local: dict[int, LocalFile] = {}  # the handles in _files whose blob is complete
@@ -125,6 +130,10 @@ class ScicatOperations(pyfuse3.Operations):
         self._dirs: dict[int, tuple[tuple[Entry, ...] | DirectoryStream[Entry], Node]] = {}
         self._reads = trio.CapacityLimiter(options.max_reads)
         fetcher.failure_listeners.append(self._drop_pages)
+
+    def close(self) -> None:
+        """Let go of what outlives no mount (the inode table's file), once the kernel has unmounted."""
+        self.inodes.close()
 
     # -- helpers -----------------------------------------------------------------
 
@@ -164,9 +173,7 @@ class ScicatOperations(pyfuse3.Operations):
         worker thread (pyfuse3 releases the GIL for it) while the loop goes on
         answering; the reads that are still pending get EIO, not bytes.
         """
-        inodes = [
-            ino for ino, node in self.inodes.items() if isinstance(node, DataFileNode) and blob_key(node.spec) == key
-        ]
+        inodes = [ino for ino, node in self.inodes.items_of(DataFileNode) if blob_key(node.spec) == key]
         for ino in inodes:
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
@@ -208,8 +215,7 @@ class ScicatOperations(pyfuse3.Operations):
         return self._entry(self.inodes.acquire(node), attributes)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
-            self.inodes.forget(ino, count)
+        self.inodes.forget_all(inode_list)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
