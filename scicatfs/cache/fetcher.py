@@ -563,7 +563,13 @@ class Fetcher:
             flight.data = data
             flight.ready.set()
             try:
-                await trio.to_thread.run_sync(self.store.write_blocks, blob, first, data)
+                # a whole file (a small one) is verified and completed by the same call and transaction
+                await trio.to_thread.run_sync(
+                    self.store.write_blocks, blob, first, data, spec, self.retry_failed_after
+                )
+            except IntegrityError as error:  # recorded by the store; nothing was written
+                self._failed(blob, error)
+                return
             except OSError as error:
                 self.stats["chunks_uncached"] += count
                 if self.readahead.write_failed():
@@ -776,13 +782,16 @@ class Fetcher:
     async def _unpin(self, blob: Blob) -> None:
         """Drop one pin (even while cancelled: a leaked pin would keep the blob forever).
 
-        Only the last pin costs a worker thread (it closes the file and writes
-        the access time); a file fetched ahead and then read has four.
+        A cache blob's last pin closes its file inline: its access time waits in
+        memory for the store's next index transaction (``BlobStore.release_blob``).
+        Only the last pin of a local source file costs a worker thread, since
+        closing a file on a cluster filesystem may stall.
         """
-        if self.store.unpin_unless_last(blob):
-            return
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.store.release_blob, blob)
+        if isinstance(blob, LocalBlob) and not self.store.unpin_unless_last(blob):
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.store.release_blob, blob)
+        else:
+            self.store.release_blob(blob)
         if blob.pins == 0 and self._blocked_by_pins:
             self._start(self._evict)  # the blob may now be evictable
 

@@ -229,6 +229,7 @@ class _Run:
     blob: Blob
     first: int
     count: int
+    completes: bool = False  # the run is the whole file, verified: its rows also mark the blob complete
     done: bool = False
     error: OSError | None = None
 
@@ -301,6 +302,9 @@ class BlobStore:
         self._named: dict[str, set[tuple[str, str]]] = {}
         #: Keys that one thread is opening or evicting outside ``_lock``; others wait on the event.
         self._busy: dict[str, threading.Event] = {}
+        #: Access times of released blobs, not yet in the index: written by the next write
+        #: transaction (``_transaction``), so that a release needs neither a transaction nor a thread.
+        self._atimes: dict[str, float] = {}
         self._read_lock = threading.Lock()
         _STORES.add(self)
         #: Group commit of block writes: runs written but not yet synced and recorded, and
@@ -347,8 +351,11 @@ class BlobStore:
         with self._lock:
             for blob in self._open.values():
                 os.close(blob.fd)
+                self._atimes[blob.key] = time.time()
             self._open.clear()
             self._named.clear()
+            if self._atimes:
+                self._touch([])  # writes the pending access times
             self._db.close()
         with self._read_lock:
             self._reader.close()
@@ -361,9 +368,16 @@ class BlobStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the shared connection; caller holds ``_lock``."""
+        """One write transaction on the shared connection; caller holds ``_lock``.
+
+        It also writes the access times of blobs released since the last one
+        (lost with it if it rolls back: they only order eviction).
+        """
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if self._atimes:
+                atimes, self._atimes = self._atimes, {}
+                self._db.executemany("UPDATE blobs SET atime = ? WHERE key = ?", [(t, k) for k, t in atimes.items()])
             yield self._db
             self._db.execute("COMMIT")
         except BaseException:
@@ -591,7 +605,11 @@ class BlobStore:
             return True
 
     def release_blob(self, blob: Blob) -> None:
-        """Unpin; the last release closes the file (which drops this process's locks)."""
+        """Unpin; the last release closes the file (which drops this process's locks).
+
+        No index I/O: the access time is written by the next write transaction
+        (``_transaction``), so the event loop may call this inline.
+        """
         with self._lock:
             blob.pins -= 1
             if blob.pins > 0:
@@ -599,7 +617,7 @@ class BlobStore:
             del self._open[blob.key]
             self._named.pop(blob.key, None)
             os.close(blob.fd)
-            self._touch([("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), blob.key))])
+            self._atimes[blob.key] = time.time()
 
     def retain(self, blob: Blob) -> None:
         """One more pin on an already open blob (background work outliving a handle)."""
@@ -623,7 +641,10 @@ class BlobStore:
             raise ValueError(f"chunk {index} of {blob.key} must be {blob.chunk_length(index)} bytes")
         self.write_blocks(blob, index * blob.blocks_per_chunk, data)
 
-    def write_blocks(self, blob: Blob, first: int, data: bytes) -> None:
+    def write_blocks(
+        self, blob: Blob, first: int, data: bytes, whole: FileSpec | None = None,
+        retry_after: float = RETRY_FAILED_AFTER,
+    ) -> None:  # fmt: skip
         """Durably write consecutive blocks from block ``first``, then record them.
 
         Data first (``fdatasync``), index rows second (a transaction): a crash
@@ -634,17 +655,28 @@ class BlobStore:
         rows. Returns once this run is recorded. ``data`` must end on a block
         boundary or at the end of the file. Raises OSError (e.g. ENOSPC) with
         nothing of this run recorded.
+
+        ``whole``: ``data`` is the whole file of this spec (a small file fetched
+        in one piece). It is checked against the blob's checksum in memory
+        before anything is written, and the transaction that records its
+        blocks also marks the blob complete: one call instead of a write and a
+        ``complete``. A mismatch is recorded as ``complete`` records it and
+        raises IntegrityError, with nothing written.
         """
         offset = first * self.block_size
         count = -(-len(data) // self.block_size)
         if not data or offset + len(data) != min(offset + count * self.block_size, blob.size):
             raise ValueError(f"{len(data)} bytes at block {first} of {blob.key} are not whole blocks")
+        completes = whole is not None and first == 0 and len(data) == blob.size and not blob.complete
+        if completes and blob.checksum is not None:
+            assert whole is not None
+            self._check_digest(blob, whole, lambda algorithm: hashlib.new(algorithm, data).hexdigest(), retry_after)
         view = memoryview(data)
         while view:
             written = os.pwrite(blob.fd, view, offset)
             view = view[written:]
             offset += written
-        run = _Run(blob, first, count)
+        run = _Run(blob, first, count, completes)
         with self._commit:
             self._pending.append(run)
             while not run.done:
@@ -690,9 +722,12 @@ class BlobStore:
                 for run in synced
                 for index in range(run.first, run.first + run.count)
             ]
+            completed = [run.blob for run in synced if run.completes]
             try:
                 with self._lock, self._transaction() as db:
                     db.executemany("INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)", rows)
+                    for blob in completed:
+                        _mark_complete(db, blob.key)
             except sqlite3.Error as error:  # the index shares the disk: it fills up too
                 full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
                 failure = OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}")
@@ -703,6 +738,9 @@ class BlobStore:
             self.stats["commits"] += 1
             for run in synced:
                 run.blob.present.update(range(run.first, run.first + run.count))
+            for blob in completed:
+                blob.complete = True
+                blob.error = blob.retry_at = None
         finally:
             for run in batch:
                 run.done = True
@@ -752,25 +790,37 @@ class BlobStore:
             return
         if blob.checksum is not None:
             try:
-                actual = digest or _digest_of_open(blob, blob.checksum.algorithm)
-            except ValueError:  # the catalog layer should have dropped such checksums
-                log.warning("cannot verify %s %s: unknown algorithm %r", spec.pid, spec.path,
-                            blob.checksum.algorithm)  # fmt: skip
-                actual = blob.checksum.hexdigest.lower()
-            if actual != blob.checksum.hexdigest.lower():
-                error = IntegrityError(
-                    f"checksum mismatch for {spec.pid} {spec.path}: catalog says"
-                    f" {blob.checksum.algorithm}:{blob.checksum.hexdigest.lower()},"
-                    f" server sent {blob.checksum.algorithm}:{actual}; cached copy discarded"
+                self._check_digest(
+                    blob, spec, lambda algorithm: digest or _digest_of_open(blob, algorithm), retry_after
                 )
-                self.record_failure(blob, spec, error, retry_after)
+            except IntegrityError:
                 self.discard(blob)
-                raise error
+                raise
         with self._lock, self._index_errors(), self._transaction() as db:
-            db.execute("UPDATE blobs SET complete = 1 WHERE key = ?", (blob.key,))
-            db.execute("DELETE FROM failures WHERE key = ?", (blob.key,))
+            _mark_complete(db, blob.key)
         blob.complete = True
         blob.error = blob.retry_at = None
+
+    def _check_digest(
+        self, blob: Blob, spec: FileSpec, digest: Callable[[str], str], retry_after: float
+    ) -> None:
+        """Compare ``digest(algorithm)`` with the blob's checksum; a mismatch is recorded and raised."""
+        assert blob.checksum is not None
+        expected = blob.checksum.hexdigest.lower()
+        try:
+            actual = digest(blob.checksum.algorithm)
+        except ValueError:  # the catalog layer should have dropped such checksums
+            log.warning("cannot verify %s %s: unknown algorithm %r", spec.pid, spec.path,
+                        blob.checksum.algorithm)  # fmt: skip
+            return
+        if actual != expected:
+            error = IntegrityError(
+                f"checksum mismatch for {spec.pid} {spec.path}: catalog says"
+                f" {blob.checksum.algorithm}:{expected},"
+                f" server sent {blob.checksum.algorithm}:{actual}; cached copy discarded"
+            )
+            self.record_failure(blob, spec, error, retry_after)
+            raise error
 
     def record_failure(
         self, blob: Blob, spec: FileSpec, error: IntegrityError, retry_after: float = RETRY_FAILED_AFTER
@@ -974,6 +1024,9 @@ class BlobStore:
         usage = self.usage()
         if usage <= target:
             return Eviction(0, 0)
+        with self._lock:
+            if self._atimes:  # the order below needs the access times of recent releases
+                self._touch([])
         candidates = self._query(
             """SELECT b.key, (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
                FROM blobs b ORDER BY b.atime"""
@@ -1127,6 +1180,12 @@ def _write_failure(db: sqlite3.Connection, key: str, pid: str, path: str, messag
         "INSERT OR REPLACE INTO failures (key, pid, path, message, failed_at, retry_at) VALUES (?, ?, ?, ?, ?, ?)",
         (key, pid, path, message, time.time(), retry_at),
     )
+
+
+def _mark_complete(db: sqlite3.Connection, key: str) -> None:
+    """Every block of the blob is recorded and verified: mark it so, and forget an earlier failure."""
+    db.execute("UPDATE blobs SET complete = 1 WHERE key = ?", (key,))
+    db.execute("DELETE FROM failures WHERE key = ?", (key,))
 
 
 def _forget_blocks(db: sqlite3.Connection, key: str) -> None:
