@@ -53,10 +53,10 @@ from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
 from scicatfs.cache.local import LocalBlob, LocalFiles
 from scicatfs.cache.readahead import DatasetWalk, ReadAhead, Stream
-from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
+from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, BlockWrite, FileSpec, is_disk_full
 from scicatfs.cache.tiers import TierStats
 from scicatfs.transfer.base import Transfer
-from scicatfs.transfer.errors import ConnectionLost, SourceChanged, TransferTimeout
+from scicatfs.transfer.errors import ConnectionLost, SourceChanged, TransferError, TransferTimeout
 
 if TYPE_CHECKING:
     from scicatfs.cache.shared import SharedCache
@@ -153,6 +153,9 @@ class Fetcher:
         self._failures_seen = time.time()
         self._flights: dict[tuple[str, int], _Flight] = {}  # (blob key, block) -> its flight
         self._unevicted = 0  # bytes written since the last eviction pass
+        #: Block writes waiting for the next batch, and whether the writer task runs (``_write``).
+        self._writes: list[tuple[BlockWrite, trio.Event]] = []
+        self._writing = False
         self._verifications: dict[str, trio.Event] = {}
         self._digests: weakref.WeakKeyDictionary[Blob, RunningDigest] = weakref.WeakKeyDictionary()
         self._evicting = False
@@ -241,51 +244,72 @@ class Fetcher:
             for scope in self._walk_fetches.pop(key, ()):
                 scope.cancel()
         if step.fetch:
-            running = self._walk_fetches.setdefault(key, set())
-            for file in step.fetch:
-                self._nursery.start_soon(self._fetch_ahead, file, running)
+            self._nursery.start_soon(self._fetch_ahead, step.fetch, self._walk_fetches.setdefault(key, set()))
 
-    async def _fetch_ahead(self, spec: FileSpec, running: set[trio.CancelScope]) -> None:
-        """Fetch one small file ahead of a walking reader (its flights count as demand: it will be read).
+    async def _fetch_ahead(self, specs: Sequence[FileSpec], running: set[trio.CancelScope]) -> None:
+        """Fetch small files ahead of a walking reader (their flights count as demand: they will be read).
 
-        A broken walk cancels the wait, not the flights: they are at most the
-        walk's budget and their blocks stay cached. A file fetched whole keeps
-        its blob pinned (``_parked``, at most ``PARKED_MAX``) until it is
-        opened, so the open finds it in memory instead of opening the blob
-        file and its index rows again in a worker thread.
+        Their blobs are opened by one worker-thread job, not one each. A broken
+        walk cancels the wait, not the flights: they are at most the walk's
+        budget and their blocks stay cached. A file fetched whole keeps its
+        blob pinned (``_parked``, at most ``PARKED_MAX``) until it is opened, so
+        the open finds it in memory instead of opening the blob file and its
+        index rows again in a worker thread.
         """
+        with trio.CancelScope(shield=True):  # opens that finished must be released
+            opened = await trio.to_thread.run_sync(self._open_ahead, specs)
+        handles = deque(Handle(spec, blob) for spec, blob in opened)
         try:
-            with trio.CancelScope(shield=True):  # an open that finished must be released
-                blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
-        except (CacheError, OSError) as error:
-            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
-            return
-        parked = False
-        try:
-            if blob.error is None and not blob.all_present:
-                handle = Handle(spec, blob)
-                self._start_flights(handle, 0, blob.block_count, blob.block_count)
-                flights = {
-                    index: self._flights[blob.key, index]
-                    for index in range(blob.block_count)
-                    if (blob.key, index) in self._flights
-                }
-                with trio.CancelScope() as scope:
-                    running.add(scope)
-                    try:
-                        await self._wait(handle, flights, settled=True)
-                    finally:
-                        running.discard(scope)
-            if blob.error is None and blob.all_present and blob.key not in self._parked:
-                self._parked[blob.key] = blob
-                parked = True
-                if len(self._parked) > PARKED_MAX:
-                    await self._unpin(self._parked.popitem(last=False)[1])
-        except (CacheError, OSError) as error:
-            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+            for handle in handles:
+                blob = handle.blob
+                if blob.error is None and not blob.all_present:
+                    self._start_flights(handle, 0, blob.block_count, blob.block_count)
+            with trio.CancelScope() as scope:
+                running.add(scope)
+                try:
+                    while handles:
+                        await self._park(await self._fetched_ahead(handles[0]))
+                        handles.popleft()
+                finally:
+                    running.discard(scope)
         finally:
-            if not parked:
-                await self._unpin(blob)
+            for handle in handles:
+                await self._unpin(handle.blob)
+
+    def _open_ahead(self, specs: Sequence[FileSpec]) -> list[tuple[FileSpec, Blob]]:
+        """The blobs of files to fetch ahead, those that could be opened (worker thread)."""
+        opened = []
+        for spec in specs:
+            try:
+                opened.append((spec, self.store.open_blob(spec)))
+            except (CacheError, OSError) as error:
+                log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+        return opened
+
+    async def _fetched_ahead(self, handle: Handle) -> Blob | None:
+        """Wait for a file fetched ahead: its blob if it is now all present, else None (unpinned)."""
+        blob = handle.blob
+        try:
+            flights = {
+                index: self._flights[blob.key, index]
+                for index in range(blob.block_count)
+                if (blob.key, index) in self._flights
+            }
+            await self._wait(handle, flights, settled=True)
+        except (CacheError, TransferError, OSError) as error:
+            log.debug("fetching %s %s ahead: %s", handle.spec.pid, handle.spec.path, error)
+        if blob.error is None and blob.all_present and blob.key not in self._parked:
+            return blob
+        await self._unpin(blob)
+        return None
+
+    async def _park(self, blob: Blob | None) -> None:
+        """Keep a blob fetched ahead pinned until its file is opened; let the oldest go beyond PARKED_MAX."""
+        if blob is None:
+            return
+        self._parked[blob.key] = blob
+        if len(self._parked) > PARKED_MAX:
+            await self._unpin(self._parked.popitem(last=False)[1])
 
     def _open_blob(self, spec: FileSpec) -> Blob:
         """The blob of ``spec``: a local source file in place, else the store's (worker thread)."""
@@ -562,11 +586,9 @@ class Fetcher:
             self.stats["chunks_fetched"] += count
             flight.data = data
             flight.ready.set()
+            write = BlockWrite(blob, first, data, whole=spec)  # a whole small file is also completed
             try:
-                # a whole file (a small one) is verified and completed by the same call and transaction
-                await trio.to_thread.run_sync(
-                    self.store.write_blocks, blob, first, data, spec, self.retry_failed_after
-                )
+                await self._write(write)
             except IntegrityError as error:  # recorded by the store; nothing was written
                 self._failed(blob, error)
                 return
@@ -592,6 +614,45 @@ class Fetcher:
             self._start_verification(spec, blob)
         elif blob.checksum is not None:
             self._hash_ahead(blob)
+
+    async def _write(self, write: BlockWrite) -> None:
+        """Have the store write and record ``write``; raises the run's error.
+
+        Writes that arrive while a batch is with the store go to it together
+        in the next batch (``_write_batches``): many small files cost one
+        worker-thread job and one group commit, not a thread each. Not
+        cancellable: the caller's pin must outlive the write of its blob.
+        """
+        done = trio.Event()
+        self._writes.append((write, done))
+        if not self._writing:
+            self._writing = True
+            if self._nursery is not None:
+                self._nursery.start_soon(self._write_batches)
+            else:  # shutting down: this flight's write still ends before its pin goes
+                await self._write_batches()
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        if write.error is not None:
+            raise write.error
+
+    async def _write_batches(self) -> None:
+        """Hand the waiting writes to the store, a batch at a time, until none is left."""
+        with trio.CancelScope(shield=True):  # every waiter must be woken, also at shutdown
+            try:
+                while self._writes:
+                    batch, self._writes = self._writes, []
+                    writes = [write for write, _ in batch]
+                    try:
+                        await trio.to_thread.run_sync(self.store.write_many, writes, self.retry_failed_after)
+                    except Exception as error:  # a bug, not a full disk: each of these flights fails with it
+                        for write in writes:
+                            if not write.done:
+                                write.error = error
+                    for _, done in batch:
+                        done.set()
+            finally:
+                self._writing = False
 
     async def _from_tiers(self, spec: FileSpec, blob: Blob, first: int, count: int, *, demand: bool) -> bytes:
         """A flight's bytes from the shared tier if there is one and it has them, else from the source.

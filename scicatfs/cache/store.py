@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ __all__ = [
     "CHUNK_SIZE",
     "INDEX_FILE",
     "Blob",
+    "BlockWrite",
     "BlobInfo",
     "BlobStore",
     "Checksum",
@@ -223,15 +224,23 @@ class Blob:
 
 
 @dataclass(eq=False, slots=True)
-class _Run:
-    """Blocks ``first .. first+count-1`` of a blob, written and waiting to be synced and recorded."""
+class BlockWrite:
+    """Consecutive blocks of a blob from block ``first``, to be durably written and recorded
+    (``BlobStore.write_many``); ``error`` tells how it went once the call returns."""
 
     blob: Blob
     first: int
-    count: int
-    completes: bool = False  # the run is the whole file, verified: its rows also mark the blob complete
-    done: bool = False
-    error: OSError | None = None
+    data: bytes
+    #: ``data`` is this whole file: verified in memory, and its rows also mark the blob complete.
+    whole: FileSpec | None = None
+    #: OSError (disk full, ...) or IntegrityError; the caller of ``write_many`` may put others here.
+    error: Exception | None = None
+    completes: bool = field(default=False, init=False)
+    done: bool = field(default=False, init=False)  # synced and recorded, or given up
+
+    @property
+    def count(self) -> int:
+        return -(-len(self.data) // self.blob.block_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,9 +317,9 @@ class BlobStore:
         self._read_lock = threading.Lock()
         _STORES.add(self)
         #: Group commit of block writes: runs written but not yet synced and recorded, and
-        #: whether a thread is recording a batch right now (``write_blocks``).
+        #: whether a thread is recording a batch right now (``write_many``).
         self._commit = threading.Condition(threading.Lock())
-        self._pending: list[_Run] = []
+        self._pending: list[BlockWrite] = []
         self._committing = False
         #: syncs: fdatasync calls of blob files; commits: index transactions recording blocks.
         self.stats = {"syncs": 0, "commits": 0}
@@ -645,41 +654,46 @@ class BlobStore:
         self, blob: Blob, first: int, data: bytes, whole: FileSpec | None = None,
         retry_after: float = RETRY_FAILED_AFTER,
     ) -> None:  # fmt: skip
-        """Durably write consecutive blocks from block ``first``, then record them.
+        """Durably write consecutive blocks from block ``first``, then record them (``write_many`` of one run).
+
+        Raises what ``write_many`` reports for the run: OSError (e.g. ENOSPC) or
+        IntegrityError, with nothing of the run recorded.
+        """
+        write = BlockWrite(blob, first, data, whole)
+        self.write_many([write], retry_after)
+        if write.error is not None:
+            raise write.error
+
+    def write_many(self, writes: Sequence[BlockWrite], retry_after: float = RETRY_FAILED_AFTER) -> None:
+        """Durably write runs of blocks, then record them; each run's ``error`` says if it failed.
 
         Data first (``fdatasync``), index rows second (a transaction): a crash
         between the two leaves bytes that no row vouches for, which the next
-        start ignores. Writers that arrive while another thread is syncing and
-        committing are served together by the next round (group commit): one
-        ``fdatasync`` per blob file touched, then one transaction for all their
-        rows. Returns once this run is recorded. ``data`` must end on a block
-        boundary or at the end of the file. Raises OSError (e.g. ENOSPC) with
-        nothing of this run recorded.
+        start ignores. All the runs of one call, and the runs of other threads
+        that arrive while a round is being synced and committed, are recorded
+        together (group commit): one ``fdatasync`` per blob file touched, then
+        one transaction for all their rows. Returns once every run is recorded
+        or has failed. A run's ``data`` must end on a block boundary or at the
+        end of the file.
 
-        ``whole``: ``data`` is the whole file of this spec (a small file fetched
-        in one piece). It is checked against the blob's checksum in memory
-        before anything is written, and the transaction that records its
-        blocks also marks the blob complete: one call instead of a write and a
-        ``complete``. A mismatch is recorded as ``complete`` records it and
-        raises IntegrityError, with nothing written.
+        A run with ``whole`` holds that whole file (a small file fetched in one
+        piece): it is checked against the blob's checksum in memory before
+        anything is written, and the transaction that records its blocks also
+        marks the blob complete, so a small file costs no separate
+        ``complete``. A mismatch is recorded as ``complete`` records one and
+        becomes the run's IntegrityError, with nothing written.
         """
-        offset = first * self.block_size
-        count = -(-len(data) // self.block_size)
-        if not data or offset + len(data) != min(offset + count * self.block_size, blob.size):
-            raise ValueError(f"{len(data)} bytes at block {first} of {blob.key} are not whole blocks")
-        completes = whole is not None and first == 0 and len(data) == blob.size and not blob.complete
-        if completes and blob.checksum is not None:
-            assert whole is not None
-            self._check_digest(blob, whole, lambda algorithm: hashlib.new(algorithm, data).hexdigest(), retry_after)
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(blob.fd, view, offset)
-            view = view[written:]
-            offset += written
-        run = _Run(blob, first, count, completes)
+        written = []
+        for write in writes:
+            try:
+                self._write_run(write, retry_after)
+            except (OSError, IntegrityError) as error:
+                write.error, write.done = error, True
+                continue
+            written.append(write)
         with self._commit:
-            self._pending.append(run)
-            while not run.done:
+            self._pending.extend(written)
+            while not all(write.done for write in written):
                 if self._committing:
                     self._commit.wait()
                     continue
@@ -691,10 +705,25 @@ class BlobStore:
                     self._commit.acquire()
                     self._committing = False
                     self._commit.notify_all()
-        if run.error is not None:
-            raise run.error
 
-    def _record(self, batch: list[_Run]) -> None:
+    def _write_run(self, write: BlockWrite, retry_after: float) -> None:
+        """Check one run (and verify it if it is a whole file), then ``pwrite`` it; no sync, no row."""
+        blob, data = write.blob, write.data
+        offset = write.first * self.block_size
+        if not data or offset + len(data) != min(offset + write.count * self.block_size, blob.size):
+            raise ValueError(f"{len(data)} bytes at block {write.first} of {blob.key} are not whole blocks")
+        whole = write.whole
+        write.completes = whole is not None and write.first == 0 and len(data) == blob.size and not blob.complete
+        if write.completes and blob.checksum is not None:
+            assert whole is not None
+            self._check_digest(blob, whole, lambda algorithm: hashlib.new(algorithm, data).hexdigest(), retry_after)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(blob.fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def _record(self, batch: list[BlockWrite]) -> None:
         """Make a batch of written runs durable (one sync per blob file), then record them in one transaction.
 
         Called by one thread at a time (the round's leader) without any lock;
@@ -702,10 +731,10 @@ class BlobStore:
         its blob could not be synced or the transaction failed.
         """
         try:
-            by_blob: dict[int, list[_Run]] = {}
+            by_blob: dict[int, list[BlockWrite]] = {}
             for run in batch:
                 by_blob.setdefault(id(run.blob), []).append(run)
-            synced: list[_Run] = []
+            synced: list[BlockWrite] = []
             for runs in by_blob.values():
                 try:
                     os.fdatasync(runs[0].blob.fd)
