@@ -141,6 +141,8 @@ class Fetcher:
         self._walk_fetches: dict[tuple[str, str], set[trio.CancelScope]] = {}
         #: Blobs of files fetched ahead, still pinned so that their open needs no worker thread.
         self._parked: OrderedDict[str, Blob] = OrderedDict()
+        #: Blob keys being fetched ahead whose file has not been opened since (only those are parked).
+        self._ahead_unopened: set[str] = set()
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
@@ -219,6 +221,7 @@ class Fetcher:
         parked = self._parked.pop(blob.key, None)
         if parked is not None:  # fetched ahead for this open: the handle's pin replaces the walk's
             await self._unpin(parked)
+        self._ahead_unopened.discard(blob.key)  # a fetch ahead under way need not park it for this open
         if blob.error is not None:
             try:
                 await self._retry_failed(spec, blob)
@@ -247,34 +250,14 @@ class Fetcher:
             self._nursery.start_soon(self._fetch_ahead, step.fetch, self._walk_fetches.setdefault(key, set()))
 
     async def _fetch_ahead(self, specs: Sequence[FileSpec], running: set[trio.CancelScope]) -> None:
-        """Fetch small files ahead of a walking reader (their flights count as demand: they will be read).
-
-        Their blobs are opened by one worker-thread job, not one each. A broken
-        walk cancels the wait, not the flights: they are at most the walk's
-        budget and their blocks stay cached. A file fetched whole keeps its
-        blob pinned (``_parked``, at most ``PARKED_MAX``) until it is opened, so
-        the open finds it in memory instead of opening the blob file and its
-        index rows again in a worker thread.
-        """
+        """Fetch small files ahead of a walking reader: their blobs opened by one worker-thread job."""
         with trio.CancelScope(shield=True):  # opens that finished must be released
             opened = await trio.to_thread.run_sync(self._open_ahead, specs)
-        handles = deque(Handle(spec, blob) for spec, blob in opened)
-        try:
-            for handle in handles:
-                blob = handle.blob
-                if blob.error is None and not blob.all_present:
-                    self._start_flights(handle, 0, blob.block_count, blob.block_count)
-            with trio.CancelScope() as scope:
-                running.add(scope)
-                try:
-                    while handles:
-                        await self._park(await self._fetched_ahead(handles[0]))
-                        handles.popleft()
-                finally:
-                    running.discard(scope)
-        finally:
-            for handle in handles:
-                await self._unpin(handle.blob)
+        for spec, blob in opened:
+            if self._nursery is None:  # shut down meanwhile
+                await self._unpin(blob)
+            else:
+                self._nursery.start_soon(self._fetch_one_ahead, Handle(spec, blob), running)
 
     def _open_ahead(self, specs: Sequence[FileSpec]) -> list[tuple[FileSpec, Blob]]:
         """The blobs of files to fetch ahead, those that could be opened (worker thread)."""
@@ -286,30 +269,45 @@ class Fetcher:
                 log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
         return opened
 
-    async def _fetched_ahead(self, handle: Handle) -> Blob | None:
-        """Wait for a file fetched ahead: its blob if it is now all present, else None (unpinned)."""
-        blob = handle.blob
-        try:
-            flights = {
-                index: self._flights[blob.key, index]
-                for index in range(blob.block_count)
-                if (blob.key, index) in self._flights
-            }
-            await self._wait(handle, flights, settled=True)
-        except (CacheError, TransferError, OSError) as error:
-            log.debug("fetching %s %s ahead: %s", handle.spec.pid, handle.spec.path, error)
-        if blob.error is None and blob.all_present and blob.key not in self._parked:
-            return blob
-        await self._unpin(blob)
-        return None
+    async def _fetch_one_ahead(self, handle: Handle, running: set[trio.CancelScope]) -> None:
+        """Fetch one file ahead of a walking reader (its flights count as demand: it will be read).
 
-    async def _park(self, blob: Blob | None) -> None:
-        """Keep a blob fetched ahead pinned until its file is opened; let the oldest go beyond PARKED_MAX."""
-        if blob is None:
-            return
-        self._parked[blob.key] = blob
-        if len(self._parked) > PARKED_MAX:
-            await self._unpin(self._parked.popitem(last=False)[1])
+        A broken walk cancels the wait, not the flights: they are at most the
+        walk's budget and their blocks stay cached. A file fetched whole keeps
+        its blob pinned (``_parked``, at most ``PARKED_MAX``) until it is
+        opened, so the open finds it in memory instead of opening the blob
+        file and its index rows again in a worker thread; unless it was opened
+        while being fetched (the reader was served from the flight), which
+        would leave a parked pin that no open takes over.
+        """
+        spec, blob = handle.spec, handle.blob
+        parked = False
+        self._ahead_unopened.add(blob.key)
+        try:
+            if blob.error is None and not blob.all_present:
+                self._start_flights(handle, 0, blob.block_count, blob.block_count)
+                flights = {
+                    index: self._flights[blob.key, index]
+                    for index in range(blob.block_count)
+                    if (blob.key, index) in self._flights
+                }
+                with trio.CancelScope() as scope:
+                    running.add(scope)
+                    try:
+                        await self._wait(handle, flights, settled=True)
+                    finally:
+                        running.discard(scope)
+            if blob.error is None and blob.all_present and blob.key in self._ahead_unopened:
+                self._parked[blob.key] = blob
+                parked = True
+                if len(self._parked) > PARKED_MAX:
+                    await self._unpin(self._parked.popitem(last=False)[1])
+        except (CacheError, TransferError, OSError) as error:
+            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+        finally:
+            self._ahead_unopened.discard(blob.key)
+            if not parked:
+                await self._unpin(blob)
 
     def _open_blob(self, spec: FileSpec) -> Blob:
         """The blob of ``spec``: a local source file in place, else the store's (worker thread)."""
