@@ -66,6 +66,8 @@ __all__ = ["Fetcher", "Handle"]
 log = logging.getLogger(__name__)
 
 LOCK_POLL_INTERVAL = 0.02
+#: How long the event loop waits for the store's lock to drop a pin inline, before a worker thread does.
+INLINE_LOCK_WAIT = 0.005
 #: Files fetched ahead whose blob stays open until they are opened (the oldest is let go first).
 PARKED_MAX = 64
 #: Seconds between looks at the index for failures that other processes recorded.
@@ -842,15 +844,18 @@ class Fetcher:
         """Drop one pin (even while cancelled: a leaked pin would keep the blob forever).
 
         A cache blob's last pin closes its file inline: its access time waits in
-        memory for the store's next index transaction (``BlobStore.release_blob``).
-        Only the last pin of a local source file costs a worker thread, since
-        closing a file on a cluster filesystem may stall.
+        memory for the store's next index transaction (``BlobStore.release_blob``);
+        only if the store's lock stays busy for ``INLINE_LOCK_WAIT`` does it go
+        to a worker thread. The last pin of a local source file always does,
+        since closing a file on a cluster filesystem may stall.
         """
-        if isinstance(blob, LocalBlob) and not self.store.unpin_unless_last(blob):
+        if isinstance(blob, LocalBlob):
+            done = self.store.unpin_unless_last(blob)
+        else:
+            done = self.store.release_blob(blob, timeout=INLINE_LOCK_WAIT)
+        if not done:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.store.release_blob, blob)
-        else:
-            self.store.release_blob(blob)
         if blob.pins == 0 and self._blocked_by_pins:
             self._start(self._evict)  # the blob may now be evictable
 

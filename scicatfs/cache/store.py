@@ -613,20 +613,25 @@ class BlobStore:
             blob.pins -= 1
             return True
 
-    def release_blob(self, blob: Blob) -> None:
+    def release_blob(self, blob: Blob, timeout: float = -1) -> bool:
         """Unpin; the last release closes the file (which drops this process's locks).
 
         No index I/O: the access time is written by the next write transaction
-        (``_transaction``), so the event loop may call this inline.
+        (``_transaction``), so the event loop may call this inline, with a
+        ``timeout`` for ``_lock`` (a worker may hold it while sqlite waits for
+        another process): False if it was not free in time, and nothing done.
         """
-        with self._lock:
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        with contextlib.ExitStack() as held:
+            held.callback(self._lock.release)
             blob.pins -= 1
-            if blob.pins > 0:
-                return
-            del self._open[blob.key]
-            self._named.pop(blob.key, None)
-            os.close(blob.fd)
-            self._atimes[blob.key] = time.time()
+            if blob.pins == 0:
+                del self._open[blob.key]
+                self._named.pop(blob.key, None)
+                os.close(blob.fd)
+                self._atimes[blob.key] = time.time()
+        return True
 
     def retain(self, blob: Blob) -> None:
         """One more pin on an already open blob (background work outliving a handle)."""
