@@ -16,7 +16,7 @@ import pytest
 
 from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, IntegrityError
-from scicatfs.cache.store import BlobStore, FileSpec, blob_key
+from scicatfs.cache.store import BlobStore, BlockWrite, FileSpec, blob_key
 from scicatfs.catalog.models import Checksum
 
 CHUNK = 1024
@@ -341,6 +341,75 @@ def test_bad_configuration_is_a_clear_error(tmp_path: Path) -> None:
         BlobStore(tmp_path / "c", budget=1, chunk_size=0)
     with pytest.raises(ValueError, match="not a multiple of the block size"):
         BlobStore(tmp_path / "c", budget=1, chunk_size=3 * 1024, block_size=2 * 1024)
+
+
+def count_commits(store: BlobStore) -> list[str]:
+    """Every statement that ends a write transaction on the store's own connection, from now on."""
+    commits: list[str] = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+    return commits
+
+
+def test_whole_small_files_written_together_are_recorded_and_completed_in_one_transaction(tmp_path: Path) -> None:
+    """A batch of small files fetched whole: one sync each, then one transaction for all their
+    rows and their completeness (no transaction per file to complete it)."""
+    datas = [os.urandom(CHUNK // 2 + number) for number in range(8)]
+    specs = [spec_for(data, path=f"f{number}.bin") for number, data in enumerate(datas)]
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        blobs = [store.open_blob(spec) for spec in specs]
+        commits = count_commits(store)
+        writes = [BlockWrite(blob, 0, data, whole=spec) for blob, data, spec in zip(blobs, datas, specs, strict=True)]
+        store.write_many(writes)
+        assert [write.error for write in writes] == [None] * 8
+        assert len(commits) == 1 and store.stats == {"syncs": 8, "commits": 1}
+        assert all(blob.complete for blob in blobs)
+        for blob in blobs:
+            store.release_blob(blob)
+        assert len(commits) == 1  # releases write nothing themselves
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        assert [entry.complete for entry in store.entries()] == [True] * 8
+        assert [store.cached_bytes(spec) for spec in specs] == [len(data) for data in datas]
+
+
+def test_a_whole_file_that_fails_its_checksum_is_recorded_and_never_written(tmp_path: Path) -> None:
+    data = os.urandom(CHUNK // 2)
+    spec = spec_for(data)
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        blob = store.open_blob(spec)
+        good = BlockWrite(blob, 0, data, whole=spec)
+        with pytest.raises(IntegrityError, match="checksum mismatch"):
+            store.write_blocks(blob, 0, bytes(reversed(data)), whole=spec)
+        assert blob.error is not None and not blob.complete and blob.present == set()
+        assert os.fstat(blob.fd).st_size == 0 and store.usage() == 0
+        assert store.failures_since(0)[0].key == blob.key
+        store.write_many([good])  # the next, verified fetch clears the failure with its rows
+        assert good.error is None and blob.complete and blob.error is None and store.failures_since(0) == []
+        store.release_blob(blob)
+
+
+def test_a_release_writes_its_access_time_with_the_next_transaction(tmp_path: Path) -> None:
+    """The last release closes the blob without a transaction of its own (the mount calls it on
+    its event loop); the access time reaches the index with the next write, or at close."""
+    first, second = (spec_for(os.urandom(100), path=name) for name in ("a.bin", "b.bin"))
+
+    def atime(store: BlobStore, spec: FileSpec) -> float:
+        return store._query("SELECT atime FROM blobs WHERE key = ?", (blob_key(spec),))[0][0]
+
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        store.release_blob(store.open_blob(first))
+        opened_at = atime(store, first)
+        commits = count_commits(store)
+        store.release_blob(store.open_blob(first))  # open: one transaction; release: none
+        assert len(commits) == 1
+        assert atime(store, first) > opened_at
+        touched = atime(store, first)
+        store.release_blob(store.open_blob(second))  # its open's transaction carries first's release
+        assert atime(store, first) > touched
+        blob = store.open_blob(second)
+        store.release_blob(blob)
+        released = store._atimes[blob.key]
+    with BlobStore(tmp_path, budget=1 << 20, chunk_size=CHUNK) as store:
+        assert atime(store, second) == released  # written by close()
 
 
 def test_writers_that_meet_share_one_sync_per_blob_and_one_transaction(tmp_path: Path, monkeypatch) -> None:

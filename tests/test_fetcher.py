@@ -708,3 +708,52 @@ def test_files_opened_out_of_order_are_not_fetched_ahead(sshd, remote, tmp_path:
         assert cached == [0, 3, 20]
 
     run(sshd, tmp_path, body, chunk=MiB)
+
+
+def test_small_files_fetched_together_share_index_transactions(sshd, remote, tmp_path: Path) -> None:
+    """16 readers of 16 small files: each file's rows and completeness are written by one shared
+    transaction of the batched writes, and closing a file writes none (counted on the real index)."""
+    datas = [payload(64 * KiB, seed) for seed in range(16)]
+    specs = [remote(f"frames/{number:02}.bin", data) for number, data in enumerate(datas)]
+
+    async def body(fetcher: Fetcher) -> None:
+        commits: list[str] = []
+        fetcher.store._db.set_trace_callback(lambda sql: commits.append(sql) if sql.strip() == "COMMIT" else None)
+
+        async def reader(number: int) -> None:
+            assert await read_all(fetcher, specs[number]) == datas[number]
+
+        async with trio.open_nursery() as nursery:
+            for number in range(16):
+                nursery.start_soon(reader, number)
+        await settled(fetcher)
+        assert all(entry.complete for entry in fetcher.store.entries())
+        # 16 opens (a transaction each) and the batched block writes; before: also one
+        # transaction per file to complete it and one per close
+        assert len(commits) <= 16 + 8, commits
+        assert fetcher.store.stats["commits"] < 16
+
+    run(sshd, tmp_path, body, chunk=MiB)
+
+
+def test_a_walk_goes_on_past_a_file_the_server_does_not_have(sshd, remote, tmp_path: Path) -> None:
+    """A file fetched ahead that is missing at the source fails only its own reads."""
+    datas = [payload(32 * KiB, seed) for seed in range(6)]
+    specs = [remote(f"frames/{number:02}.bin", data) for number, data in enumerate(datas)]
+    missing = replace(specs[3], source=sftp("/cache-tests/nowhere/03.bin"), remote_path="/cache-tests/nowhere/03.bin")
+    specs[3] = missing
+
+    async def body(fetcher: Fetcher) -> None:
+        for number in (0, 1):
+            handle = await fetcher.open(specs[number], specs[number + 1 :])
+            assert await fetcher.read(handle, 0, 32 * KiB) == datas[number]
+            await fetcher.release(handle)
+        await _until_cached(fetcher, [specs[2], specs[4], specs[5]])
+        handle = await fetcher.open(missing, specs[4:])
+        with pytest.raises(TransferError, match="no such file"):
+            await fetcher.read(handle, 0, 32 * KiB)
+        await fetcher.release(handle)
+        for number in (4, 5):
+            assert await read_all(fetcher, specs[number]) == datas[number]
+
+    run(sshd, tmp_path, body, chunk=MiB)

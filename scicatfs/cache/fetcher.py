@@ -53,10 +53,10 @@ from scicatfs.cache.digest import RunningDigest
 from scicatfs.cache.errors import CacheError, FetchTimeout, IntegrityError, report_integrity
 from scicatfs.cache.local import LocalBlob, LocalFiles
 from scicatfs.cache.readahead import DatasetWalk, ReadAhead, Stream
-from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, FileSpec, is_disk_full
+from scicatfs.cache.store import RETRY_FAILED_AFTER, Blob, BlobStore, BlockWrite, FileSpec, is_disk_full
 from scicatfs.cache.tiers import TierStats
 from scicatfs.transfer.base import Transfer
-from scicatfs.transfer.errors import ConnectionLost, SourceChanged, TransferTimeout
+from scicatfs.transfer.errors import ConnectionLost, SourceChanged, TransferError, TransferTimeout
 
 if TYPE_CHECKING:
     from scicatfs.cache.shared import SharedCache
@@ -66,6 +66,8 @@ __all__ = ["Fetcher", "Handle"]
 log = logging.getLogger(__name__)
 
 LOCK_POLL_INTERVAL = 0.02
+#: How long the event loop waits for the store's lock to drop a pin inline, before a worker thread does.
+INLINE_LOCK_WAIT = 0.005
 #: Files fetched ahead whose blob stays open until they are opened (the oldest is let go first).
 PARKED_MAX = 64
 #: Seconds between looks at the index for failures that other processes recorded.
@@ -141,6 +143,8 @@ class Fetcher:
         self._walk_fetches: dict[tuple[str, str], set[trio.CancelScope]] = {}
         #: Blobs of files fetched ahead, still pinned so that their open needs no worker thread.
         self._parked: OrderedDict[str, Blob] = OrderedDict()
+        #: Blob keys being fetched ahead whose file has not been opened since (only those are parked).
+        self._ahead_unopened: set[str] = set()
         self.read_timeout = read_timeout
         self.transfer_timeout = transfer_timeout
         self.attempts = attempts
@@ -153,6 +157,9 @@ class Fetcher:
         self._failures_seen = time.time()
         self._flights: dict[tuple[str, int], _Flight] = {}  # (blob key, block) -> its flight
         self._unevicted = 0  # bytes written since the last eviction pass
+        #: Block writes waiting for the next batch, and whether the writer task runs (``_write``).
+        self._writes: list[tuple[BlockWrite, trio.Event]] = []
+        self._writing = False
         self._verifications: dict[str, trio.Event] = {}
         self._digests: weakref.WeakKeyDictionary[Blob, RunningDigest] = weakref.WeakKeyDictionary()
         self._evicting = False
@@ -216,6 +223,7 @@ class Fetcher:
         parked = self._parked.pop(blob.key, None)
         if parked is not None:  # fetched ahead for this open: the handle's pin replaces the walk's
             await self._unpin(parked)
+        self._ahead_unopened.discard(blob.key)  # a fetch ahead under way need not park it for this open
         if blob.error is not None:
             try:
                 await self._retry_failed(spec, blob)
@@ -241,29 +249,44 @@ class Fetcher:
             for scope in self._walk_fetches.pop(key, ()):
                 scope.cancel()
         if step.fetch:
-            running = self._walk_fetches.setdefault(key, set())
-            for file in step.fetch:
-                self._nursery.start_soon(self._fetch_ahead, file, running)
+            self._nursery.start_soon(self._fetch_ahead, step.fetch, self._walk_fetches.setdefault(key, set()))
 
-    async def _fetch_ahead(self, spec: FileSpec, running: set[trio.CancelScope]) -> None:
-        """Fetch one small file ahead of a walking reader (its flights count as demand: it will be read).
+    async def _fetch_ahead(self, specs: Sequence[FileSpec], running: set[trio.CancelScope]) -> None:
+        """Fetch small files ahead of a walking reader: their blobs opened by one worker-thread job."""
+        with trio.CancelScope(shield=True):  # opens that finished must be released
+            opened = await trio.to_thread.run_sync(self._open_ahead, specs)
+        for spec, blob in opened:
+            if self._nursery is None:  # shut down meanwhile
+                await self._unpin(blob)
+            else:
+                self._nursery.start_soon(self._fetch_one_ahead, Handle(spec, blob), running)
+
+    def _open_ahead(self, specs: Sequence[FileSpec]) -> list[tuple[FileSpec, Blob]]:
+        """The blobs of files to fetch ahead, those that could be opened (worker thread)."""
+        opened = []
+        for spec in specs:
+            try:
+                opened.append((spec, self.store.open_blob(spec)))
+            except (CacheError, OSError) as error:
+                log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
+        return opened
+
+    async def _fetch_one_ahead(self, handle: Handle, running: set[trio.CancelScope]) -> None:
+        """Fetch one file ahead of a walking reader (its flights count as demand: it will be read).
 
         A broken walk cancels the wait, not the flights: they are at most the
         walk's budget and their blocks stay cached. A file fetched whole keeps
         its blob pinned (``_parked``, at most ``PARKED_MAX``) until it is
         opened, so the open finds it in memory instead of opening the blob
-        file and its index rows again in a worker thread.
+        file and its index rows again in a worker thread; unless it was opened
+        while being fetched (the reader was served from the flight), which
+        would leave a parked pin that no open takes over.
         """
-        try:
-            with trio.CancelScope(shield=True):  # an open that finished must be released
-                blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
-        except (CacheError, OSError) as error:
-            log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
-            return
+        spec, blob = handle.spec, handle.blob
         parked = False
+        self._ahead_unopened.add(blob.key)
         try:
             if blob.error is None and not blob.all_present:
-                handle = Handle(spec, blob)
                 self._start_flights(handle, 0, blob.block_count, blob.block_count)
                 flights = {
                     index: self._flights[blob.key, index]
@@ -276,14 +299,15 @@ class Fetcher:
                         await self._wait(handle, flights, settled=True)
                     finally:
                         running.discard(scope)
-            if blob.error is None and blob.all_present and blob.key not in self._parked:
+            if blob.error is None and blob.all_present and blob.key in self._ahead_unopened:
                 self._parked[blob.key] = blob
                 parked = True
                 if len(self._parked) > PARKED_MAX:
                     await self._unpin(self._parked.popitem(last=False)[1])
-        except (CacheError, OSError) as error:
+        except (CacheError, TransferError, OSError) as error:
             log.debug("fetching %s %s ahead: %s", spec.pid, spec.path, error)
         finally:
+            self._ahead_unopened.discard(blob.key)
             if not parked:
                 await self._unpin(blob)
 
@@ -562,8 +586,12 @@ class Fetcher:
             self.stats["chunks_fetched"] += count
             flight.data = data
             flight.ready.set()
+            write = BlockWrite(blob, first, data, whole=spec)  # a whole small file is also completed
             try:
-                await trio.to_thread.run_sync(self.store.write_blocks, blob, first, data)
+                await self._write(write)
+            except IntegrityError as error:  # recorded by the store; nothing was written
+                self._failed(blob, error)
+                return
             except OSError as error:
                 self.stats["chunks_uncached"] += count
                 if self.readahead.write_failed():
@@ -586,6 +614,45 @@ class Fetcher:
             self._start_verification(spec, blob)
         elif blob.checksum is not None:
             self._hash_ahead(blob)
+
+    async def _write(self, write: BlockWrite) -> None:
+        """Have the store write and record ``write``; raises the run's error.
+
+        Writes that arrive while a batch is with the store go to it together
+        in the next batch (``_write_batches``): many small files cost one
+        worker-thread job and one group commit, not a thread each. Not
+        cancellable: the caller's pin must outlive the write of its blob.
+        """
+        done = trio.Event()
+        self._writes.append((write, done))
+        if not self._writing:
+            self._writing = True
+            if self._nursery is not None:
+                self._nursery.start_soon(self._write_batches)
+            else:  # shutting down: this flight's write still ends before its pin goes
+                await self._write_batches()
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        if write.error is not None:
+            raise write.error
+
+    async def _write_batches(self) -> None:
+        """Hand the waiting writes to the store, a batch at a time, until none is left."""
+        with trio.CancelScope(shield=True):  # every waiter must be woken, also at shutdown
+            try:
+                while self._writes:
+                    batch, self._writes = self._writes, []
+                    writes = [write for write, _ in batch]
+                    try:
+                        await trio.to_thread.run_sync(self.store.write_many, writes, self.retry_failed_after)
+                    except Exception as error:  # a bug, not a full disk: each of these flights fails with it
+                        for write in writes:
+                            if not write.done:
+                                write.error = error
+                    for _, done in batch:
+                        done.set()
+            finally:
+                self._writing = False
 
     async def _from_tiers(self, spec: FileSpec, blob: Blob, first: int, count: int, *, demand: bool) -> bytes:
         """A flight's bytes from the shared tier if there is one and it has them, else from the source.
@@ -776,13 +843,19 @@ class Fetcher:
     async def _unpin(self, blob: Blob) -> None:
         """Drop one pin (even while cancelled: a leaked pin would keep the blob forever).
 
-        Only the last pin costs a worker thread (it closes the file and writes
-        the access time); a file fetched ahead and then read has four.
+        A cache blob's last pin closes its file inline: its access time waits in
+        memory for the store's next index transaction (``BlobStore.release_blob``);
+        only if the store's lock stays busy for ``INLINE_LOCK_WAIT`` does it go
+        to a worker thread. The last pin of a local source file always does,
+        since closing a file on a cluster filesystem may stall.
         """
-        if self.store.unpin_unless_last(blob):
-            return
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.store.release_blob, blob)
+        if isinstance(blob, LocalBlob):
+            done = self.store.unpin_unless_last(blob)
+        else:
+            done = self.store.release_blob(blob, timeout=INLINE_LOCK_WAIT)
+        if not done:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.store.release_blob, blob)
         if blob.pins == 0 and self._blocked_by_pins:
             self._start(self._evict)  # the blob may now be evictable
 

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ __all__ = [
     "CHUNK_SIZE",
     "INDEX_FILE",
     "Blob",
+    "BlockWrite",
     "BlobInfo",
     "BlobStore",
     "Checksum",
@@ -223,14 +224,23 @@ class Blob:
 
 
 @dataclass(eq=False, slots=True)
-class _Run:
-    """Blocks ``first .. first+count-1`` of a blob, written and waiting to be synced and recorded."""
+class BlockWrite:
+    """Consecutive blocks of a blob from block ``first``, to be durably written and recorded
+    (``BlobStore.write_many``); ``error`` tells how it went once the call returns."""
 
     blob: Blob
     first: int
-    count: int
-    done: bool = False
-    error: OSError | None = None
+    data: bytes
+    #: ``data`` is this whole file: verified in memory, and its rows also mark the blob complete.
+    whole: FileSpec | None = None
+    #: OSError (disk full, ...) or IntegrityError; the caller of ``write_many`` may put others here.
+    error: Exception | None = None
+    completes: bool = field(default=False, init=False)
+    done: bool = field(default=False, init=False)  # synced and recorded, or given up
+
+    @property
+    def count(self) -> int:
+        return -(-len(self.data) // self.blob.block_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,12 +311,15 @@ class BlobStore:
         self._named: dict[str, set[tuple[str, str]]] = {}
         #: Keys that one thread is opening or evicting outside ``_lock``; others wait on the event.
         self._busy: dict[str, threading.Event] = {}
+        #: Access times of released blobs, not yet in the index: written by the next write
+        #: transaction (``_transaction``), so that a release needs neither a transaction nor a thread.
+        self._atimes: dict[str, float] = {}
         self._read_lock = threading.Lock()
         _STORES.add(self)
         #: Group commit of block writes: runs written but not yet synced and recorded, and
-        #: whether a thread is recording a batch right now (``write_blocks``).
+        #: whether a thread is recording a batch right now (``write_many``).
         self._commit = threading.Condition(threading.Lock())
-        self._pending: list[_Run] = []
+        self._pending: list[BlockWrite] = []
         self._committing = False
         #: syncs: fdatasync calls of blob files; commits: index transactions recording blocks.
         self.stats = {"syncs": 0, "commits": 0}
@@ -347,8 +360,11 @@ class BlobStore:
         with self._lock:
             for blob in self._open.values():
                 os.close(blob.fd)
+                self._atimes[blob.key] = time.time()
             self._open.clear()
             self._named.clear()
+            if self._atimes:
+                self._touch([])  # writes the pending access times
             self._db.close()
         with self._read_lock:
             self._reader.close()
@@ -361,9 +377,16 @@ class BlobStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on the shared connection; caller holds ``_lock``."""
+        """One write transaction on the shared connection; caller holds ``_lock``.
+
+        It also writes the access times of blobs released since the last one
+        (lost with it if it rolls back: they only order eviction).
+        """
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if self._atimes:
+                atimes, self._atimes = self._atimes, {}
+                self._db.executemany("UPDATE blobs SET atime = ? WHERE key = ?", [(t, k) for k, t in atimes.items()])
             yield self._db
             self._db.execute("COMMIT")
         except BaseException:
@@ -590,16 +613,25 @@ class BlobStore:
             blob.pins -= 1
             return True
 
-    def release_blob(self, blob: Blob) -> None:
-        """Unpin; the last release closes the file (which drops this process's locks)."""
-        with self._lock:
+    def release_blob(self, blob: Blob, timeout: float = -1) -> bool:
+        """Unpin; the last release closes the file (which drops this process's locks).
+
+        No index I/O: the access time is written by the next write transaction
+        (``_transaction``), so the event loop may call this inline, with a
+        ``timeout`` for ``_lock`` (a worker may hold it while sqlite waits for
+        another process): False if it was not free in time, and nothing done.
+        """
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        with contextlib.ExitStack() as held:
+            held.callback(self._lock.release)
             blob.pins -= 1
-            if blob.pins > 0:
-                return
-            del self._open[blob.key]
-            self._named.pop(blob.key, None)
-            os.close(blob.fd)
-            self._touch([("UPDATE blobs SET atime = ? WHERE key = ?", (time.time(), blob.key))])
+            if blob.pins == 0:
+                del self._open[blob.key]
+                self._named.pop(blob.key, None)
+                os.close(blob.fd)
+                self._atimes[blob.key] = time.time()
+        return True
 
     def retain(self, blob: Blob) -> None:
         """One more pin on an already open blob (background work outliving a handle)."""
@@ -623,31 +655,50 @@ class BlobStore:
             raise ValueError(f"chunk {index} of {blob.key} must be {blob.chunk_length(index)} bytes")
         self.write_blocks(blob, index * blob.blocks_per_chunk, data)
 
-    def write_blocks(self, blob: Blob, first: int, data: bytes) -> None:
-        """Durably write consecutive blocks from block ``first``, then record them.
+    def write_blocks(
+        self, blob: Blob, first: int, data: bytes, whole: FileSpec | None = None,
+        retry_after: float = RETRY_FAILED_AFTER,
+    ) -> None:  # fmt: skip
+        """Durably write consecutive blocks from block ``first``, then record them (``write_many`` of one run).
+
+        Raises what ``write_many`` reports for the run: OSError (e.g. ENOSPC) or
+        IntegrityError, with nothing of the run recorded.
+        """
+        write = BlockWrite(blob, first, data, whole)
+        self.write_many([write], retry_after)
+        if write.error is not None:
+            raise write.error
+
+    def write_many(self, writes: Sequence[BlockWrite], retry_after: float = RETRY_FAILED_AFTER) -> None:
+        """Durably write runs of blocks, then record them; each run's ``error`` says if it failed.
 
         Data first (``fdatasync``), index rows second (a transaction): a crash
         between the two leaves bytes that no row vouches for, which the next
-        start ignores. Writers that arrive while another thread is syncing and
-        committing are served together by the next round (group commit): one
-        ``fdatasync`` per blob file touched, then one transaction for all their
-        rows. Returns once this run is recorded. ``data`` must end on a block
-        boundary or at the end of the file. Raises OSError (e.g. ENOSPC) with
-        nothing of this run recorded.
+        start ignores. All the runs of one call, and the runs of other threads
+        that arrive while a round is being synced and committed, are recorded
+        together (group commit): one ``fdatasync`` per blob file touched, then
+        one transaction for all their rows. Returns once every run is recorded
+        or has failed. A run's ``data`` must end on a block boundary or at the
+        end of the file.
+
+        A run with ``whole`` holds that whole file (a small file fetched in one
+        piece): it is checked against the blob's checksum in memory before
+        anything is written, and the transaction that records its blocks also
+        marks the blob complete, so a small file costs no separate
+        ``complete``. A mismatch is recorded as ``complete`` records one and
+        becomes the run's IntegrityError, with nothing written.
         """
-        offset = first * self.block_size
-        count = -(-len(data) // self.block_size)
-        if not data or offset + len(data) != min(offset + count * self.block_size, blob.size):
-            raise ValueError(f"{len(data)} bytes at block {first} of {blob.key} are not whole blocks")
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(blob.fd, view, offset)
-            view = view[written:]
-            offset += written
-        run = _Run(blob, first, count)
+        written = []
+        for write in writes:
+            try:
+                self._write_run(write, retry_after)
+            except (OSError, IntegrityError) as error:
+                write.error, write.done = error, True
+                continue
+            written.append(write)
         with self._commit:
-            self._pending.append(run)
-            while not run.done:
+            self._pending.extend(written)
+            while not all(write.done for write in written):
                 if self._committing:
                     self._commit.wait()
                     continue
@@ -659,10 +710,25 @@ class BlobStore:
                     self._commit.acquire()
                     self._committing = False
                     self._commit.notify_all()
-        if run.error is not None:
-            raise run.error
 
-    def _record(self, batch: list[_Run]) -> None:
+    def _write_run(self, write: BlockWrite, retry_after: float) -> None:
+        """Check one run (and verify it if it is a whole file), then ``pwrite`` it; no sync, no row."""
+        blob, data = write.blob, write.data
+        offset = write.first * self.block_size
+        if not data or offset + len(data) != min(offset + write.count * self.block_size, blob.size):
+            raise ValueError(f"{len(data)} bytes at block {write.first} of {blob.key} are not whole blocks")
+        whole = write.whole
+        write.completes = whole is not None and write.first == 0 and len(data) == blob.size and not blob.complete
+        if write.completes and blob.checksum is not None:
+            assert whole is not None
+            self._check_digest(blob, whole, lambda algorithm: hashlib.new(algorithm, data).hexdigest(), retry_after)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(blob.fd, view, offset)
+            view = view[done:]
+            offset += done
+
+    def _record(self, batch: list[BlockWrite]) -> None:
         """Make a batch of written runs durable (one sync per blob file), then record them in one transaction.
 
         Called by one thread at a time (the round's leader) without any lock;
@@ -670,10 +736,10 @@ class BlobStore:
         its blob could not be synced or the transaction failed.
         """
         try:
-            by_blob: dict[int, list[_Run]] = {}
+            by_blob: dict[int, list[BlockWrite]] = {}
             for run in batch:
                 by_blob.setdefault(id(run.blob), []).append(run)
-            synced: list[_Run] = []
+            synced: list[BlockWrite] = []
             for runs in by_blob.values():
                 try:
                     os.fdatasync(runs[0].blob.fd)
@@ -690,9 +756,12 @@ class BlobStore:
                 for run in synced
                 for index in range(run.first, run.first + run.count)
             ]
+            completed = [run.blob for run in synced if run.completes]
             try:
                 with self._lock, self._transaction() as db:
                     db.executemany("INSERT OR IGNORE INTO chunks (key, idx, length) VALUES (?, ?, ?)", rows)
+                    for blob in completed:
+                        _mark_complete(db, blob.key)
             except sqlite3.Error as error:  # the index shares the disk: it fills up too
                 full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
                 failure = OSError(errno.ENOSPC if full else errno.EIO, f"cache index: {error}")
@@ -703,6 +772,9 @@ class BlobStore:
             self.stats["commits"] += 1
             for run in synced:
                 run.blob.present.update(range(run.first, run.first + run.count))
+            for blob in completed:
+                blob.complete = True
+                blob.error = blob.retry_at = None
         finally:
             for run in batch:
                 run.done = True
@@ -752,25 +824,37 @@ class BlobStore:
             return
         if blob.checksum is not None:
             try:
-                actual = digest or _digest_of_open(blob, blob.checksum.algorithm)
-            except ValueError:  # the catalog layer should have dropped such checksums
-                log.warning("cannot verify %s %s: unknown algorithm %r", spec.pid, spec.path,
-                            blob.checksum.algorithm)  # fmt: skip
-                actual = blob.checksum.hexdigest.lower()
-            if actual != blob.checksum.hexdigest.lower():
-                error = IntegrityError(
-                    f"checksum mismatch for {spec.pid} {spec.path}: catalog says"
-                    f" {blob.checksum.algorithm}:{blob.checksum.hexdigest.lower()},"
-                    f" server sent {blob.checksum.algorithm}:{actual}; cached copy discarded"
+                self._check_digest(
+                    blob, spec, lambda algorithm: digest or _digest_of_open(blob, algorithm), retry_after
                 )
-                self.record_failure(blob, spec, error, retry_after)
+            except IntegrityError:
                 self.discard(blob)
-                raise error
+                raise
         with self._lock, self._index_errors(), self._transaction() as db:
-            db.execute("UPDATE blobs SET complete = 1 WHERE key = ?", (blob.key,))
-            db.execute("DELETE FROM failures WHERE key = ?", (blob.key,))
+            _mark_complete(db, blob.key)
         blob.complete = True
         blob.error = blob.retry_at = None
+
+    def _check_digest(
+        self, blob: Blob, spec: FileSpec, digest: Callable[[str], str], retry_after: float
+    ) -> None:
+        """Compare ``digest(algorithm)`` with the blob's checksum; a mismatch is recorded and raised."""
+        assert blob.checksum is not None
+        expected = blob.checksum.hexdigest.lower()
+        try:
+            actual = digest(blob.checksum.algorithm)
+        except ValueError:  # the catalog layer should have dropped such checksums
+            log.warning("cannot verify %s %s: unknown algorithm %r", spec.pid, spec.path,
+                        blob.checksum.algorithm)  # fmt: skip
+            return
+        if actual != expected:
+            error = IntegrityError(
+                f"checksum mismatch for {spec.pid} {spec.path}: catalog says"
+                f" {blob.checksum.algorithm}:{expected},"
+                f" server sent {blob.checksum.algorithm}:{actual}; cached copy discarded"
+            )
+            self.record_failure(blob, spec, error, retry_after)
+            raise error
 
     def record_failure(
         self, blob: Blob, spec: FileSpec, error: IntegrityError, retry_after: float = RETRY_FAILED_AFTER
@@ -974,6 +1058,9 @@ class BlobStore:
         usage = self.usage()
         if usage <= target:
             return Eviction(0, 0)
+        with self._lock:
+            if self._atimes:  # the order below needs the access times of recent releases
+                self._touch([])
         candidates = self._query(
             """SELECT b.key, (SELECT COALESCE(SUM(length), 0) FROM chunks c WHERE c.key = b.key)
                FROM blobs b ORDER BY b.atime"""
@@ -1127,6 +1214,12 @@ def _write_failure(db: sqlite3.Connection, key: str, pid: str, path: str, messag
         "INSERT OR REPLACE INTO failures (key, pid, path, message, failed_at, retry_at) VALUES (?, ?, ?, ?, ?, ?)",
         (key, pid, path, message, time.time(), retry_at),
     )
+
+
+def _mark_complete(db: sqlite3.Connection, key: str) -> None:
+    """Every block of the blob is recorded and verified: mark it so, and forget an earlier failure."""
+    db.execute("UPDATE blobs SET complete = 1 WHERE key = ?", (key,))
+    db.execute("DELETE FROM failures WHERE key = ?", (key,))
 
 
 def _forget_blocks(db: sqlite3.Connection, key: str) -> None:

@@ -10,7 +10,6 @@ trio task therefore costs no thread, and thousands can wait at once.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import threading
 from collections.abc import Callable, Coroutine
@@ -55,28 +54,48 @@ class AsyncioThread:
 
         Exceptions propagate unchanged. Cancelling the calling trio task cancels
         the asyncio task, and ``run`` returns only once that task has finished,
-        so no asyncio work outlives the trio scope that started it.
+        so no asyncio work outlives the trio scope that started it. One
+        ``call_soon_threadsafe`` there and one ``run_sync_soon`` back, without
+        ``run_coroutine_threadsafe``'s concurrent future in between: a small
+        file's read crosses here once, and the crossing's cost is per file.
         """
-        if self._loop is None:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError("asyncio thread is not running")
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
+        started: list[asyncio.Task[T]] = []
+        failed: list[BaseException] = []
 
-        def wake(_: concurrent.futures.Future[T]) -> None:
-            # Runs in the asyncio thread (or right here if already done).
+        def wake(_: object = None) -> None:  # on the asyncio thread
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(done.set)
 
-        future = asyncio.run_coroutine_threadsafe(coro_factory(), self._loop)
-        future.add_done_callback(wake)
+        def start() -> None:  # on the asyncio thread
+            try:
+                task = loop.create_task(coro_factory())
+            except BaseException as error:  # handed to the trio side as it is
+                failed.append(error)
+                wake()
+                return
+            started.append(task)
+            task.add_done_callback(wake)
+
+        def cancel() -> None:  # on the asyncio thread, after start()
+            for task in started:
+                task.cancel()
+
+        loop.call_soon_threadsafe(start)
         try:
             await done.wait()
         except trio.Cancelled:
-            future.cancel()
+            loop.call_soon_threadsafe(cancel)
             with trio.CancelScope(shield=True):
                 await done.wait()
             raise
-        return future.result()
+        if failed:
+            raise failed[0]
+        return started[0].result()
 
     def _main(self) -> None:
         loop = self._loop

@@ -83,6 +83,8 @@ _CONNECTION_ERRORS = (
 )
 #: What a failed connect raises: refused, unreachable, timed out, refused keys, bad options.
 _CONNECT_ERRORS = (OSError, TimeoutError, ValueError, asyncssh.Error, asyncssh.KeyImportError)
+#: Parsed URLs kept (``SFTPTransfer._host``); all are forgotten at once when it is reached.
+HOSTS_KEPT = 4096
 #: Reconnect backoff after a failed connect: first delay, growth factor, cap (seconds).
 BACKOFF_FIRST, BACKOFF_FACTOR, BACKOFF_MAX = 0.1, 2.0, 5.0
 
@@ -143,6 +145,8 @@ class SFTPTransfer:
         self._pools: dict[str, _Pool] = {}  # touched only on the asyncio thread
         self._background: set[asyncio.Task[None]] = set()  # warm-ups, asyncio thread only
         self._stats = _Stats()
+        #: (pool key, remote path) by URL, up to HOSTS_KEPT: parsing a URL per read showed in the per-file cost.
+        self._hosts: dict[str, tuple[str, str]] = {}
         if not settings.check_host_keys:
             log.warning(
                 "SSH host key checking is DISABLED: any server can pose as the file server "
@@ -219,6 +223,14 @@ class SFTPTransfer:
 
     def _host(self, url: str) -> tuple[str, str]:
         """``[user@]host[:port]`` (the pool's key) and the remote path of an sftp URL."""
+        known = self._hosts.get(url)
+        if known is None:
+            if len(self._hosts) >= HOSTS_KEPT:
+                self._hosts.clear()
+            known = self._hosts[url] = self._parse(url)
+        return known
+
+    def _parse(self, url: str) -> tuple[str, str]:
         scheme, host, path = split(url)
         if scheme != "sftp":
             raise TransferError(f"{url}: not an SFTP URL", path=path)

@@ -270,11 +270,13 @@ def run_once(bed: TestBed, workload: Workload, tool: str, endpoint: Endpoint) ->
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def measure(bed: TestBed, rtt: int, runs: int) -> dict[str, dict[str, list[Sample]]]:
-    results: dict[str, dict[str, list[Sample]]] = {w.name: {t: [] for t in TOOLS} for w in WORKLOADS}
+def measure(
+    bed: TestBed, rtt: int, runs: int, workloads: tuple[Workload, ...] = WORKLOADS
+) -> dict[str, dict[str, list[Sample]]]:
+    results: dict[str, dict[str, list[Sample]]] = {w.name: {t: [] for t in TOOLS} for w in workloads}
     with bed.endpoint(rtt) as endpoint:
         for run in range(runs):
-            for workload in WORKLOADS:
+            for workload in workloads:
                 for tool in TOOLS if run % 2 == 0 else reversed(TOOLS):
                     sample = run_once(bed, workload, tool, endpoint)
                     results[workload.name][tool].append(sample)
@@ -330,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per tool and workload (default 3)")
     parser.add_argument("--files", type=int, default=400, help="64 KiB files in frames/ (default 400)")
     parser.add_argument("--groups", type=int, default=300, help="component groups in the HDF5 file (default 300)")
+    parser.add_argument("--only", type=_workloads, default=WORKLOADS, metavar="NAMES",
+                        help="comma-separated workloads to run (default all: "
+                             + ", ".join(w.name for w in WORKLOADS) + ")")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--workdir", type=Path, help="where mounts and caches go (default: a temp dir)")
     parser.add_argument("--scan", type=Path, help=argparse.SUPPRESS)  # the HDF5 scan's child process
@@ -348,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with TestBed(bed_args, workdir) as bed:
             write_frames(bed, args.files)
-            write_scan(bed, args.groups)
+            if any(w.place is SCAN for w in args.only):
+                write_scan(bed, args.groups)
             for rtt in args.rtt:
-                measured = measure(bed, rtt, args.runs)
+                measured = measure(bed, rtt, args.runs, args.only)
                 results[f"{rtt}ms"] = {name: {tool: [vars(s) for s in samples] for tool, samples in by_tool.items()}
                                        for name, by_tool in measured.items()}
                 more_lines, more_verdicts = judge(rtt, measured)
@@ -374,6 +380,15 @@ def main(argv: list[str] | None = None) -> int:
                   "peak_rss_mib": peak, "goals": [vars(v) for v in verdicts]}  # fmt: skip
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def _workloads(names: str) -> tuple[Workload, ...]:
+    """``tar,16 threads`` -> those workloads, in the order given."""
+    by_name = {w.name: w for w in WORKLOADS}
+    try:
+        return tuple(by_name[name.strip()] for name in names.split(","))
+    except KeyError as unknown:
+        raise argparse.ArgumentTypeError(f"unknown workload {unknown}; known: {', '.join(by_name)}") from None
 
 
 def _progress(message: str) -> None:
