@@ -5,7 +5,9 @@
 URLs); everything asyncssh lives in one asyncio thread
 (``bridge.AsyncioThread``) and is only touched there. Per ``[user@]host[:port]``
 a ``_Pool`` keeps up to ``connections`` SSH connections, opened lazily:
-a second connection is opened only while the first is busy. A read is issued in
+a second connection is opened only while the first is busy, and in the
+background: the operation that found every connection busy shares the least
+busy one instead of waiting for a handshake (several round trips). A read is issued in
 the server's maximum request size (``limits@openssh.com``; 255 KiB on OpenSSH)
 with many requests in flight, and a large read is split across connections,
 because SFTP throughput is bytes in flight divided by round-trip time and one
@@ -293,6 +295,7 @@ class _Pool:
         self._slots = [_Slot(self) for _ in range(settings.connections)]
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._growing: set[asyncio.Task[None]] = set()  # background connects (see ``_choose``)
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
         pieces = _split(offset, length, self._settings.connections)
@@ -317,8 +320,31 @@ class _Pool:
         await min(self._slots, key=_Slot.preference).connection()
 
     async def close(self) -> None:
+        for task in self._growing:
+            task.cancel()
         for slot in self._slots:
             await slot.close()
+
+    def _choose(self) -> _Slot:
+        """The slot for the next operation: the least busy one, but never one still to connect
+        while another is connected. SFTP requests share a connection well, and a handshake costs
+        several round trips (350 ms and more at 50 ms RTT): an idle slot without a connection
+        is connected in the background for the operations after this one."""
+        best = min(self._slots, key=_Slot.preference)
+        connected = [slot for slot in self._slots if slot.connected]
+        if best.connected or best.busy or not connected:
+            return best
+        if not best.connecting:
+            task = asyncio.get_running_loop().create_task(self._grow(best))
+            self._growing.add(task)  # the loop holds tasks only weakly
+            task.add_done_callback(self._growing.discard)
+        return min(connected, key=_Slot.preference)
+
+    async def _grow(self, slot: _Slot) -> None:
+        try:
+            await slot.connection()
+        except TransferError as error:  # the next operation that needs this slot reports it
+            log.info("%s: could not open another connection: %s", self.host, error)
 
     async def connect(self) -> _Connection:
         """Open one connection with its SFTP session, waiting out any backoff first."""
@@ -345,7 +371,7 @@ class _Pool:
     async def _on_connection(self, path: str, operation: _Operation[T]) -> T:
         """Run ``operation`` on the least busy connection; retry once if that connection drops."""
         try:
-            return await self._attempt(path, operation, min(self._slots, key=_Slot.preference))
+            return await self._attempt(path, operation, self._choose())
         except _Dropped as dropped:
             log.info("%s: connection lost (%s); retrying on a fresh one", self.host, dropped.cause)
             retry_on = dropped.slot  # emptied by the drop, so it reconnects
@@ -461,6 +487,14 @@ class _Slot:
     def preference(self) -> tuple[int, int]:
         """Sort key: idle connected slots first, then idle empty ones, then the least busy."""
         return (self.busy, 0 if self._conn is not None else 1)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    @property
+    def connecting(self) -> bool:
+        return self._lock.locked()
 
     @contextmanager
     def lease(self) -> Iterator[None]:
