@@ -270,11 +270,12 @@ def run_once(bed: TestBed, workload: Workload, tool: str, endpoint: Endpoint) ->
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def measure(bed: TestBed, rtt: int, runs: int) -> dict[str, dict[str, list[Sample]]]:
-    results: dict[str, dict[str, list[Sample]]] = {w.name: {t: [] for t in TOOLS} for w in WORKLOADS}
+def measure(bed: TestBed, rtt: int, runs: int, workloads: tuple[Workload, ...] = WORKLOADS
+            ) -> dict[str, dict[str, list[Sample]]]:
+    results: dict[str, dict[str, list[Sample]]] = {w.name: {t: [] for t in TOOLS} for w in workloads}
     with bed.endpoint(rtt) as endpoint:
         for run in range(runs):
-            for workload in WORKLOADS:
+            for workload in workloads:
                 for tool in TOOLS if run % 2 == 0 else reversed(TOOLS):
                     sample = run_once(bed, workload, tool, endpoint)
                     results[workload.name][tool].append(sample)
@@ -323,6 +324,17 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:9.1f} ms"
 
 
+def _workloads(text: str) -> tuple[Workload, ...]:
+    """``--only``: workloads by name ("hdf5 cold,first 4 KiB"), in the order given."""
+    by_name = {workload.name: workload for workload in WORKLOADS}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in by_name]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown workload {', '.join(unknown) or text!r}; "
+                                         f"choose from {', '.join(by_name)}")
+    return tuple(by_name[name] for name in names)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.workloads",
                                      description=__doc__.splitlines()[0])  # fmt: skip
@@ -330,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per tool and workload (default 3)")
     parser.add_argument("--files", type=int, default=400, help="64 KiB files in frames/ (default 400)")
     parser.add_argument("--groups", type=int, default=300, help="component groups in the HDF5 file (default 300)")
+    parser.add_argument("--only", type=_workloads, default=WORKLOADS, metavar="NAMES",
+                        help="comma-separated workloads to run (default all: "
+                             + ", ".join(w.name for w in WORKLOADS) + ")")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--workdir", type=Path, help="where mounts and caches go (default: a temp dir)")
     parser.add_argument("--scan", type=Path, help=argparse.SUPPRESS)  # the HDF5 scan's child process
@@ -350,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             write_frames(bed, args.files)
             write_scan(bed, args.groups)
             for rtt in args.rtt:
-                measured = measure(bed, rtt, args.runs)
+                measured = measure(bed, rtt, args.runs, args.only)
                 results[f"{rtt}ms"] = {name: {tool: [vars(s) for s in samples] for tool, samples in by_tool.items()}
                                        for name, by_tool in measured.items()}
                 more_lines, more_verdicts = judge(rtt, measured)
