@@ -366,6 +366,8 @@ class Fetcher:
         if plan is not None:
             reached = self._start_flights(handle, plan.start, plan.demand, plan.stop)
             self.readahead.started(handle.stream, plan, reached)
+            if plan.around:  # after the read's own flight, so that it stays one small transfer
+                self._start_flights(handle, plan.around.start, plan.around.start, plan.around.stop)
         if cached:
             self.stats["reads_from_cache"] += 1
             self.tiers.served_locally(end - offset)
@@ -617,7 +619,9 @@ class Fetcher:
         offset = first * blob.block_size
         length = min(count * blob.block_size, blob.size - offset)
         ask = length + 1 if first + count == blob.block_count else length
+        started = time.monotonic()
         data = await self._with_deadline(lambda: self.transfer.read(spec.source, offset, ask), spec)
+        self.readahead.link.observe(len(data), time.monotonic() - started)  # the fetch unit follows the link
         if len(data) != length:
             actual = await self._with_deadline(
                 lambda: self.transfer.size(spec.source), spec

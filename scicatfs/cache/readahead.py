@@ -16,6 +16,13 @@ The rules:
 - Nothing is read ahead while the cache cannot keep what it fetches (the last
   write failed, e.g. a full disk), nor for a file that is already all cached.
 - A file of at most ``WHOLE_FILE_MAX`` bytes is fetched whole when opened.
+- The fetch unit of a random miss follows the link (``Link``: round-trip time
+  and throughput, measured on the fetcher's transfers): one block where a
+  round trip is cheap (below ``LONG_RTT``), else the blocks one round trip's
+  worth of bandwidth carries around the read, and the whole file where it
+  takes at most ``WHOLE_FILE_ROUND_TRIPS`` round trips to transfer. The extra
+  blocks are fetched beside the read's own, not in the flight it waits for,
+  so the read itself still costs one round trip.
 - Across files (``DatasetWalk``): a reader that opens a directory's files in
   listing order (tar, cp -r, a loader over a sorted list) gets the next small
   files fetched ahead, within a byte budget; an open out of order stops it.
@@ -23,16 +30,65 @@ The rules:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scicatfs.cache.store import FileSpec
 
-__all__ = ["DatasetWalk", "Plan", "ReadAhead", "Stream", "WalkStep"]
+__all__ = ["DatasetWalk", "Link", "Plan", "ReadAhead", "Stream", "WalkStep"]
 
 #: Files up to this size are fetched whole as soon as they are opened.
 WHOLE_FILE_MAX = 1024 * 1024
+#: Below this round-trip time a random miss fetches only its own blocks: a flight then costs
+#: the daemon's CPU (1-3 ms per miss on loopback), which more bytes per miss would add to.
+LONG_RTT = 0.005
+#: On a long RTT a random miss fetches the whole file if moving it takes at most this many round trips.
+WHOLE_FILE_ROUND_TRIPS = 8
+#: Throughput assumed until a transfer of at least ``RATE_SAMPLE_MIN`` bytes has been timed.
+DEFAULT_THROUGHPUT = 64 * 1024 * 1024
+RATE_SAMPLE_MIN = 1024 * 1024
+
+
+class Link:
+    """The source's round-trip time and throughput, from timed transfers (``observe``).
+
+    The round-trip time is the least over recent small transfers (below
+    ``RATE_SAMPLE_MIN``) of their time less what their bytes took at the
+    estimated throughput; the throughput the most over recent large transfers
+    (bytes / seconds, a round trip included, so it errs low). The least and
+    the most, not means: transfers that queue behind others (on the
+    connection, on the CPU) only ever look slower than the link is. A file's
+    first transfer includes its remote open, one round trip more; the next
+    ones correct it.
+    """
+
+    def __init__(self, samples: int = 32) -> None:
+        self._rtts: deque[float] = deque(maxlen=samples)
+        self._rates: deque[float] = deque(maxlen=samples)
+
+    def observe(self, size: int, seconds: float) -> None:
+        """A transfer of ``size`` bytes took ``seconds`` from request to its last byte."""
+        if size >= RATE_SAMPLE_MIN:
+            if seconds > 0:
+                self._rates.append(size / seconds)
+        else:
+            self._rtts.append(max(0.0, seconds - size / self.throughput))
+
+    @property
+    def rtt(self) -> float | None:
+        """Seconds per round trip; None before the first transfer."""
+        return min(self._rtts, default=None)
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second."""
+        return max(self._rates, default=DEFAULT_THROUGHPUT)
+
+    def bytes_per_round_trip(self) -> float:
+        """What one round trip's worth of bandwidth carries; 0 on a short (or unknown) RTT."""
+        rtt = self.rtt
+        return 0.0 if rtt is None or rtt < LONG_RTT else rtt * self.throughput
 
 
 @dataclass(eq=False)
@@ -50,12 +106,15 @@ class Plan:
     """Start flights for the missing blocks in [start, stop); those before ``demand`` are being read.
 
     ``speculative``: the range includes read-ahead (else it is the read's own blocks).
+    ``around``: blocks to fetch beside the read, as read-ahead (a random read's larger
+    fetch unit on a long RTT, or the whole file); empty if none.
     """
 
     start: int
     demand: int
     stop: int
     speculative: bool
+    around: range = range(0)
 
 
 class ReadAhead:
@@ -69,6 +128,8 @@ class ReadAhead:
         self.max_chunks = max(1, readahead_max // chunk_size)
         #: False while writes to the cache fail: speculative blocks could not be kept.
         self.caching = True
+        #: The source as the fetcher's transfers showed it (it calls ``link.observe``).
+        self.link = Link()
 
     def plan(self, stream: Stream, offset: int, end: int, size: int, *, hit: bool, all_present: bool) -> Plan | None:
         """Observe a read of [offset, end) of a ``size``-byte file; say which blocks to fetch.
@@ -97,7 +158,29 @@ class ReadAhead:
             if ahead <= stream.ahead:
                 return None
             return Plan(max(demand, stream.ahead), demand, ahead, True)
-        return Plan(first, demand, max(ahead, demand), ahead > 0)
+        if ahead or not self.caching or all_present:
+            return Plan(first, demand, max(ahead, demand), ahead > 0)
+        return Plan(first, demand, demand, False, self.fetch_unit(first, demand, size))
+
+    def fetch_unit(self, first: int, demand: int, size: int) -> range:
+        """The blocks a random miss of blocks [first, demand) should fetch beside its own.
+
+        One round trip's worth of bytes, aligned, within the read's chunk
+        (``Link.bytes_per_round_trip``; nothing more where that is at most a
+        block), or the whole file where moving it takes at most
+        ``WHOLE_FILE_ROUND_TRIPS`` round trips and no more than the read-ahead
+        cap: on a long RTT, bandwidth is cheap and every later miss costs a
+        round trip.
+        """
+        per_trip = self.link.bytes_per_round_trip()
+        blocks = -(-size // self.block_size)
+        if size <= min(WHOLE_FILE_ROUND_TRIPS * per_trip, self.max_chunks * self.chunk_size):
+            return range(blocks)
+        unit = min(int(per_trip // self.block_size), self.chunk_size // self.block_size)
+        if unit <= 1:
+            return range(0)
+        start = first - first % unit
+        return range(start, min(blocks, max(start + unit, demand)))
 
     @staticmethod
     def started(stream: Stream, plan: Plan, reached: int) -> None:
