@@ -245,3 +245,13 @@ def test_a_second_pass_over_the_directory_hands_files_out_again() -> None:
         walk.opened(listing[number], listing[number + 1 :])
     walk.opened(listing[0], listing[1:])  # tar again: an opened file, out of order
     assert walk.opened(listing[1], listing[2:]).fetch == tuple(listing[2:6])
+
+
+def test_a_first_read_on_a_long_round_trip_also_gets_a_small_file_whole_but_no_unit() -> None:
+    readahead = policy()
+    readahead.link.observe(BLOCK, 0.02 + BLOCK / DEFAULT_THROUGHPUT)  # 1.28 MiB per round trip
+    size = 3 * MiB
+    plan = readahead.plan(Stream(), 0, 4 * KiB, size, hit=False, all_present=False)
+    assert plan == Plan(0, 1, 2 * PER_CHUNK, True, range(24))  # sequential read-ahead, and the rest
+    plan = readahead.plan(Stream(), 0, 4 * KiB, SIZE, hit=False, all_present=False)
+    assert plan == Plan(0, 1, 2 * PER_CHUNK, True)  # the read-ahead already fetches more than a unit

@@ -16,11 +16,13 @@ The rules:
 - Nothing is read ahead while the cache cannot keep what it fetches (the last
   write failed, e.g. a full disk), nor for a file that is already all cached.
 - A file of at most ``WHOLE_FILE_MAX`` bytes is fetched whole when opened.
-- The fetch unit of a random miss follows the link (``Link``: round-trip time
+- The fetch unit of a miss follows the link (``Link``: round-trip time
   and throughput, measured on the fetcher's transfers): one block where a
   round trip is cheap (below ``LONG_RTT``), else the blocks one round trip's
-  worth of bandwidth carries around the read, and the whole file where it
-  takes at most ``WHOLE_FILE_ROUND_TRIPS`` round trips to transfer. The extra
+  worth of bandwidth carries around a random read, and, sequential or not,
+  the whole file where it takes at most ``WHOLE_FILE_ROUND_TRIPS`` round
+  trips to transfer (each open starts a new stream that looks sequential at
+  first: its first miss cannot tell). The extra
   blocks are fetched beside the read's own, not in the flight it waits for,
   so the read itself still costs one round trip.
 - Across files (``DatasetWalk``): a reader that opens a directory's files in
@@ -158,9 +160,10 @@ class ReadAhead:
             if ahead <= stream.ahead:
                 return None
             return Plan(max(demand, stream.ahead), demand, ahead, True)
-        if ahead or not self.caching or all_present:
-            return Plan(first, demand, max(ahead, demand), ahead > 0)
-        return Plan(first, demand, demand, False, self.fetch_unit(first, demand, size))
+        around = range(0) if not self.caching or all_present else self.fetch_unit(first, demand, size)
+        if ahead and len(around) < -(-size // self.block_size):  # the read-ahead goes further than a unit
+            around = range(0)
+        return Plan(first, demand, max(ahead, demand), ahead > 0, around)
 
     def fetch_unit(self, first: int, demand: int, size: int) -> range:
         """The blocks a random miss of blocks [first, demand) should fetch beside its own.
