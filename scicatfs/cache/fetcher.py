@@ -9,8 +9,10 @@ readers share.
 
 Granularity: the store records presence per block (128 KiB); a *flight*
 fetches a run of missing blocks that never crosses a chunk (4 MiB) boundary.
-A random read fetches just the blocks it touches (one SFTP request for a small
-read), while a sequential reader's read-ahead fetches the rest of the current
+A random read fetches the blocks it touches (one SFTP request for a small
+read) and, on a long RTT, the fetch unit around them that ``ReadAhead``
+sizes from the RTT and throughput timed on these transfers, as separate
+flights; a sequential reader's read-ahead fetches the rest of the current
 chunk and whole chunks after it, each with one request, one sync and one index
 transaction.
 
