@@ -57,7 +57,8 @@ def test_a_random_read_over_a_long_round_trip_fetches_a_file_of_a_few_mib_whole(
             time.sleep(0.05)
         assert _cached(mount, pid, name) == size
         status = json.loads((mount.path / ".scicat" / "status.json").read_text())
-        assert status["transfer"]["requests"] <= 2 + 4  # two reads' own blocks, the file in chunk runs
+        # the two reads' own blocks, then the file in pieces of a round trip's worth (not 80 blocks)
+        assert status["transfer"]["requests"] <= 2 + 10
         offset = 5 * MiB + 999
         assert _pread(path, offset) == expected[offset : offset + 4096]
         after = json.loads((mount.path / ".scicat" / "status.json").read_text())

@@ -150,16 +150,16 @@ def test_a_random_miss_on_a_long_round_trip_fetches_a_round_trips_worth_around_i
     readahead = policy()
     readahead.link.observe(2 * MiB, 0.1)  # 20 MiB/s
     readahead.link.observe(BLOCK, 0.016 + BLOCK / (20 * MiB))  # 16 ms: 2.6 blocks per round trip
-    assert _seek(readahead, 41) == Plan(41, 42, 42, False, range(40, 42))  # two blocks, aligned
+    assert _seek(readahead, 41) == Plan(41, 42, 42, False, range(40, 42), 2)  # two blocks, aligned
     readahead.link.observe(2 * MiB, 0.02)  # 100 MiB/s: more than a chunk per round trip
-    assert _seek(readahead, 41) == Plan(41, 42, 42, False, range(40, 44))  # the chunk, never beyond
+    assert _seek(readahead, 41) == Plan(41, 42, 42, False, range(40, 44), 4)  # the chunk, never beyond
 
 
 def test_a_random_miss_on_a_long_round_trip_fetches_a_file_of_a_few_round_trips_whole() -> None:
     readahead = policy()
     readahead.link.observe(BLOCK, 0.02 + BLOCK / DEFAULT_THROUGHPUT)  # 20 ms at 64 MiB/s: 1.28 MiB
     size = 3 * MiB + 1  # under eight round trips' worth and the read-ahead cap (4 MiB here)
-    assert _seek(readahead, 9, size) == Plan(9, 10, 10, False, range(25))
+    assert _seek(readahead, 9, size) == Plan(9, 10, 10, False, range(25), 4)  # in flights of a chunk at most
     assert _seek(readahead, 9, 5 * MiB).around == range(8, 12)  # above the cap: a chunk
     readahead.write_failed()  # nothing beyond the read while the cache cannot keep it
     assert _seek(readahead, 9, size) == Plan(9, 10, 10, False)
@@ -247,11 +247,33 @@ def test_a_second_pass_over_the_directory_hands_files_out_again() -> None:
     assert walk.opened(listing[1], listing[2:]).fetch == tuple(listing[2:6])
 
 
-def test_a_first_read_on_a_long_round_trip_also_gets_a_small_file_whole_but_no_unit() -> None:
+def test_a_first_read_on_a_long_round_trip_waits_for_its_own_block_and_gets_a_small_file_whole() -> None:
     readahead = policy()
-    readahead.link.observe(BLOCK, 0.02 + BLOCK / DEFAULT_THROUGHPUT)  # 1.28 MiB per round trip
-    size = 3 * MiB
-    plan = readahead.plan(Stream(), 0, 4 * KiB, size, hit=False, all_present=False)
-    assert plan == Plan(0, 1, 2 * PER_CHUNK, True, range(24))  # sequential read-ahead, and the rest
-    plan = readahead.plan(Stream(), 0, 4 * KiB, SIZE, hit=False, all_present=False)
-    assert plan == Plan(0, 1, 2 * PER_CHUNK, True)  # the read-ahead already fetches more than a unit
+    readahead.link.seed(0.02)  # the transfer's probe: 1.28 MiB per round trip at the assumed throughput
+    plan = readahead.plan(Stream(), 0, 4 * KiB, 3 * MiB, hit=False, all_present=False)
+    assert plan == Plan(0, 1, 1, True, range(24), 4)  # its block; the whole file beside it
+    stream = Stream()
+    plan = readahead.plan(stream, 0, 4 * KiB, SIZE, hit=False, all_present=False)
+    assert plan == Plan(0, 1, 1, True, range(1, 2 * PER_CHUNK), 4)  # its block; the read-ahead beside it
+    readahead.started(stream, plan, 1)
+    plan = readahead.plan(stream, 4 * KiB, 8 * KiB, SIZE, hit=True, all_present=False)
+    assert plan == Plan(1, 1, 2 * PER_CHUNK, True)  # a hit then records the read-ahead as started
+    readahead.link.seed(0.001)  # on a short RTT the read's flight takes the rest of the chunk, as before
+    assert readahead.plan(Stream(), 0, 4 * KiB, SIZE, hit=False, all_present=False) == Plan(0, 1, 2 * PER_CHUNK, True)
+
+
+def test_flights_beside_a_read_are_a_round_trips_worth_each() -> None:
+    readahead = ReadAhead(BLOCK, 32 * BLOCK, 64 * MiB)  # the mount's 128 KiB blocks, 4 MiB chunks
+    assert readahead.piece() == 1  # nothing measured: a block
+    readahead.link.seed(0.02)  # 20 ms at the assumed 64 MiB/s: 1.28 MiB per round trip
+    assert readahead.piece() == 10
+    readahead.link.observe(8 * MiB, 0.05)  # 160 MiB/s: 3.2 MiB per round trip
+    assert readahead.piece() == 25
+    readahead.link.observe(8 * MiB, 0.02)  # 400 MiB/s: more than a chunk per round trip
+    assert readahead.piece() == 32
+
+
+def test_transfers_sharing_the_link_count_for_its_throughput() -> None:
+    link = Link()
+    link.observe(2 * MiB, 0.1, sharing=4)  # four at once, each at a quarter of the link
+    assert link.throughput == 80 * MiB

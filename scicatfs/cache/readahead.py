@@ -22,9 +22,9 @@ The rules:
   worth of bandwidth carries around a random read, and, sequential or not,
   the whole file where it takes at most ``WHOLE_FILE_ROUND_TRIPS`` round
   trips to transfer (each open starts a new stream that looks sequential at
-  first: its first miss cannot tell). The extra
-  blocks are fetched beside the read's own, not in the flight it waits for,
-  so the read itself still costs one round trip.
+  first: its first miss cannot tell). The extra blocks, and on a long RTT
+  the sequential read-ahead too, are fetched beside the read's own, not in
+  the flight it waits for, so the read itself costs one round trip.
 - Across files (``DatasetWalk``): a reader that opens a directory's files in
   listing order (tar, cp -r, a loader over a sorted list) gets the next small
   files fetched ahead, within a byte budget; an open out of order stops it.
@@ -43,8 +43,9 @@ __all__ = ["DatasetWalk", "Link", "Plan", "ReadAhead", "Stream", "WalkStep"]
 #: Files up to this size are fetched whole as soon as they are opened.
 WHOLE_FILE_MAX = 1024 * 1024
 #: Below this round-trip time a random miss fetches only its own blocks: a flight then costs
-#: the daemon's CPU (1-3 ms per miss on loopback), which more bytes per miss would add to.
-LONG_RTT = 0.005
+#: the daemon's CPU (1-3 ms per miss on loopback, 5 ms and more on a loaded machine), which
+#: more bytes per miss would add to.
+LONG_RTT = 0.010
 #: On a long RTT a random miss fetches the whole file if moving it takes at most this many round trips.
 WHOLE_FILE_ROUND_TRIPS = 8
 #: Throughput assumed until a transfer of at least ``RATE_SAMPLE_MIN`` bytes has been timed.
@@ -58,7 +59,8 @@ class Link:
     The round-trip time is the least over recent small transfers (below
     ``RATE_SAMPLE_MIN``) of their time less what their bytes took at the
     estimated throughput; the throughput the most over recent large transfers
-    (bytes / seconds, a round trip included, so it errs low). The least and
+    (bytes / seconds times the transfers sharing the link, a round trip
+    included, so it errs low). The least and
     the most, not means: transfers that queue behind others (on the
     connection, on the CPU) only ever look slower than the link is. A file's
     first transfer includes its remote open, one round trip more; the next
@@ -68,19 +70,29 @@ class Link:
     def __init__(self, samples: int = 32) -> None:
         self._rtts: deque[float] = deque(maxlen=samples)
         self._rates: deque[float] = deque(maxlen=samples)
+        self._probed: float | None = None
 
-    def observe(self, size: int, seconds: float) -> None:
-        """A transfer of ``size`` bytes took ``seconds`` from request to its last byte."""
+    def seed(self, seconds: float) -> None:
+        """The least round trip the transfer timed itself (its warm-up probe, its remote opens):
+        known before any transfer here, and a floor the transfers' own samples cannot lower."""
+        if seconds > 0:
+            self._probed = seconds
+
+    def observe(self, size: int, seconds: float, sharing: int = 1) -> None:
+        """A transfer of ``size`` bytes took ``seconds`` from request to its last byte, while
+        ``sharing`` transfers (itself included) were under way at its start or end."""
         if size >= RATE_SAMPLE_MIN:
             if seconds > 0:
-                self._rates.append(size / seconds)
+                self._rates.append(sharing * size / seconds)
         else:
             self._rtts.append(max(0.0, seconds - size / self.throughput))
 
     @property
     def rtt(self) -> float | None:
         """Seconds per round trip; None before the first transfer."""
-        return min(self._rtts, default=None)
+        if self._probed is None:
+            return min(self._rtts, default=None)
+        return min(self._probed, min(self._rtts, default=self._probed))
 
     @property
     def throughput(self) -> float:
@@ -109,7 +121,9 @@ class Plan:
 
     ``speculative``: the range includes read-ahead (else it is the read's own blocks).
     ``around``: blocks to fetch beside the read, as read-ahead (a random read's larger
-    fetch unit on a long RTT, or the whole file); empty if none.
+    fetch unit on a long RTT, or the whole file); empty if none. ``piece``: at most this
+    many blocks per flight of ``around`` (one round trip's worth: the blocks near the read
+    arrive first, not with the last of a 4 MiB chunk); 0: up to a chunk.
     """
 
     start: int
@@ -117,6 +131,7 @@ class Plan:
     stop: int
     speculative: bool
     around: range = range(0)
+    piece: int = 0
 
 
 class ReadAhead:
@@ -163,7 +178,16 @@ class ReadAhead:
         around = range(0) if not self.caching or all_present else self.fetch_unit(first, demand, size)
         if ahead and len(around) < -(-size // self.block_size):  # the read-ahead goes further than a unit
             around = range(0)
-        return Plan(first, demand, max(ahead, demand), ahead > 0, around)
+        if ahead and self.link.bytes_per_round_trip():
+            # A long RTT: the read waits for its own blocks only, not for the rest of the chunk
+            # (4 MiB took 2-4 round trips more at 20 ms); the read-ahead runs beside it.
+            return Plan(first, demand, demand, True, around or range(demand, ahead), self.piece())
+        return Plan(first, demand, max(ahead, demand), ahead > 0, around, self.piece() if around else 0)
+
+    def piece(self) -> int:
+        """Blocks per flight beside a read: one round trip's worth, at least one, at most a chunk."""
+        blocks = int(self.link.bytes_per_round_trip() // self.block_size)
+        return max(1, min(blocks, self.chunk_size // self.block_size))
 
     def fetch_unit(self, first: int, demand: int, size: int) -> range:
         """The blocks a random miss of blocks [first, demand) should fetch beside its own.

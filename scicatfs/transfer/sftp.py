@@ -216,7 +216,8 @@ class SFTPTransfer:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters since start: bytes_read, requests, reconnects, connects, errors."""
+        """Counters since start: bytes_read, requests, reconnects, connects, errors; and
+        round_trip_us, the least time an SFTP open or the warm-up's probe took (0: none yet)."""
         return self._stats.as_dict()
 
     def _host(self, url: str) -> tuple[str, str]:
@@ -280,6 +281,12 @@ class _Stats:
     reconnects: int = 0
     connects: int = 0
     errors: int = 0
+    round_trip_us: int = 0
+
+    def round_trip(self, seconds: float) -> None:
+        """A request that moves no data (an open, a realpath) took ``seconds``: one round trip."""
+        micros = max(1, round(seconds * 1e6))
+        self.round_trip_us = min(self.round_trip_us, micros) if self.round_trip_us else micros
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -312,12 +319,14 @@ class _Pool:
         return await self._on_connection(path, lambda conn: conn.size(path))
 
     async def warm_up(self) -> None:
-        """Connect the slot that the next operation picks, without leasing it.
+        """Connect the slot that the next operation picks, without leasing it, and time one
+        round trip on it (``round_trip_us``: the fetcher sizes its first fetches by it).
 
         Not leased, so a read arriving meanwhile chooses this slot too and waits
         for this connect (under the slot's lock) instead of opening another.
         """
-        await min(self._slots, key=_Slot.preference).connection()
+        conn = await min(self._slots, key=_Slot.preference).connection()
+        await conn.probe()
 
     async def close(self) -> None:
         for task in self._growing:
@@ -366,7 +375,7 @@ class _Pool:
             raise self._connect_error(error) from error
         self._backoff = 0.0
         self.stats.connects += 1
-        return _Connection(ssh, sftp, self._settings)
+        return _Connection(ssh, sftp, self._settings, self.stats)
 
     async def _on_connection(self, path: str, operation: _Operation[T]) -> T:
         """Run ``operation`` on the least busy connection; retry once if that connection drops."""
@@ -532,10 +541,11 @@ class _Connection:
     """One SSH connection with one SFTP session and a small LRU of open remote files."""
 
     def __init__(
-        self, ssh: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, settings: SFTPSettings
+        self, ssh: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, settings: SFTPSettings, stats: _Stats
     ) -> None:
         self._ssh = ssh
         self._sftp = sftp
+        self._stats = stats
         self._max_requests = settings.max_requests
         # The server's limits@openssh.com answer, else asyncssh's safe 16 KiB.
         self._request_size = sftp.limits.max_read_len
@@ -554,6 +564,13 @@ class _Connection:
             entry.users -= 1
             if entry.evicted and entry.users == 0:
                 self._close_later(entry.file)
+
+    async def probe(self) -> None:
+        """One round trip that moves no data, timed into ``round_trip_us``; failures are ignored."""
+        started = asyncio.get_running_loop().time()
+        with suppress(asyncssh.Error, OSError):
+            await self._sftp.realpath(".")
+            self._stats.round_trip(asyncio.get_running_loop().time() - started)
 
     async def size(self, path: str) -> int:
         attrs = await self._sftp.stat(path)
@@ -589,7 +606,9 @@ class _Connection:
                 self._opening[path] = opening = asyncio.Event()
                 try:
                     # block_size 0: each file.read() is one SFTP request; _Pipeline splits.
+                    started = asyncio.get_running_loop().time()
                     file = await self._sftp.open(path, "rb", block_size=0)
+                    self._stats.round_trip(asyncio.get_running_loop().time() - started)
                     self._files[path] = _OpenFile(file)
                 finally:
                     del self._opening[path]
