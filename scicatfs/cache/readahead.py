@@ -17,14 +17,16 @@ The rules:
   write failed, e.g. a full disk), nor for a file that is already all cached.
 - A file of at most ``WHOLE_FILE_MAX`` bytes is fetched whole when opened.
 - The fetch unit of a miss follows the link (``Link``: round-trip time
-  and throughput, measured on the fetcher's transfers): one block where a
+  and throughput, measured on the fetcher's transfers and the transfer's own
+  round trips): one block where a
   round trip is cheap (below ``LONG_RTT``), else the blocks one round trip's
   worth of bandwidth carries around a random read, and, sequential or not,
   the whole file where it takes at most ``WHOLE_FILE_ROUND_TRIPS`` round
   trips to transfer (each open starts a new stream that looks sequential at
   first: its first miss cannot tell). The extra blocks, and on a long RTT
   the sequential read-ahead too, are fetched beside the read's own, not in
-  the flight it waits for, so the read itself costs one round trip.
+  the flight it waits for, in flights of a round trip's worth (``piece``),
+  so the read itself costs one round trip.
 - Across files (``DatasetWalk``): a reader that opens a directory's files in
   listing order (tar, cp -r, a loader over a sorted list) gets the next small
   files fetched ahead, within a byte budget; an open out of order stops it.
