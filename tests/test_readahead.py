@@ -6,10 +6,20 @@ import random
 
 import pytest
 
-from scicatfs.cache.readahead import WHOLE_FILE_MAX, DatasetWalk, Plan, ReadAhead, Stream, WalkStep
+from scicatfs.cache.readahead import (
+    DEFAULT_THROUGHPUT,
+    WHOLE_FILE_MAX,
+    DatasetWalk,
+    Link,
+    Plan,
+    ReadAhead,
+    Stream,
+    WalkStep,
+)
 from scicatfs.cache.store import FileSpec
 
 KiB = 1024
+MiB = 1024 * KiB
 BLOCK = 128 * KiB
 CHUNK = 4 * BLOCK  # 512 KiB: four blocks per chunk
 PER_CHUNK = CHUNK // BLOCK
@@ -108,6 +118,53 @@ def test_a_file_already_all_cached_is_not_read_ahead() -> None:
     assert policy().plan(stream, 0, BLOCK, SIZE, hit=True, all_present=True) is None
 
 
+def _seek(readahead: ReadAhead, block: int, size: int = SIZE) -> Plan | None:
+    """A random miss: a stream that has been elsewhere reads 4 KiB of ``block``."""
+    stream = Stream(next_offset=size, last_chunk=size // CHUNK)
+    return readahead.plan(stream, block * BLOCK, block * BLOCK + 4 * KiB, size, hit=False, all_present=False)
+
+
+def test_the_link_takes_the_least_round_trip_and_the_most_throughput_of_recent_transfers() -> None:
+    link = Link(samples=4)
+    assert link.rtt is None and link.bytes_per_round_trip() == 0.0 and link.throughput == DEFAULT_THROUGHPUT
+    link.observe(4 * MiB, 0.2)  # 20 MiB/s, round trip included
+    link.observe(8 * MiB, 0.2)  # 40 MiB/s: the most wins
+    assert link.throughput == 40 * MiB
+    for seconds in (0.05, 0.021, 0.08):  # queued transfers only ever look slower
+        link.observe(BLOCK, seconds + BLOCK / (40 * MiB))
+    assert link.rtt == pytest.approx(0.021)
+    assert link.bytes_per_round_trip() == pytest.approx(0.021 * 40 * MiB)
+    for _ in range(4):  # the window moves on: an old minimum is forgotten
+        link.observe(BLOCK, 0.03 + BLOCK / (40 * MiB))
+    assert link.rtt == pytest.approx(0.03)
+
+
+def test_a_random_miss_on_a_short_round_trip_fetches_only_its_own_blocks() -> None:
+    readahead = policy()
+    assert _seek(readahead, 41) == Plan(41, 42, 42, False)  # nothing measured yet
+    readahead.link.observe(BLOCK, 0.001)  # loopback: a round trip is cheaper than the CPU of more bytes
+    assert _seek(readahead, 41) == Plan(41, 42, 42, False)
+
+
+def test_a_random_miss_on_a_long_round_trip_fetches_a_round_trips_worth_around_it() -> None:
+    readahead = policy()
+    readahead.link.observe(2 * MiB, 0.1)  # 20 MiB/s
+    readahead.link.observe(BLOCK, 0.016 + BLOCK / (20 * MiB))  # 16 ms: 2.6 blocks per round trip
+    assert _seek(readahead, 41) == Plan(41, 42, 42, False, range(40, 42), 2)  # two blocks, aligned
+    readahead.link.observe(2 * MiB, 0.02)  # 100 MiB/s: more than a chunk per round trip
+    assert _seek(readahead, 41) == Plan(41, 42, 42, False, range(40, 44), 4)  # the chunk, never beyond
+
+
+def test_a_random_miss_on_a_long_round_trip_fetches_a_file_of_a_few_round_trips_whole() -> None:
+    readahead = policy()
+    readahead.link.observe(BLOCK, 0.02 + BLOCK / DEFAULT_THROUGHPUT)  # 20 ms at 64 MiB/s: 1.28 MiB
+    size = 3 * MiB + 1  # under eight round trips' worth and the read-ahead cap (4 MiB here)
+    assert _seek(readahead, 9, size) == Plan(9, 10, 10, False, range(25), 4)  # in flights of a chunk at most
+    assert _seek(readahead, 9, 5 * MiB).around == range(8, 12)  # above the cap: a chunk
+    readahead.write_failed()  # nothing beyond the read while the cache cannot keep it
+    assert _seek(readahead, 9, size) == Plan(9, 10, 10, False)
+
+
 def test_a_chunk_that_is_not_a_multiple_of_the_block_is_refused() -> None:
     with pytest.raises(ValueError, match="multiple"):
         ReadAhead(BLOCK, BLOCK * 3 + 1, CHUNK)
@@ -188,3 +245,35 @@ def test_a_second_pass_over_the_directory_hands_files_out_again() -> None:
         walk.opened(listing[number], listing[number + 1 :])
     walk.opened(listing[0], listing[1:])  # tar again: an opened file, out of order
     assert walk.opened(listing[1], listing[2:]).fetch == tuple(listing[2:6])
+
+
+def test_a_first_read_on_a_long_round_trip_waits_for_its_own_block_and_gets_a_small_file_whole() -> None:
+    readahead = policy()
+    readahead.link.seed(0.02)  # the transfer's probe: 1.28 MiB per round trip at the assumed throughput
+    plan = readahead.plan(Stream(), 0, 4 * KiB, 3 * MiB, hit=False, all_present=False)
+    assert plan == Plan(0, 1, 1, True, range(24), 4)  # its block; the whole file beside it
+    stream = Stream()
+    plan = readahead.plan(stream, 0, 4 * KiB, SIZE, hit=False, all_present=False)
+    assert plan == Plan(0, 1, 1, True, range(1, 2 * PER_CHUNK), 4)  # its block; the read-ahead beside it
+    readahead.started(stream, plan, 1)
+    plan = readahead.plan(stream, 4 * KiB, 8 * KiB, SIZE, hit=True, all_present=False)
+    assert plan == Plan(1, 1, 2 * PER_CHUNK, True)  # a hit then records the read-ahead as started
+    readahead.link.seed(0.001)  # on a short RTT the read's flight takes the rest of the chunk, as before
+    assert readahead.plan(Stream(), 0, 4 * KiB, SIZE, hit=False, all_present=False) == Plan(0, 1, 2 * PER_CHUNK, True)
+
+
+def test_flights_beside_a_read_are_a_round_trips_worth_each() -> None:
+    readahead = ReadAhead(BLOCK, 32 * BLOCK, 64 * MiB)  # the mount's 128 KiB blocks, 4 MiB chunks
+    assert readahead.piece() == 1  # nothing measured: a block
+    readahead.link.seed(0.02)  # 20 ms at the assumed 64 MiB/s: 1.28 MiB per round trip
+    assert readahead.piece() == 10
+    readahead.link.observe(8 * MiB, 0.05)  # 160 MiB/s: 3.2 MiB per round trip
+    assert readahead.piece() == 25
+    readahead.link.observe(8 * MiB, 0.02)  # 400 MiB/s: more than a chunk per round trip
+    assert readahead.piece() == 32
+
+
+def test_transfers_sharing_the_link_count_for_its_throughput() -> None:
+    link = Link()
+    link.observe(2 * MiB, 0.1, sharing=4)  # four at once, each at a quarter of the link
+    assert link.throughput == 80 * MiB

@@ -543,3 +543,35 @@ def test_opens_of_different_files_on_one_connection_are_in_flight_together(
         settings = sshd.sftp_settings(port=proxy.port, known_hosts=known_hosts, connections=1)
         elapsed = with_transfer(settings, body)
     assert elapsed < 5 * rtt, f"eight opens and reads took {elapsed:.2f} s at {rtt:g} s RTT"
+
+
+def test_a_read_finding_the_connection_busy_shares_it_while_another_connects_in_the_background(
+    sshd: OpenSSHServer, remote_dir: str, tmp_path: Path
+) -> None:
+    """At 100 ms RTT a second connection's handshake takes seven round trips or more: a read
+    that arrives while the only connection is busy must not wait for it."""
+    big = sshd.put(f"{remote_dir}/big.bin", payload(4 * MiB))
+    small = sshd.put(f"{remote_dir}/small.bin", payload(100, seed=1))
+    rtt = 0.1
+    with DelayProxy(sshd.host, sshd.port, rtt=rtt) as proxy:
+        known_hosts = tmp_path / "known_hosts"
+        key = sshd.known_hosts.read_text().split(None, 1)[1]
+        known_hosts.write_text(f"[{sshd.host}]:{proxy.port} {key}")
+
+        async def body(transfer: SFTPTransfer) -> tuple[float, int]:
+            await transfer.warm_up(wait=10)  # connected: the first handshake is not timed
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(transfer.read, sftp(big), 0, 4 * MiB)  # keeps the connection busy
+                await trio.sleep(0.01)
+                started = trio.current_time()
+                assert await transfer.read(sftp(small), 0, 100) == payload(100, seed=1)
+                elapsed = trio.current_time() - started
+            with trio.fail_after(10):  # the spare connection comes up on its own
+                while transfer.stats["connects"] < 2:
+                    await trio.sleep(0.05)
+            return elapsed, transfer.stats["connects"]
+
+        settings = sshd.sftp_settings(port=proxy.port, known_hosts=known_hosts, connections=2)
+        elapsed, connects = with_transfer(settings, body)
+    assert elapsed < 4 * rtt, f"the open and read of a small file took {elapsed:.2f} s at {rtt:g} s RTT"
+    assert connects == 2

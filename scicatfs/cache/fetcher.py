@@ -9,8 +9,10 @@ readers share.
 
 Granularity: the store records presence per block (128 KiB); a *flight*
 fetches a run of missing blocks that never crosses a chunk (4 MiB) boundary.
-A random read fetches just the blocks it touches (one SFTP request for a small
-read), while a sequential reader's read-ahead fetches the rest of the current
+A random read fetches the blocks it touches (one SFTP request for a small
+read) and, on a long RTT, the fetch unit around them that ``ReadAhead``
+sizes from the RTT and throughput timed on these transfers, as separate
+flights; a sequential reader's read-ahead fetches the rest of the current
 chunk and whole chunks after it, each with one request, one sync and one index
 transaction.
 
@@ -160,6 +162,7 @@ class Fetcher:
         #: Block writes waiting for the next batch, and whether the writer task runs (``_write``).
         self._writes: list[tuple[BlockWrite, trio.Event]] = []
         self._writing = False
+        self._downloading = 0  # transfers from the source under way
         self._verifications: dict[str, trio.Event] = {}
         self._digests: weakref.WeakKeyDictionary[Blob, RunningDigest] = weakref.WeakKeyDictionary()
         self._evicting = False
@@ -386,10 +389,15 @@ class Fetcher:
         first, last = offset // block, (end - 1) // block
         present = blob.present
         cached = all(index in present for index in range(first, last + 1))
+        if not cached:  # the transfer's own round trips (its warm-up probe, remote opens)
+            self.readahead.link.seed(self.transfer.stats.get("round_trip_us", 0) / 1e6)
         plan = self.readahead.plan(handle.stream, offset, end, blob.size, hit=cached, all_present=blob.all_present)
         if plan is not None:
             reached = self._start_flights(handle, plan.start, plan.demand, plan.stop)
             self.readahead.started(handle.stream, plan, reached)
+            if plan.around and self._nursery is not None:  # after the read's own flight: it stays small
+                self.store.retain(blob)  # for the task: the handle may be released first
+                self._nursery.start_soon(self._fetch_around, handle.spec, blob, plan.around, plan.demand, plan.piece)
         if cached:
             self.stats["reads_from_cache"] += 1
             self.tiers.served_locally(end - offset)
@@ -508,14 +516,14 @@ class Fetcher:
 
     # -- fetching ----------------------------------------------------------------
 
-    def _start_flights(self, handle: Handle, start: int, demand: int, stop: int) -> int:
+    def _start_flights(self, handle: Handle, start: int, demand: int, stop: int, piece: int = 0) -> int:
         """Start flights for the missing blocks in [start, stop); return where it stopped.
 
         Blocks before ``demand`` are being read and always fetched; the rest are
         read-ahead, started only while fewer than ``max_in_flight`` bytes are in
         flight. Blocks under way join their flight. A flight is a run of
         consecutive missing blocks within one chunk, so it is one transfer, one
-        sync and one index transaction.
+        sync and one index transaction; with ``piece``, at most that many blocks.
         """
         blob = handle.blob
         key, present, flights = blob.key, blob.present, self._flights
@@ -527,7 +535,7 @@ class Fetcher:
                 continue
             if index >= demand and len(flights) >= self._max_blocks:
                 return index
-            limit = min(stop, (index // per_chunk + 1) * per_chunk)
+            limit = min(stop, (index // per_chunk + 1) * per_chunk, index + piece if piece else stop)
             run_end = index + 1
             while run_end < limit and run_end not in present and (key, run_end) not in flights:
                 run_end += 1
@@ -544,6 +552,27 @@ class Fetcher:
             self._flights[handle.blob.key, index] = flight
         self.store.retain(handle.blob)
         self._nursery.start_soon(self._run_flight, flight, handle.spec, handle.blob)
+
+    async def _fetch_around(self, spec: FileSpec, blob: Blob, around: range, demand: int, piece: int) -> None:
+        """Start the flights beside a read, ``piece`` blocks each, nearest after the read first.
+
+        One at a time, each let run to its request before the next starts, so
+        the requests leave in that order (tasks started together run in any
+        order) and the blocks the reader is likely to want next come first.
+        Bounded by the policy, they do not queue behind read-ahead for a slot:
+        reads to come will wait for them.
+        """
+        try:
+            handle = Handle(spec, blob)
+            after = max(around.start, min(demand, around.stop))
+            for start, stop in ((after, around.stop), (around.start, after)):
+                for first in range(start, stop, piece or blob.blocks_per_chunk):
+                    if blob.error is not None:
+                        return
+                    self._start_flights(handle, first, stop, min(stop, first + (piece or stop)), piece)
+                    await trio.lowlevel.checkpoint()
+        finally:
+            await self._unpin(blob)
 
     async def _run_flight(self, flight: _Flight, spec: FileSpec, blob: Blob) -> None:
         try:
@@ -684,7 +713,14 @@ class Fetcher:
         offset = first * blob.block_size
         length = min(count * blob.block_size, blob.size - offset)
         ask = length + 1 if first + count == blob.block_count else length
-        data = await self._with_deadline(lambda: self.transfer.read(spec.source, offset, ask), spec)
+        started, sharing = time.monotonic(), self._downloading + 1
+        self._downloading += 1
+        try:
+            data = await self._with_deadline(lambda: self.transfer.read(spec.source, offset, ask), spec)
+        finally:
+            self._downloading -= 1
+        # the fetch unit follows the link; transfers at the same time share its bandwidth
+        self.readahead.link.observe(len(data), time.monotonic() - started, max(sharing, self._downloading + 1))
         if len(data) != length:
             actual = await self._with_deadline(
                 lambda: self.transfer.size(spec.source), spec

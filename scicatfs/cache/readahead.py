@@ -16,6 +16,17 @@ The rules:
 - Nothing is read ahead while the cache cannot keep what it fetches (the last
   write failed, e.g. a full disk), nor for a file that is already all cached.
 - A file of at most ``WHOLE_FILE_MAX`` bytes is fetched whole when opened.
+- The fetch unit of a miss follows the link (``Link``: round-trip time
+  and throughput, measured on the fetcher's transfers and the transfer's own
+  round trips): one block where a
+  round trip is cheap (below ``LONG_RTT``), else the blocks one round trip's
+  worth of bandwidth carries around a random read, and, sequential or not,
+  the whole file where it takes at most ``WHOLE_FILE_ROUND_TRIPS`` round
+  trips to transfer (each open starts a new stream that looks sequential at
+  first: its first miss cannot tell). The extra blocks, and on a long RTT
+  the sequential read-ahead too, are fetched beside the read's own, not in
+  the flight it waits for, in flights of a round trip's worth (``piece``),
+  so the read itself costs one round trip.
 - Across files (``DatasetWalk``): a reader that opens a directory's files in
   listing order (tar, cp -r, a loader over a sorted list) gets the next small
   files fetched ahead, within a byte budget; an open out of order stops it.
@@ -23,16 +34,77 @@ The rules:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scicatfs.cache.store import FileSpec
 
-__all__ = ["DatasetWalk", "Plan", "ReadAhead", "Stream", "WalkStep"]
+__all__ = ["DatasetWalk", "Link", "Plan", "ReadAhead", "Stream", "WalkStep"]
 
 #: Files up to this size are fetched whole as soon as they are opened.
 WHOLE_FILE_MAX = 1024 * 1024
+#: Below this round-trip time a random miss fetches only its own blocks: a flight then costs
+#: the daemon's CPU (1-3 ms per miss on loopback, 5 ms and more on a loaded machine), which
+#: more bytes per miss would add to.
+LONG_RTT = 0.010
+#: On a long RTT a random miss fetches the whole file if moving it takes at most this many round trips.
+WHOLE_FILE_ROUND_TRIPS = 8
+#: Throughput assumed until a transfer of at least ``RATE_SAMPLE_MIN`` bytes has been timed.
+DEFAULT_THROUGHPUT = 64 * 1024 * 1024
+RATE_SAMPLE_MIN = 1024 * 1024
+
+
+class Link:
+    """The source's round-trip time and throughput, from timed transfers (``observe``).
+
+    The round-trip time is the least over recent small transfers (below
+    ``RATE_SAMPLE_MIN``) of their time less what their bytes took at the
+    estimated throughput; the throughput the most over recent large transfers
+    (bytes / seconds times the transfers sharing the link, a round trip
+    included, so it errs low). The least and
+    the most, not means: transfers that queue behind others (on the
+    connection, on the CPU) only ever look slower than the link is. A file's
+    first transfer includes its remote open, one round trip more; the next
+    ones correct it.
+    """
+
+    def __init__(self, samples: int = 32) -> None:
+        self._rtts: deque[float] = deque(maxlen=samples)
+        self._rates: deque[float] = deque(maxlen=samples)
+        self._probed: float | None = None
+
+    def seed(self, seconds: float) -> None:
+        """The least round trip the transfer timed itself (its warm-up probe, its remote opens):
+        known before any transfer here, and a floor the transfers' own samples cannot lower."""
+        if seconds > 0:
+            self._probed = seconds
+
+    def observe(self, size: int, seconds: float, sharing: int = 1) -> None:
+        """A transfer of ``size`` bytes took ``seconds`` from request to its last byte, while
+        ``sharing`` transfers (itself included) were under way at its start or end."""
+        if size >= RATE_SAMPLE_MIN:
+            if seconds > 0:
+                self._rates.append(sharing * size / seconds)
+        else:
+            self._rtts.append(max(0.0, seconds - size / self.throughput))
+
+    @property
+    def rtt(self) -> float | None:
+        """Seconds per round trip; None before the first transfer."""
+        if self._probed is None:
+            return min(self._rtts, default=None)
+        return min(self._probed, min(self._rtts, default=self._probed))
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second."""
+        return max(self._rates, default=DEFAULT_THROUGHPUT)
+
+    def bytes_per_round_trip(self) -> float:
+        """What one round trip's worth of bandwidth carries; 0 on a short (or unknown) RTT."""
+        rtt = self.rtt
+        return 0.0 if rtt is None or rtt < LONG_RTT else rtt * self.throughput
 
 
 @dataclass(eq=False)
@@ -50,12 +122,18 @@ class Plan:
     """Start flights for the missing blocks in [start, stop); those before ``demand`` are being read.
 
     ``speculative``: the range includes read-ahead (else it is the read's own blocks).
+    ``around``: blocks to fetch beside the read, as read-ahead (a random read's larger
+    fetch unit on a long RTT, or the whole file); empty if none. ``piece``: at most this
+    many blocks per flight of ``around`` (one round trip's worth: the blocks near the read
+    arrive first, not with the last of a 4 MiB chunk); 0: up to a chunk.
     """
 
     start: int
     demand: int
     stop: int
     speculative: bool
+    around: range = range(0)
+    piece: int = 0
 
 
 class ReadAhead:
@@ -69,6 +147,8 @@ class ReadAhead:
         self.max_chunks = max(1, readahead_max // chunk_size)
         #: False while writes to the cache fail: speculative blocks could not be kept.
         self.caching = True
+        #: The source as the fetcher's transfers showed it (it calls ``link.observe``).
+        self.link = Link()
 
     def plan(self, stream: Stream, offset: int, end: int, size: int, *, hit: bool, all_present: bool) -> Plan | None:
         """Observe a read of [offset, end) of a ``size``-byte file; say which blocks to fetch.
@@ -97,7 +177,39 @@ class ReadAhead:
             if ahead <= stream.ahead:
                 return None
             return Plan(max(demand, stream.ahead), demand, ahead, True)
-        return Plan(first, demand, max(ahead, demand), ahead > 0)
+        around = range(0) if not self.caching or all_present else self.fetch_unit(first, demand, size)
+        if ahead and len(around) < -(-size // self.block_size):  # the read-ahead goes further than a unit
+            around = range(0)
+        if ahead and self.link.bytes_per_round_trip():
+            # A long RTT: the read waits for its own blocks only, not for the rest of the chunk
+            # (4 MiB took 2-4 round trips more at 20 ms); the read-ahead runs beside it.
+            return Plan(first, demand, demand, True, around or range(demand, ahead), self.piece())
+        return Plan(first, demand, max(ahead, demand), ahead > 0, around, self.piece() if around else 0)
+
+    def piece(self) -> int:
+        """Blocks per flight beside a read: one round trip's worth, at least one, at most a chunk."""
+        blocks = int(self.link.bytes_per_round_trip() // self.block_size)
+        return max(1, min(blocks, self.chunk_size // self.block_size))
+
+    def fetch_unit(self, first: int, demand: int, size: int) -> range:
+        """The blocks a random miss of blocks [first, demand) should fetch beside its own.
+
+        One round trip's worth of bytes, aligned, within the read's chunk
+        (``Link.bytes_per_round_trip``; nothing more where that is at most a
+        block), or the whole file where moving it takes at most
+        ``WHOLE_FILE_ROUND_TRIPS`` round trips and no more than the read-ahead
+        cap: on a long RTT, bandwidth is cheap and every later miss costs a
+        round trip.
+        """
+        per_trip = self.link.bytes_per_round_trip()
+        blocks = -(-size // self.block_size)
+        if size <= min(WHOLE_FILE_ROUND_TRIPS * per_trip, self.max_chunks * self.chunk_size):
+            return range(blocks)
+        unit = min(int(per_trip // self.block_size), self.chunk_size // self.block_size)
+        if unit <= 1:
+            return range(0)
+        start = first - first % unit
+        return range(start, min(blocks, max(start + unit, demand)))
 
     @staticmethod
     def started(stream: Stream, plan: Plan, reached: int) -> None:

@@ -5,7 +5,9 @@
 URLs); everything asyncssh lives in one asyncio thread
 (``bridge.AsyncioThread``) and is only touched there. Per ``[user@]host[:port]``
 a ``_Pool`` keeps up to ``connections`` SSH connections, opened lazily:
-a second connection is opened only while the first is busy. A read is issued in
+a second connection is opened only while the first is busy, and in the
+background: the operation that found every connection busy shares the least
+busy one instead of waiting for a handshake (several round trips). A read is issued in
 the server's maximum request size (``limits@openssh.com``; 255 KiB on OpenSSH)
 with many requests in flight, and a large read is split across connections,
 because SFTP throughput is bytes in flight divided by round-trip time and one
@@ -218,7 +220,8 @@ class SFTPTransfer:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters since start: bytes_read, requests, reconnects, connects, errors."""
+        """Counters since start: bytes_read, requests, reconnects, connects, errors; and
+        round_trip_us, the least time an SFTP open or the warm-up's probe took (0: none yet)."""
         return self._stats.as_dict()
 
     def _host(self, url: str) -> tuple[str, str]:
@@ -290,6 +293,12 @@ class _Stats:
     reconnects: int = 0
     connects: int = 0
     errors: int = 0
+    round_trip_us: int = 0
+
+    def round_trip(self, seconds: float) -> None:
+        """A request that moves no data (an open, a realpath) took ``seconds``: one round trip."""
+        micros = max(1, round(seconds * 1e6))
+        self.round_trip_us = min(self.round_trip_us, micros) if self.round_trip_us else micros
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -305,6 +314,7 @@ class _Pool:
         self._slots = [_Slot(self) for _ in range(settings.connections)]
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._growing: set[asyncio.Task[None]] = set()  # background connects (see ``_choose``)
 
     async def read(self, path: str, offset: int, length: int) -> bytes:
         pieces = _split(offset, length, self._settings.connections)
@@ -321,16 +331,41 @@ class _Pool:
         return await self._on_connection(path, lambda conn: conn.size(path))
 
     async def warm_up(self) -> None:
-        """Connect the slot that the next operation picks, without leasing it.
+        """Connect the slot that the next operation picks, without leasing it, and time one
+        round trip on it (``round_trip_us``: the fetcher sizes its first fetches by it).
 
         Not leased, so a read arriving meanwhile chooses this slot too and waits
         for this connect (under the slot's lock) instead of opening another.
         """
-        await min(self._slots, key=_Slot.preference).connection()
+        conn = await min(self._slots, key=_Slot.preference).connection()
+        await conn.probe()
 
     async def close(self) -> None:
+        for task in self._growing:
+            task.cancel()
         for slot in self._slots:
             await slot.close()
+
+    def _choose(self) -> _Slot:
+        """The slot for the next operation: the least busy one, but never one still to connect
+        while another is connected. SFTP requests share a connection well, and a handshake costs
+        several round trips (350 ms and more at 50 ms RTT): an idle slot without a connection
+        is connected in the background for the operations after this one."""
+        best = min(self._slots, key=_Slot.preference)
+        connected = [slot for slot in self._slots if slot.connected]
+        if best.connected or best.busy or not connected:
+            return best
+        if not best.connecting:
+            task = asyncio.get_running_loop().create_task(self._grow(best))
+            self._growing.add(task)  # the loop holds tasks only weakly
+            task.add_done_callback(self._growing.discard)
+        return min(connected, key=_Slot.preference)
+
+    async def _grow(self, slot: _Slot) -> None:
+        try:
+            await slot.connection()
+        except TransferError as error:  # the next operation that needs this slot reports it
+            log.info("%s: could not open another connection: %s", self.host, error)
 
     async def connect(self) -> _Connection:
         """Open one connection with its SFTP session, waiting out any backoff first."""
@@ -352,12 +387,12 @@ class _Pool:
             raise self._connect_error(error) from error
         self._backoff = 0.0
         self.stats.connects += 1
-        return _Connection(ssh, sftp, self._settings)
+        return _Connection(ssh, sftp, self._settings, self.stats)
 
     async def _on_connection(self, path: str, operation: _Operation[T]) -> T:
         """Run ``operation`` on the least busy connection; retry once if that connection drops."""
         try:
-            return await self._attempt(path, operation, min(self._slots, key=_Slot.preference))
+            return await self._attempt(path, operation, self._choose())
         except _Dropped as dropped:
             log.info("%s: connection lost (%s); retrying on a fresh one", self.host, dropped.cause)
             retry_on = dropped.slot  # emptied by the drop, so it reconnects
@@ -474,6 +509,14 @@ class _Slot:
         """Sort key: idle connected slots first, then idle empty ones, then the least busy."""
         return (self.busy, 0 if self._conn is not None else 1)
 
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    @property
+    def connecting(self) -> bool:
+        return self._lock.locked()
+
     @contextmanager
     def lease(self) -> Iterator[None]:
         self.busy += 1
@@ -510,10 +553,11 @@ class _Connection:
     """One SSH connection with one SFTP session and a small LRU of open remote files."""
 
     def __init__(
-        self, ssh: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, settings: SFTPSettings
+        self, ssh: asyncssh.SSHClientConnection, sftp: asyncssh.SFTPClient, settings: SFTPSettings, stats: _Stats
     ) -> None:
         self._ssh = ssh
         self._sftp = sftp
+        self._stats = stats
         self._max_requests = settings.max_requests
         # The server's limits@openssh.com answer, else asyncssh's safe 16 KiB.
         self._request_size = sftp.limits.max_read_len
@@ -532,6 +576,13 @@ class _Connection:
             entry.users -= 1
             if entry.evicted and entry.users == 0:
                 self._close_later(entry.file)
+
+    async def probe(self) -> None:
+        """One round trip that moves no data, timed into ``round_trip_us``; failures are ignored."""
+        started = asyncio.get_running_loop().time()
+        with suppress(asyncssh.Error, OSError):
+            await self._sftp.realpath(".")
+            self._stats.round_trip(asyncio.get_running_loop().time() - started)
 
     async def size(self, path: str) -> int:
         attrs = await self._sftp.stat(path)
@@ -567,7 +618,9 @@ class _Connection:
                 self._opening[path] = opening = asyncio.Event()
                 try:
                     # block_size 0: each file.read() is one SFTP request; _Pipeline splits.
+                    started = asyncio.get_running_loop().time()
                     file = await self._sftp.open(path, "rb", block_size=0)
+                    self._stats.round_trip(asyncio.get_running_loop().time() - started)
                     self._files[path] = _OpenFile(file)
                 finally:
                     del self._opening[path]

@@ -325,6 +325,17 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:9.1f} ms"
 
 
+def _workloads(text: str) -> tuple[Workload, ...]:
+    """``--only``: workloads by name ("hdf5 cold,first 4 KiB"), in the order given."""
+    by_name = {workload.name: workload for workload in WORKLOADS}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in by_name]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown workload {', '.join(unknown) or text!r}; "
+                                         f"choose from {', '.join(by_name)}")
+    return tuple(by_name[name] for name in names)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks.workloads",
                                      description=__doc__.splitlines()[0])  # fmt: skip
